@@ -1,0 +1,26 @@
+# Setup and the two everyday commands. The venv pins torch 2.14.1 / torchvision 0.29.1 (the builds this
+# project is tested with); everything else comes from pyproject.toml.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart test test-fast
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+# Trains recipes/quickstart.yaml (digits, offline) on 2 CPU processes (DDP over gloo): about a minute.
+quickstart: setup
+	$(BIN)/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+		--dynamo_backend no -m alexdist.train recipes/quickstart.yaml
+
+# The whole suite, multi-process tests included.
+test: setup
+	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"

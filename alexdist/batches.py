@@ -1,0 +1,119 @@
+"""Batches from an in-memory uint8 dataset, augmented as batched tensor ops on the training device.
+
+Data order and augmentation are functions of (seed, epoch, position in the epoch) only — never of the rank,
+the number of processes or the accumulation — so any world size and accumulation that keep the same
+effective batch see the same samples, augmented the same way, in every optimizer step:
+
+    epoch order   perm = randperm(N, seed + epoch)          (the same on every rank)
+    step s        perm[s*E:(s+1)*E], E = batch * world * accum (the effective batch)
+    micro j, rank r   the (j*world + r)-th slice of batch size within that step
+
+The last E-incomplete part of each epoch is dropped (different samples each epoch, as the order changes).
+Random crops (zero padding) and flips are drawn per epoch position from the same seeded generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from alexdist.config import AugmentConfig
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def epoch_augment_params(n: int, seed: int, epoch: int, padding: int, flip: bool) -> torch.Tensor:
+    """(n, 3) int64: crop offsets dy, dx in [0, 2*padding] and a flip bit, one row per epoch position."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_777_777)
+    offs = torch.randint(0, 2 * padding + 1, (n, 2), generator=g)
+    flips = torch.randint(0, 2, (n, 1), generator=g) if flip else torch.zeros(n, 1, dtype=torch.int64)
+    return torch.cat([offs, flips], dim=1)
+
+
+def normalize(x: torch.Tensor, input_size: int) -> torch.Tensor:
+    """uint8 (B,3,32,32) -> normalised float, upsampled (bilinear) when the model wants larger inputs."""
+    mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
+    out = (x.float().div_(255) - mean) / std
+    if input_size != out.shape[-1]:
+        out = F.interpolate(out, size=input_size, mode="bilinear", align_corners=False)
+    return out
+
+
+def augment(x: torch.Tensor, params: torch.Tensor, padding: int) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip on a uint8 batch, all at once on x's device."""
+    b, c, h, w = x.shape
+    params = params.to(x.device)
+    if padding:
+        padded = F.pad(x, (padding,) * 4)
+        rows = (params[:, 0:1] + torch.arange(h, device=x.device)).view(b, 1, h, 1)
+        cols = (params[:, 1:2] + torch.arange(w, device=x.device)).view(b, 1, 1, w)
+        bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+        ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        x = padded[bi, ci, rows, cols]
+    flip = params[:, 2].bool().view(b, 1, 1, 1)
+    return torch.where(flip, x.flip(-1), x)
+
+
+@dataclass
+class TrainBatches:
+    """This rank's micro-batches, grouped by optimizer step. Tensors may live on the training device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    batch_size: int
+    grad_accum: int
+    rank: int
+    world: int
+    seed: int
+    augment_cfg: AugmentConfig
+    input_size: int
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.world * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.y) // self.effective_batch
+
+    def positions(self, step: int, micro: int) -> slice:
+        """Positions in the epoch order of this rank's micro-batch `micro` of optimizer step `step`."""
+        start = step * self.effective_batch + (micro * self.world + self.rank) * self.batch_size
+        return slice(start, start + self.batch_size)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Yield, per optimizer step from `start_step`, the list of `grad_accum` (inputs, labels) micro-batches."""
+        n = len(self.y)
+        perm = epoch_permutation(n, self.seed, epoch)
+        aug = epoch_augment_params(n, self.seed, epoch, self.augment_cfg.crop_padding, self.augment_cfg.flip)
+        for step in range(start_step, self.steps_per_epoch):
+            micro = []
+            for j in range(self.grad_accum):
+                pos = self.positions(step, j)
+                idx = perm[pos].to(self.x.device)
+                xb = augment(self.x[idx], aug[pos], self.augment_cfg.crop_padding)
+                micro.append((normalize(xb, self.input_size), self.y[idx]))
+            yield micro
+
+
+def eval_shard(n: int, rank: int, world: int) -> torch.Tensor:
+    """Contiguous, disjoint test indices for this rank; together they are every test image exactly once."""
+    return torch.tensor_split(torch.arange(n), world)[rank]
+
+
+def eval_batches(
+    x: torch.Tensor, y: torch.Tensor, rank: int, world: int, batch_size: int, input_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    idx = eval_shard(len(y), rank, world).to(x.device)
+    for chunk in idx.split(batch_size):
+        yield normalize(x[chunk], input_size), y[chunk]

@@ -1,0 +1,217 @@
+"""Typed recipes: a YAML file plus `key=value` dotted overrides, validated before any work starts.
+
+The schema is a tree of pydantic models with `extra="forbid"`, so a typo is an error, not a silently ignored
+key. Errors are turned into one line that names the key (and the nearest valid one).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from alexdist.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = "alexnet_bn"
+    # None = the model's own default (227 px for `alexnet`, 32 px for the 3x3 models). CIFAR images are
+    # upsampled on the device when this is larger than 32.
+    input_size: int | None = Field(default=None, ge=32, le=512)
+    dropout: float = Field(default=0.5, ge=0.0, lt=1.0)
+    # Scales every channel and hidden width; < 1 gives small nets for tests and quick experiments.
+    width_mult: float = Field(default=1.0, gt=0.0, le=4.0)
+
+
+class DataConfig(_Section):
+    # A Hub id (uoft-cs/cifar10), a local folder (Hub parquet layout or torchvision's cifar-10-batches-py,
+    # detected), `digits` (scikit-learn's bundled handwriting, offline) or `synthetic`.
+    source: str = "uoft-cs/cifar10"
+    # Where decoded uint8 tensors are cached; None = $ALEXDIST_CACHE or ~/.cache/alexdist.
+    cache_dir: str | None = None
+    # Hub revision (branch, tag or commit) when `source` is a Hub id.
+    revision: str | None = None
+    synthetic_train: int = Field(default=50_000, ge=1)
+    synthetic_test: int = Field(default=10_000, ge=1)
+
+
+class AugmentConfig(_Section):
+    crop_padding: int = Field(default=4, ge=0, le=16)
+    flip: bool = True
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(default=30, ge=1)
+    # Optional cap on optimizer steps; the run still ends with a logged test evaluation.
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=128, ge=1, description="per process, per micro-step")
+    grad_accum: int = Field(default=1, ge=1)
+    grad_clip: float | None = Field(default=None, gt=0)
+    eval_batch_size: int = Field(default=500, ge=1)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    seed: int = 0
+    # Log the running train loss every N optimizer steps (0 = only at epoch ends).
+    log_every: int = Field(default=50, ge=0)
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(default=5e-4, ge=0)
+    # If set, lr is for this effective batch and is scaled linearly to the run's effective batch
+    # (per-process batch x processes x accumulation), so a recipe keeps its meaning on any number of GPUs.
+    ref_batch: int | None = Field(default=None, ge=1)
+
+
+class ScheduleConfig(_Section):
+    name: Literal["cosine", "onecycle", "constant"] = "cosine"
+    # Linear warmup, as a fraction of all optimizer steps.
+    warmup_frac: float = Field(default=0.0, ge=0, lt=1)
+    # The lr at the end, as a fraction of the peak.
+    final_frac: float = Field(default=0.0, ge=0, le=1)
+
+
+class TrackingConfig(_Section):
+    wandb: bool = True
+    # auto: online when an API key is configured, else offline (synced later with `wandb sync`).
+    # The WANDB_MODE environment variable, when set, wins.
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "alexdist"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    run_name: str | None = None
+
+
+class Recipe(_Section):
+    name: str = "recipe"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    precision: Literal["no", "fp16", "bf16"] = "no"
+    output_dir: str = "runs/default"
+
+    @model_validator(mode="after")
+    def _known_model(self) -> "Recipe":
+        from alexdist.models import MODELS  # late import: models imports torch
+
+        if self.model.name not in MODELS:
+            near = difflib.get_close_matches(self.model.name, MODELS, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ValueError(f"unknown model '{self.model.name}'{hint}; known: {', '.join(MODELS)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _valid_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model_cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _valid_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(x) for x in e["loc"])
+    if e["type"] == "extra_forbidden" and isinstance(e.get("input"), dict) and len(e["loc"]) == 1:
+        sections = [k for k in Recipe.model_fields if k not in ("name", "precision", "output_dir")]
+        near = difflib.get_close_matches(loc, sections, n=1, cutoff=0.5)
+        hint = f"did you mean '{near[0]}'?" if near else f"sections are: {', '.join(sections)}"
+        return f"unknown section '{loc}'; {hint}"
+    if e["type"] == "extra_forbidden":
+        valid = _valid_keys(Recipe)
+        near = difflib.get_close_matches(loc, valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
+        return f"unknown key '{loc}'{hint}"
+    if e["type"] == "value_error":
+        return f"{loc + ': ' if loc else ''}{e['msg'].removeprefix('Value error, ')}"
+    got = e.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"bad value for '{loc}': {e['msg'][0].lower() + e['msg'][1:]}{got_s}"
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=1` -> ("a.b", 1); values are YAML scalars, so `true`, `3`, `1e-3`, `[a, b]` and `null` work."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not key=value (example: train.epochs=5)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file, apply dotted overrides, validate. Raises ConfigError with a one-line message."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe '{path}' not found; pass a YAML file such as recipes/quickstart.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"recipe '{path}' is not valid YAML{where}: fix the syntax there") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"recipe '{path}' must be a mapping of sections (model:, data:, train:, ...)")
+        tree = loaded
+        tree.setdefault("name", path.stem)
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: W&B's run table, filters and parallel coordinates want flat keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def dump_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

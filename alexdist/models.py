@@ -1,0 +1,191 @@
+"""The three models of the seed report, in a registry by name.
+
+- `alexnet`: Krizhevsky et al. 2012 as one tower (96-256-384-384-256 convs, LRN, overlapping 3x3/2 pools,
+  4096-4096 classifier) with a 10-way head. At 227 px: 58,322,314 parameters (the seed's "about 58.1 M").
+- `alexnet_3x3`: the seed's change #1, every conv replaced by a pair of 3x3 convs. The seed gives no widths;
+  we use 64-256-384-384-256 (AlexNet's, with the full-resolution first pair at 64 because it is the costliest
+  layer), the seed's pools (3x3/2 then 2x2), a 3x3 adaptive average pool and a 2048-2048 classifier:
+  16,056,650 parameters, at any input size (the seed's "about 15.9 M").
+- `alexnet_bn`: the seed's change #2, 3x3 convs with BatchNorm in blocks of 2-2-2-3-3 with VGG widths
+  64-128-256-512-512, 3x3/2 max pools and a 512-512 classifier (as the VGG-BN nets that reach 94 % on CIFAR-10).
+
+Every model ends in an adaptive average pool, so its parameter count does not depend on the input size and
+weights move between 32 px and 227 px runs. At 32 px AlexNet's 11x11 stem runs at stride 1 (padding 5): the
+stride-4 stem would shrink a CIFAR image to 7 px before the first pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+NUM_CLASSES = 10
+
+
+def _w(c: int, mult: float) -> int:
+    return max(8, int(round(c * mult)))
+
+
+def _classifier(in_features: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(in_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, NUM_CLASSES),
+    )
+
+
+class AlexNet(nn.Module):
+    def __init__(self, input_size: int = 227, dropout: float = 0.5, width_mult: float = 1.0):
+        super().__init__()
+        c1, c2, c3, c4, c5 = (_w(c, width_mult) for c in (96, 256, 384, 384, 256))
+        stride, pad = (4, 0) if input_size >= 128 else (1, 5)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, c1, 11, stride=stride, padding=pad),
+            nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(c1, c2, 5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0),
+            nn.MaxPool2d(3, 2),
+            nn.Conv2d(c2, c3, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c3, c4, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c4, c5, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(6)  # identity at 227 px (6x6 maps), as in torchvision
+        self.classifier = _classifier(c5 * 36, _w(4096, width_mult), dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)))
+
+
+def _conv3x3(cin: int, cout: int, bn: bool) -> list[nn.Module]:
+    if bn:  # no bias: BatchNorm's shift makes it redundant
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True)]
+
+
+class AlexNet3x3(nn.Module):
+    def __init__(self, input_size: int = 32, dropout: float = 0.5, width_mult: float = 1.0):
+        super().__init__()
+        widths = [_w(c, width_mult) for c in (64, 256, 384, 384, 256)]
+        layers: list[nn.Module] = []
+        cin = 3
+        for i, c in enumerate(widths):
+            layers += _conv3x3(cin, c, False) + _conv3x3(c, c, False)
+            layers.append(nn.MaxPool2d(3, 2, padding=1) if i == 0 else nn.MaxPool2d(2))
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        self.classifier = _classifier(cin * 9, _w(2048, width_mult), dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)))
+
+
+class AlexNetBN(nn.Module):
+    def __init__(self, input_size: int = 32, dropout: float = 0.5, width_mult: float = 1.0):
+        super().__init__()
+        blocks = [(64, 2), (128, 2), (256, 2), (512, 3), (512, 3)]
+        layers: list[nn.Module] = []
+        cin = 3
+        for c, n in blocks:
+            c = _w(c, width_mult)
+            for _ in range(n):
+                layers += _conv3x3(cin, c, True)
+                cin = c
+            layers.append(nn.MaxPool2d(3, 2, padding=1))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = _classifier(cin, _w(512, width_mult), dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    cls: Callable[..., nn.Module]
+    default_input_size: int
+    summary: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "alexnet": ModelSpec(AlexNet, 227, "original AlexNet: 11x11/4 stem, LRN, 3x3/2 pools, 4096-4096 FC"),
+    "alexnet_3x3": ModelSpec(AlexNet3x3, 32, "seed change #1: pairs of 3x3 convs, 2048-2048 FC"),
+    "alexnet_bn": ModelSpec(AlexNetBN, 32, "seed change #2: 3x3 convs + BatchNorm (2-2-2-3-3), 512-512 FC"),
+}
+
+
+def build_model(name: str, input_size: int | None = None, dropout: float = 0.5, width_mult: float = 1.0) -> nn.Module:
+    """Build a registered model; `input_size=None` uses the model's default (227 for alexnet, else 32)."""
+    spec = MODELS[name]
+    size = input_size or spec.default_input_size
+    return spec.cls(input_size=size, dropout=dropout, width_mult=width_mult)
+
+
+def resolve_input_size(name: str, input_size: int | None) -> int:
+    return input_size or MODELS[name].default_input_size
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_image(model: nn.Module, input_size: int) -> int:
+    """Forward FLOPs for one image (2 x multiply-adds of convs and linears), counted by torch itself."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, input_size, input_size))
+    model.train(was_training)
+    return counter.get_total_flops()
+
+
+def describe_models(input_size: int | None = None) -> list[dict]:
+    """One row per registered model: name, input size, parameters, forward GFLOPs per image."""
+    rows = []
+    for name, spec in MODELS.items():
+        size = input_size or spec.default_input_size
+        model = build_model(name, size)
+        rows.append(
+            {
+                "name": name,
+                "input_size": size,
+                "params": count_params(model),
+                "gflops": flops_per_image(model, size) / 1e9,
+                "summary": spec.summary,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m alexdist.models", description="List the registered models.")
+    ap.add_argument("--input-size", type=int, default=None, help="input size for all models (default: each model's)")
+    args = ap.parse_args(argv)
+    print(f"{'model':<13} {'input':>5} {'params':>12} {'GFLOPs/img':>10}  description")
+    for r in describe_models(args.input_size):
+        print(f"{r['name']:<13} {r['input_size']:>5} {r['params']:>12,} {r['gflops']:>10.3f}  {r['summary']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

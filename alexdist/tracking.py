@@ -1,0 +1,112 @@
+"""What a run records: config.yaml, metrics.jsonl, summary.json in output_dir, and W&B through Accelerate.
+
+Only the main process writes or talks to W&B. metrics.jsonl is always written, whatever W&B does; each line
+is one event: {"event": "start"|"step"|"train"|"test", "step": optimizer step, "epoch": ..., ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from alexdist.config import Recipe, dump_yaml, flatten
+
+
+def wandb_mode(recipe: Recipe) -> str | None:
+    """The W&B mode this run uses, or None for no W&B at all."""
+    if not recipe.tracking.wandb:
+        return None
+    mode = os.environ.get("WANDB_MODE") or recipe.tracking.wandb_mode
+    if mode == "auto":
+        mode = "online" if _has_wandb_key() else "offline"
+    if mode == "dryrun":  # W&B's old name for offline
+        mode = "offline"
+    return None if mode == "disabled" else mode
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators("api.wandb.ai")
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class RunLog:
+    """The run directory's files and the trackers, for the main process (a no-op on the others)."""
+
+    def __init__(self, accelerator, recipe: Recipe):
+        self.acc = accelerator
+        self.recipe = recipe
+        self.dir = Path(recipe.output_dir)
+        self.main = accelerator.is_main_process
+        self.mode = wandb_mode(recipe)
+        self.t0 = time.time()
+        self._metrics = None
+
+    def start(self, info: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.yaml").write_text(dump_yaml(self.recipe))
+        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        if self.mode:
+            t = self.recipe.tracking
+            os.environ["WANDB_MODE"] = self.mode
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.acc.init_trackers(
+                t.project,
+                config={**flatten(self.recipe.to_dict()), **{f"run.{k}": v for k, v in info.items()}},
+                init_kwargs={
+                    "wandb": {
+                        "entity": t.entity,
+                        "group": t.group or self.recipe.name,
+                        "tags": t.tags or None,
+                        "name": t.run_name,
+                        "job_type": "train",
+                        "dir": str(self.dir),
+                        "mode": self.mode,
+                    }
+                },
+            )
+        self.event("start", 0, 0, **info)
+
+    def event(self, event: str, step: int, epoch: int, **values: Any) -> None:
+        """Append one event to metrics.jsonl and send its numbers to the trackers as `<event>/<key>`."""
+        if not self.main:
+            return
+        rec = {"event": event, "step": step, "epoch": epoch, "time": round(time.time() - self.t0, 3), **values}
+        self._metrics.write(json.dumps(rec) + "\n")
+        if self.mode and event != "start":
+            nums = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
+            self.acc.log({**nums, "epoch": epoch}, step=step)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Write summary.json (atomically), copy it into the W&B summary, close the trackers."""
+        if self.main:
+            summary = {**summary, "wall_time_s": round(time.time() - self.t0, 2)}
+            tmp = self.dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, self.dir / "summary.json")
+            if self.mode:
+                run = self.acc.get_tracker("wandb", unwrap=True)
+                run.summary.update({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
+            self._metrics.close()
+        self.acc.end_training()

@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from alexdist.batches import (
+    TrainBatches,
+    augment,
+    epoch_augment_params,
+    epoch_permutation,
+    eval_shard,
+    normalize,
+)
+from alexdist.config import AugmentConfig
+
+N = 103  # not a multiple of any effective batch below
+
+
+def _data(n=N):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    # label = sample index, so batches reveal which samples they hold
+    return x, torch.arange(n)
+
+
+def _batches(rank, world, batch, accum, seed=0, aug=None, size=32):
+    x, y = _data()
+    return TrainBatches(x, y, batch, accum, rank, world, seed, aug or AugmentConfig(), size)
+
+
+@pytest.mark.parametrize("world, batch, accum", [(1, 8, 1), (2, 4, 1), (2, 2, 2), (3, 5, 2)])
+def test_rank_shards_are_disjoint_and_cover_the_epoch_exactly_once(world, batch, accum):
+    seen = []
+    for rank in range(world):
+        for micro in _batches(rank, world, batch, accum).epoch(epoch=3):
+            assert len(micro) == accum
+            for _, y in micro:
+                assert len(y) == batch
+                seen += y.tolist()
+    eff = batch * world * accum
+    covered = (N // eff) * eff
+    assert len(seen) == len(set(seen)) == covered  # disjoint, and nothing but a dropped tail is missing
+    assert set(seen) == set(epoch_permutation(N, 0, 3)[:covered].tolist())
+
+
+def test_each_optimizer_step_holds_the_same_augmented_samples_for_any_world_size_and_accumulation():
+    def step_content(world, batch, accum):
+        steps = []
+        per_rank = [list(_batches(r, world, batch, accum).epoch(epoch=1)) for r in range(world)]
+        for s in range(len(per_rank[0])):
+            items = {}
+            for r in range(world):
+                for x, y in per_rank[r][s]:
+                    for xi, yi in zip(x, y):
+                        items[int(yi)] = xi
+            steps.append(items)
+        return steps
+
+    ref = step_content(1, 16, 1)
+    for world, batch, accum in [(2, 8, 1), (2, 4, 2), (1, 4, 4)]:
+        other = step_content(world, batch, accum)
+        assert len(other) == len(ref)
+        for a, b in zip(ref, other):
+            assert a.keys() == b.keys()
+            assert all(torch.equal(a[k], b[k]) for k in a)  # same crop and flip for the same sample
+
+
+def test_augmentation_is_deterministic_for_a_seed_and_changes_with_seed_and_epoch():
+    first = next(_batches(0, 1, 16, 1, seed=5).epoch(2))[0][0]
+    again = next(_batches(0, 1, 16, 1, seed=5).epoch(2))[0][0]
+    assert torch.equal(first, again)
+    assert not torch.equal(first, next(_batches(0, 1, 16, 1, seed=6).epoch(2))[0][0])
+    assert not torch.equal(first, next(_batches(0, 1, 16, 1, seed=5).epoch(3))[0][0])
+
+
+def test_resuming_mid_epoch_yields_the_remaining_steps_unchanged():
+    full = list(_batches(0, 1, 8, 1).epoch(0))
+    tail = list(_batches(0, 1, 8, 1).epoch(0, start_step=4))
+    assert len(tail) == len(full) - 4
+    assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(full[4:], tail))
+
+
+def test_crop_and_flip_move_pixels_as_torchvision_would():
+    x, _ = _data(4)
+    p = 4
+    centre = torch.tensor([[p, p, 0]] * 4)
+    assert torch.equal(augment(x, centre, p), x)  # offset = padding is the identity crop
+    flipped = torch.tensor([[p, p, 1]] * 4)
+    assert torch.equal(augment(x, flipped, p), x.flip(-1))
+    corner = torch.tensor([[0, 0, 0]] * 4)
+    out = augment(x, corner, p)
+    assert (out[:, :, :p, :] == 0).all() and (out[:, :, :, :p] == 0).all()  # zero padding enters
+    assert torch.equal(out[:, :, p:, p:], x[:, :, : 32 - p, : 32 - p])
+
+
+def test_crop_offsets_cover_the_whole_padding_range():
+    params = epoch_augment_params(5000, seed=0, epoch=0, padding=4, flip=True)
+    assert params[:, :2].min() == 0 and params[:, :2].max() == 8
+    assert 0.45 < params[:, 2].float().mean() < 0.55
+    no_flip = epoch_augment_params(100, seed=0, epoch=0, padding=4, flip=False)
+    assert (no_flip[:, 2] == 0).all()
+
+
+def test_normalize_upsamples_for_the_227px_model():
+    x, _ = _data(2)
+    out = normalize(x, 227)
+    assert out.shape == (2, 3, 227, 227) and out.dtype == torch.float32
+    assert abs(normalize(x, 32).mean().item()) < 0.5  # roughly centred
+
+
+@pytest.mark.parametrize("n, world", [(10, 1), (10, 3), (7, 4), (10000, 2)])
+def test_evaluation_counts_every_test_image_exactly_once(n, world):
+    shards = [eval_shard(n, r, world).tolist() for r in range(world)]
+    flat = [i for s in shards for i in s]
+    assert sorted(flat) == list(range(n))
