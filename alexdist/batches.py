@@ -94,13 +94,14 @@ class TrainBatches:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Yield, per optimizer step from `start_step`, the list of `grad_accum` (inputs, labels) micro-batches."""
         n = len(self.y)
-        perm = epoch_permutation(n, self.seed, epoch)
-        aug = epoch_augment_params(n, self.seed, epoch, self.augment_cfg.crop_padding, self.augment_cfg.flip)
+        dev = self.x.device  # one small host-to-device copy per epoch, none per step
+        perm = epoch_permutation(n, self.seed, epoch).to(dev)
+        aug = epoch_augment_params(n, self.seed, epoch, self.augment_cfg.crop_padding, self.augment_cfg.flip).to(dev)
         for step in range(start_step, self.steps_per_epoch):
             micro = []
             for j in range(self.grad_accum):
                 pos = self.positions(step, j)
-                idx = perm[pos].to(self.x.device)
+                idx = perm[pos]
                 xb = augment(self.x[idx], aug[pos], self.augment_cfg.crop_padding)
                 micro.append((normalize(xb, self.input_size), self.y[idx]))
             yield micro
