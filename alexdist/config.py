@@ -49,9 +49,13 @@ class AugmentConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(default=30, ge=1)
-    # Optional cap on optimizer steps; the run still ends with a logged test evaluation.
+    # Optional cap on optimizer steps; the run still ends with a logged test evaluation and a checkpoint.
+    # The schedule stays sized by `epochs`, so a capped run resumes into exactly the uncapped run.
     max_steps: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=128, ge=1, description="per process, per micro-step")
+    # If set, the effective batch to keep on any number of processes: the per-process batch becomes
+    # global_batch / (processes x grad_accum), which must divide evenly. Set it to resume on another world size.
+    global_batch: int | None = Field(default=None, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)
     eval_batch_size: int = Field(default=500, ge=1)
@@ -80,6 +84,30 @@ class ScheduleConfig(_Section):
     final_frac: float = Field(default=0.0, ge=0, le=1)
 
 
+class DistributedConfig(_Section):
+    # auto: what the launcher says (`accelerate launch --config_file recipes/accelerate/zero2.yaml` -> DeepSpeed),
+    # else DDP. An explicit value here that disagrees with the launcher stops the run (both are shown).
+    strategy: Literal["auto", "ddp", "deepspeed"] = "auto"
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state in CPU memory
+    # fp16 under DeepSpeed: dynamic loss scaling starting at 2**initial_scale_power, halved on overflow (after
+    # `hysteresis` overflows), doubled after `loss_scale_window` clean steps, never below min_loss_scale.
+    fp16_initial_scale_power: int = Field(default=16, ge=0, le=32)
+    fp16_loss_scale_window: int = Field(default=1000, ge=1)
+    fp16_hysteresis: int = Field(default=2, ge=1)
+    fp16_min_loss_scale: float = Field(default=1.0, gt=0)
+
+
+class CheckpointConfig(_Section):
+    # Save every N optimizer steps (0 = only at epoch ends, on stop requests and at the end).
+    every_steps: int = Field(default=0, ge=0)
+    epoch_end: bool = True
+    keep: int = Field(default=2, ge=1, description="newest checkpoints kept, plus the best by test accuracy")
+    max_shard_size: str = "2GB"  # DDP weights: safetensors shards no larger than this
+    # auto: continue from the newest complete checkpoint in output_dir (fresh start if none); never; or a path.
+    resume: str = "auto"
+
+
 class TrackingConfig(_Section):
     wandb: bool = True
     # auto: online when an API key is configured, else offline (synced later with `wandb sync`).
@@ -100,6 +128,8 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     precision: Literal["no", "fp16", "bf16"] = "no"
     output_dir: str = "runs/default"

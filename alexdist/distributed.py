@@ -29,21 +29,134 @@ def is_launch_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def make_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Accelerator:
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def resolve_strategy(recipe: Recipe) -> tuple[str, int | None]:
+    """(strategy, zero_stage) from the recipe and the launcher, by one rule; written back into the recipe.
+
+    The launcher speaks through the environment `accelerate launch` sets from its config file. A recipe value
+    of `auto` follows the launcher (DDP if it says nothing); an explicit recipe value must agree with the
+    launcher, else the run stops with both values shown. Nothing is resolved silently, and the resolved values
+    are what config.yaml and the trackers record.
+    """
+    strategy, stage = _resolve(recipe)
+    d = recipe.distributed
+    d.strategy = strategy
+    if stage is not None:
+        d.zero_stage = stage
+    if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower() == "cpu":
+        d.offload_optimizer = True
+    return strategy, stage
+
+
+def _resolve(recipe: Recipe) -> tuple[str, int | None]:
+    d = recipe.distributed
+    launcher_ds = _env_flag("ACCELERATE_USE_DEEPSPEED")
+    launcher_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if d.strategy == "ddp" and launcher_ds:
+        raise SetupError(
+            "the launcher config says DeepSpeed but the recipe says distributed.strategy=ddp; drop one of them "
+            "(distributed.strategy=auto follows the launcher)"
+        )
+    if launcher_ds:
+        stage = int(launcher_stage) if launcher_stage else d.zero_stage
+        if d.strategy == "deepspeed" and launcher_stage and stage != d.zero_stage:
+            raise SetupError(
+                f"the launcher config says ZeRO stage {stage} but the recipe says distributed.zero_stage="
+                f"{d.zero_stage}; make them agree or set distributed.strategy=auto to follow the launcher"
+            )
+        gas = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+        if gas and gas.isdigit() and int(gas) != recipe.train.grad_accum:
+            raise SetupError(
+                f"the launcher config says gradient_accumulation_steps={gas} but the recipe says train.grad_accum="
+                f"{recipe.train.grad_accum}; set it in one place (the recipe is the usual one)"
+            )
+        return "deepspeed", stage
+    if d.strategy == "deepspeed":
+        return "deepspeed", d.zero_stage
+    return "ddp", None
+
+
+def _check_launcher_precision(recipe: Recipe) -> None:
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched not in ("no", recipe.precision):
+        raise SetupError(
+            f"the launcher says --mixed_precision {launched} but the recipe says precision={recipe.precision}; "
+            f"set precision={launched} or launch with --mixed_precision {recipe.precision}"
+        )
+
+
+def deepspeed_plugin(recipe: Recipe, stage: int):
+    """A DeepSpeedPlugin from an explicit DeepSpeed config, so every setting is visible here."""
+    import importlib.util
+
+    from accelerate.utils import DeepSpeedPlugin
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise SetupError("distributed.strategy=deepspeed needs DeepSpeed: pip install 'alexdist[deepspeed]'")
+    if importlib.util.find_spec("transformers") is None:
+        # Accelerate 1.15's plugin setup reads transformers' version for a ZeRO-3 hook that only transformers
+        # models use; without transformers installed it raises PackageNotFoundError.
+        DeepSpeedPlugin.set_deepspeed_weakref = lambda self: None
+    # The launcher's DeepSpeed settings are already merged into the recipe's (resolve_strategy); Accelerate
+    # refuses an explicit config while they are still in the environment.
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_DEEPSPEED_")] + [
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_GRADIENT_CLIPPING", "ACCELERATE_CONFIG_DS_FIELDS"
+    ]:
+        os.environ.pop(key, None)
+    d, t = recipe.distributed, recipe.train
+    config = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip or 0.0,
+        "zero_optimization": {
+            "stage": stage,
+            "offload_optimizer": {"device": "cpu" if d.offload_optimizer else "none"},
+            "stage3_gather_16bit_weights_on_model_save": True,  # get_state_dict() gathers full weights
+        },
+        "zero_allow_untested_optimizer": True,  # our SGD is a plain torch optimizer
+        "zero_force_ds_cpu_optimizer": False,
+        "fp16": {
+            "enabled": recipe.precision == "fp16",
+            "loss_scale": 0,  # 0 = dynamic
+            "initial_scale_power": d.fp16_initial_scale_power,
+            "loss_scale_window": d.fp16_loss_scale_window,
+            "hysteresis": d.fp16_hysteresis,
+            "min_loss_scale": d.fp16_min_loss_scale,
+        },
+        "bf16": {"enabled": recipe.precision == "bf16"},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    return DeepSpeedPlugin(hf_ds_config=config)
+
+
+def make_accelerator(recipe: Recipe, strategy: str, stage: int | None, log_with: list[str] | None = None) -> Accelerator:
+    """The Accelerator for a resolved strategy (see resolve_strategy)."""
     if recipe.precision == "fp16" and not torch.cuda.is_available():
         raise SetupError(
             "precision=fp16 needs a GPU (on a CPU Accelerate silently trains in fp32); use precision=bf16 or "
             "precision=no"
         )
+    _check_launcher_precision(recipe)
     handlers = []
     if not torch.cuda.is_available() and launched_world_size() > 1:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    extra = {}
+    if strategy == "deepspeed":
+        extra["deepspeed_plugin"] = deepspeed_plugin(recipe, stage)
+    else:
+        extra["gradient_accumulation_steps"] = recipe.train.grad_accum
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     accelerator = Accelerator(
         # For DDP, `cpu=True` is what makes Accelerate treat gloo ranks as MULTI_CPU and wrap the model in DDP;
-        # the gloo backend alone forms the group but leaves the model unwrapped (no gradient sync).
-        cpu=not torch.cuda.is_available(),
+        # the gloo backend alone forms the group but leaves the model unwrapped (no gradient sync). For DeepSpeed
+        # `cpu=True` would silently drop the plugin: there the gloo backend alone is right.
+        cpu=not torch.cuda.is_available() and strategy == "ddp",
         mixed_precision=recipe.precision,
-        gradient_accumulation_steps=recipe.train.grad_accum,
+        **extra,
         # We size schedules in optimizer steps and step the scheduler once per optimizer step ourselves;
         # Accelerate's default would step it once per process.
         step_scheduler_with_optimizer=False,
@@ -51,6 +164,8 @@ def make_accelerator(recipe: Recipe, log_with: list[str] | None = None) -> Accel
         log_with=log_with or None,
         project_dir=recipe.output_dir,
     )
+    if strategy == "deepspeed" and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise SetupError("DeepSpeed was requested but Accelerate did not enable it; launch with `accelerate launch`")
     if accelerator.num_processes != launched_world_size() or (
         accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO
     ):

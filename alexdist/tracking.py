@@ -49,6 +49,21 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep the events up to `step`, minus a mid-epoch stop's evaluation at `step` (the epoch goes on)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+        if e.get("step", 0) < step or (e.get("step") == step and not e.get("partial_epoch")):
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
 class RunLog:
     """The run directory's files and the trackers, for the main process (a no-op on the others)."""
 
@@ -61,32 +76,43 @@ class RunLog:
         self.t0 = time.time()
         self._metrics = None
 
-    def start(self, info: dict[str, Any]) -> None:
+    def start(self, info: dict[str, Any], resume_step: int | None = None, run_id: str | None = None) -> str | None:
+        """Write config.yaml, open metrics.jsonl and the trackers; returns the W&B run id (main process).
+
+        On resume, metrics.jsonl drops what was logged after the checkpoint (that part is trained again) and
+        W&B continues the run with the same id.
+        """
         if not self.main:
-            return
+            return run_id
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(dump_yaml(self.recipe))
-        self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        metrics = self.dir / "metrics.jsonl"
+        if resume_step is not None and metrics.is_file():
+            _truncate_after(metrics, resume_step)
+        self._metrics = open(metrics, "a", buffering=1)
         if self.mode:
             t = self.recipe.tracking
             os.environ["WANDB_MODE"] = self.mode
             os.environ.setdefault("WANDB_SILENT", "true")
+            wandb_kwargs = {
+                "entity": t.entity,
+                "group": t.group or self.recipe.name,
+                "tags": t.tags or None,
+                "name": t.run_name,
+                "job_type": "train",
+                "dir": str(self.dir),
+                "mode": self.mode,
+            }
+            if run_id:
+                wandb_kwargs.update(id=run_id, resume="allow")
             self.acc.init_trackers(
                 t.project,
                 config={**flatten(self.recipe.to_dict()), **{f"run.{k}": v for k, v in info.items()}},
-                init_kwargs={
-                    "wandb": {
-                        "entity": t.entity,
-                        "group": t.group or self.recipe.name,
-                        "tags": t.tags or None,
-                        "name": t.run_name,
-                        "job_type": "train",
-                        "dir": str(self.dir),
-                        "mode": self.mode,
-                    }
-                },
+                init_kwargs={"wandb": wandb_kwargs},
             )
-        self.event("start", 0, 0, **info)
+            run_id = self.acc.get_tracker("wandb", unwrap=True).id
+        self.event("start", resume_step or 0, 0, **info)
+        return run_id
 
     def event(self, event: str, step: int, epoch: int, **values: Any) -> None:
         """Append one event to metrics.jsonl and send its numbers to the trackers as `<event>/<key>`."""

@@ -2,10 +2,12 @@
 
     accelerate launch -m alexdist.train recipes/bn.yaml [key=value ...]
     accelerate launch --multi_gpu --num_processes 2 -m alexdist.train recipes/quickstart.yaml   # 2 CPU ranks
+    accelerate launch --config_file recipes/accelerate/zero2.yaml -m alexdist.train recipes/bn.yaml
     python -m alexdist.train recipes/quickstart.yaml train.epochs=1
 
-Read top to bottom: recipe -> accelerator -> data on the device -> model/optimizer/schedule -> loop over
-optimizer steps (each `grad_accum` micro-batches) -> evaluate each epoch -> final weights and summary.
+Read top to bottom: recipe -> accelerator -> data on the device -> model/optimizer/schedule -> resume if a
+checkpoint exists -> loop over optimizer steps (each `grad_accum` micro-batches) -> evaluate and checkpoint
+each epoch -> final weights and summary.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from alexdist.batches import TrainBatches, eval_batches
+from alexdist.batches import TrainBatches, eval_batches, eval_shard
+from alexdist.checkpoint import Checkpointer, TrainState
 from alexdist.config import Recipe, ScheduleConfig, load_recipe
 from alexdist.data import load_dataset
-from alexdist.distributed import exit_now, is_launch_rank_zero, make_accelerator
-from alexdist.errors import AlexdistError
+from alexdist.distributed import exit_now, is_launch_rank_zero, launched_world_size, make_accelerator, resolve_strategy
+from alexdist.errors import AlexdistError, ConfigError
 from alexdist.models import build_model, count_params, resolve_input_size
-from alexdist.tracking import RunLog, git_commit
+from alexdist.tracking import RunLog, git_commit, wandb_mode
 
 
 def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:
@@ -54,37 +57,70 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.o
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=o.weight_decay)
 
 
+def resolve_batch_size(recipe: Recipe, world: int) -> None:
+    """Apply `train.global_batch`: the per-process batch that keeps the effective batch on `world` processes."""
+    t = recipe.train
+    if t.global_batch is None:
+        return
+    per = t.global_batch // (world * t.grad_accum)
+    if per * world * t.grad_accum != t.global_batch:
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not divisible by {world} processes x train.grad_accum="
+            f"{t.grad_accum}; choose a global batch that is, or change train.grad_accum"
+        )
+    t.batch_size = per
+
+
 def _stats(loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[summed loss, correct, count] as float64 on the device (no host sync)."""
     correct = (logits.argmax(1) == labels).sum()
-    return torch.stack([loss_sum.double(), correct.double(), torch.tensor(len(labels), dtype=torch.float64, device=labels.device)])
+    n = torch.tensor(len(labels), dtype=torch.float64, device=labels.device)
+    return torch.stack([loss_sum.double(), correct.double(), n])
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, x, y, batch_size: int, input_size: int) -> tuple[float, float]:
+def evaluate(accelerator, model, x, y, batch_size: int, input_size: int, in_dtype, zero3: bool) -> tuple[float, float]:
     """Test loss and accuracy over every test image exactly once, summed across ranks."""
-    # The unwrapped module: DDP's forward would broadcast buffers, a collective, and ranks may hold
-    # different numbers of test batches. Accelerate's autocast wrapper is kept.
-    net = accelerator.unwrap_model(model)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # DDP's forward would broadcast buffers (a collective) while ranks may hold different numbers of test
+    # batches, so the unwrapped module runs (Accelerate's autocast wrapper is kept). ZeRO-3 gathers
+    # parameters in every forward, a collective too: there every rank runs the same number of forwards.
+    net = model if zero3 else accelerator.unwrap_model(model)
     was_training = net.training
     net.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, correct, count
-    for xb, yb in eval_batches(x, y, accelerator.process_index, accelerator.num_processes, batch_size, input_size):
-        out = net(xb).float()
-        sums += _stats(F.cross_entropy(out, yb, reduction="sum"), out, yb)
+    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    batches = list(eval_batches(x, y, rank, world, batch_size, input_size))
+    n_forward = math.ceil(len(eval_shard(len(y), 0, world)) / batch_size) if zero3 else len(batches)
+    for i in range(n_forward):
+        xb, yb = batches[min(i, len(batches) - 1)]
+        out = net(xb.to(in_dtype)).float()
+        if i < len(batches):  # extra forwards only keep ZeRO-3's collectives in step
+            sums += _stats(F.cross_entropy(out, yb, reduction="sum"), out, yb)
     net.train(was_training)
     loss, correct, count = accelerator.reduce(sums, reduction="sum").tolist()
     return loss / count, correct / count
 
 
-def train(recipe: Recipe) -> dict:
-    from alexdist.tracking import wandb_mode
+def average_buffers(accelerator, model) -> None:
+    """DeepSpeed does not broadcast buffers as DDP does: average BatchNorm statistics before evaluating/saving."""
+    if accelerator.num_processes == 1:
+        return
+    for buf in accelerator.unwrap_model(model).buffers():
+        if buf.is_floating_point():
+            buf.copy_(accelerator.reduce(buf.detach().clone(), reduction="mean"))
 
-    accelerator = make_accelerator(recipe, log_with=["wandb"] if wandb_mode(recipe) else None)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    device = accelerator.device
+
+def train(recipe: Recipe) -> dict:
+    world_launched = launched_world_size()
+    resolve_batch_size(recipe, world_launched)
+    strategy, zero_stage = resolve_strategy(recipe)
+    accelerator = make_accelerator(recipe, strategy, zero_stage, log_with=["wandb"] if wandb_mode(recipe) else None)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     t_cfg = recipe.train
     input_size = resolve_input_size(recipe.model.name, recipe.model.input_size)
+    deepspeed = strategy == "deepspeed"
+    # DeepSpeed keeps the module itself in bf16/fp16 without autocast: inputs are cast by hand.
+    in_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision, torch.float32) if deepspeed else torch.float32
 
     # Rank 0 decodes the source and writes the cache; the others then read the cache.
     with accelerator.main_process_first():
@@ -95,16 +131,14 @@ def train(recipe: Recipe) -> dict:
         train_x, train_y, t_cfg.batch_size, t_cfg.grad_accum, rank, world, t_cfg.seed, recipe.augment, input_size
     )
     if batches.steps_per_epoch == 0:
-        from alexdist.errors import ConfigError
-
         raise ConfigError(
             f"the effective batch ({batches.effective_batch} = train.batch_size {t_cfg.batch_size} x {world} "
             f"processes x train.grad_accum {t_cfg.grad_accum}) is larger than the {len(train_y)} training images; "
             f"lower train.batch_size or train.grad_accum"
         )
+    # The schedule is sized by epochs; max_steps only stops early, so a capped run resumes into the full one.
     total_steps = t_cfg.epochs * batches.steps_per_epoch
-    if t_cfg.max_steps:
-        total_steps = min(total_steps, t_cfg.max_steps)
+    stop_step = min(total_steps, t_cfg.max_steps or total_steps)
 
     torch.manual_seed(t_cfg.seed)  # the same initial weights on every rank and every world size
     model = build_model(recipe.model.name, input_size, recipe.model.dropout, recipe.model.width_mult)
@@ -116,114 +150,149 @@ def train(recipe: Recipe) -> dict:
     # Dropout masks come from the global RNG: distinct per rank (as with separate GPUs), reproducible per seed.
     torch.manual_seed(t_cfg.seed * 1000 + rank + 1)
 
+    ckpt = Checkpointer(accelerator, recipe)
+    state = TrainState(effective_batch=batches.effective_batch, world_size=world, strategy=strategy,
+                       zero_stage=zero_stage)
+    resume_from = ckpt.resume_path()
+    if resume_from is not None:
+        state = ckpt.load(resume_from, strategy, world)
+        if state.effective_batch != batches.effective_batch:
+            raise ConfigError(
+                f"{resume_from} was trained with an effective batch of {state.effective_batch}, this run has "
+                f"{batches.effective_batch} ({world} processes); set train.global_batch={state.effective_batch} "
+                f"to keep the data position and schedule"
+            )
+        state.world_size = world
+
     info = {
-        "world_size": world,
-        "effective_batch": batches.effective_batch,
-        "steps_per_epoch": batches.steps_per_epoch,
-        "total_steps": total_steps,
-        "peak_lr": lr,
-        "params": n_params,
-        "input_size": input_size,
-        "device": str(device),
+        "world_size": world, "strategy": strategy, "zero_stage": zero_stage,
+        "effective_batch": batches.effective_batch, "batch_size_per_process": t_cfg.batch_size,
+        "steps_per_epoch": batches.steps_per_epoch, "total_steps": total_steps, "stop_step": stop_step,
+        "peak_lr": lr, "params": n_params, "input_size": input_size, "device": str(device),
         "distributed_type": str(accelerator.distributed_type),
+        "resumed_from": str(resume_from) if resume_from else None, "resumed_at_step": state.global_step,
     }
     log = RunLog(accelerator, recipe)
-    log.start(info)
+    state.wandb_run_id = log.start(info, resume_step=state.global_step if resume_from else None,
+                                   run_id=state.wandb_run_id)
     accelerator.print(
-        f"alexdist: {recipe.model.name} @ {input_size}px ({n_params / 1e6:.2f} M params) on {world} x {device} | "
-        f"effective batch {batches.effective_batch} = {t_cfg.batch_size} per process x {world} processes x "
-        f"{t_cfg.grad_accum} accumulation | {batches.steps_per_epoch} steps/epoch, {total_steps} steps, "
-        f"peak lr {lr:.4g} | precision {recipe.precision} | output {recipe.output_dir}"
+        f"alexdist: {recipe.model.name} @ {input_size}px ({n_params / 1e6:.2f} M params) on {world} x {device}, "
+        f"{strategy}{f' ZeRO-{zero_stage}' if deepspeed else ''} | effective batch {batches.effective_batch} = "
+        f"{t_cfg.batch_size} per process x {world} processes x {t_cfg.grad_accum} accumulation | "
+        f"{batches.steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {lr:.4g} | precision "
+        f"{recipe.precision} | output {recipe.output_dir}"
+        + (f" | resumed from {resume_from} at step {state.global_step}" if resume_from else "")
     )
 
-    step, best_acc, best_epoch, last_eval_step, ips = 0, -1.0, 0, -1, []
-    test_loss = test_acc = float("nan")
-    epoch = 0
-    t_start = time.time()
-    for epoch in range(1, t_cfg.epochs + 1):
+    t_start = time.time() - state.train_time_s
+    stopping = state.global_step >= stop_step
+    for epoch in range(state.epoch, t_cfg.epochs):
+        if stopping:
+            break
         model.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n (this rank)
-        t_epoch = time.time()
-        steps_this_epoch = 0
-        bar = tqdm(total=batches.steps_per_epoch, desc=f"epoch {epoch}", disable=not (accelerator.is_main_process and sys.stderr.isatty()),
-                   leave=False, dynamic_ncols=True)
-        for micro in batches.epoch(epoch - 1):
+        # This epoch's running sums; a mid-epoch resume carries the global sums so far (added once, on rank 0).
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        if state.step_in_epoch and accelerator.is_main_process:
+            sums += torch.tensor(state.epoch_sums, dtype=torch.float64, device=device)
+        t_epoch, seen_at_start = time.time(), state.step_in_epoch
+        bar = tqdm(total=batches.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}",
+                   disable=not (accelerator.is_main_process and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
+        for micro in batches.epoch(epoch, start_step=state.step_in_epoch):
             for xb, yb in micro:
                 with accelerator.accumulate(model):
-                    out = model(xb)
-                    loss = F.cross_entropy(out, yb, label_smoothing=t_cfg.label_smoothing)
+                    out = model(xb.to(in_dtype))
+                    loss = F.cross_entropy(out.float(), yb, label_smoothing=t_cfg.label_smoothing)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and t_cfg.grad_clip:
+                    if accelerator.sync_gradients and t_cfg.grad_clip and not deepspeed:  # DeepSpeed clips itself
                         accelerator.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
                     optimizer.step()
                     if accelerator.sync_gradients and not optimizer.step_was_skipped:
-                        scheduler.step()
+                        scheduler.step()  # a no-op under DeepSpeed, whose engine steps it
                     optimizer.zero_grad(set_to_none=True)
-                # Accumulated on the device: no host sync per micro-step.
-                sums += _stats(loss.detach() * len(yb), out.detach(), yb)
-            step += 1
-            steps_this_epoch += 1
+                sums += _stats(loss.detach() * len(yb), out.detach().float(), yb)  # on the device: no host sync
+            state.global_step += 1
+            state.step_in_epoch += 1
             bar.update(1)
-            if t_cfg.log_every and step % t_cfg.log_every == 0:
+            if t_cfg.log_every and state.global_step % t_cfg.log_every == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-                log.event("step", step, epoch, loss=loss.item(), lr=scheduler.get_last_lr()[0])
-            if step >= total_steps:
+                log.event("step", state.global_step, epoch + 1, loss=loss.item(), lr=scheduler.get_last_lr()[0])
+            stopping = state.global_step >= stop_step
+            if stopping:
                 break
+            if ckpt.due_at_step(state.global_step):
+                state.epoch_sums = accelerator.reduce(sums.clone(), reduction="sum").tolist()
+                state.test_acc = state.test_loss = None
+                state.train_time_s = time.time() - t_start
+                ckpt.save(state)
         bar.close()
-        epoch_time = time.time() - t_epoch
-        tr_loss_sum, tr_correct, tr_n = accelerator.reduce(sums, reduction="sum").tolist()
-        ips.append(tr_n / epoch_time)
-        log.event(
-            "train", step, epoch, loss=tr_loss_sum / tr_n, acc=tr_correct / tr_n, lr=scheduler.get_last_lr()[0],
-            images_per_s=tr_n / epoch_time, epoch_time_s=epoch_time,
-        )
-        test_loss, test_acc = evaluate(accelerator, model, test_x, test_y, t_cfg.eval_batch_size, input_size)
-        last_eval_step = step
-        if test_acc > best_acc:
-            best_acc, best_epoch = test_acc, epoch
-        log.event("test", step, epoch, loss=test_loss, acc=test_acc)
-        accelerator.print(
-            f"epoch {epoch:3d} step {step:6d} | train loss {tr_loss_sum / tr_n:.4f} acc {tr_correct / tr_n:.4f} | "
-            f"test loss {test_loss:.4f} acc {test_acc:.4f} | {tr_n / epoch_time:,.0f} img/s"
-        )
-        if step >= total_steps:
-            break
-    assert last_eval_step == step  # every run ends with a logged test evaluation
 
-    # Final weights, one safetensors file with the model's name and input size in its metadata.
-    state = accelerator.get_state_dict(model)
+        epoch_done = state.step_in_epoch == batches.steps_per_epoch
+        epoch_time = time.time() - t_epoch
+        tr_loss, tr_correct, tr_n = accelerator.reduce(sums, reduction="sum").tolist()
+        ips = (state.step_in_epoch - seen_at_start) * batches.effective_batch / epoch_time
+        state.images_per_s.append(ips)
+        partial = {} if epoch_done else {"partial_epoch": True}
+        log.event("train", state.global_step, epoch + 1, loss=tr_loss / tr_n, acc=tr_correct / tr_n,
+                  lr=scheduler.get_last_lr()[0], images_per_s=ips, epoch_time_s=epoch_time, **partial)
+        if deepspeed:
+            average_buffers(accelerator, model)
+        test_loss, test_acc = evaluate(accelerator, model, test_x, test_y, t_cfg.eval_batch_size, input_size,
+                                       in_dtype, deepspeed and zero_stage == 3)
+        log.event("test", state.global_step, epoch + 1, loss=test_loss, acc=test_acc, **partial)
+        accelerator.print(
+            f"epoch {epoch + 1:3d} step {state.global_step:6d} | train loss {tr_loss / tr_n:.4f} acc "
+            f"{tr_correct / tr_n:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | {ips:,.0f} img/s"
+            + ("" if epoch_done else " (stopped mid-epoch)")
+        )
+        state.test_acc, state.test_loss = test_acc, test_loss
+        if test_acc > state.best_acc:
+            state.best_acc, state.best_epoch = test_acc, epoch + 1
+        if epoch_done:
+            state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, [0.0, 0.0, 0.0]
+        else:
+            state.epoch_sums = [tr_loss, tr_correct, tr_n]
+        state.samples_in_epoch = state.step_in_epoch * batches.effective_batch
+        state.train_time_s = time.time() - t_start
+        if (epoch_done and recipe.checkpoint.epoch_end) or stopping:
+            ckpt.save(state)
+
+    summary = finish(accelerator, model, recipe, log, state, info, input_size)
+    accelerator.print(
+        f"alexdist: done at step {state.global_step} | final test acc {summary['final_test_acc']:.4f} "
+        f"(best {state.best_acc:.4f} at epoch {state.best_epoch})"
+    )
+    return summary
+
+
+def finish(accelerator, model, recipe: Recipe, log: RunLog, state: TrainState, info: dict, input_size: int) -> dict:
+    """Final weights (one safetensors file with the model's name and input size), summary, trackers closed."""
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 partitions: every rank takes part
     if accelerator.is_main_process:
         from safetensors.torch import save_file
 
         out = Path(recipe.output_dir) / "model.safetensors"
         tmp = out.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
-                  metadata={"model": recipe.model.name, "input_size": str(input_size),
-                            "width_mult": str(recipe.model.width_mult)})
+        meta = {"model": recipe.model.name, "input_size": str(input_size), "width_mult": str(recipe.model.width_mult),
+                "dropout": str(recipe.model.dropout), "step": str(state.global_step), "data_source": recipe.data.source}
+        save_file({k: v.detach().float().contiguous() for k, v in state_dict.items()}, str(tmp), metadata=meta)
         tmp.replace(out)
-    # A checksum of every rank's parameters: equal values prove the ranks stayed in sync.
-    param_sum = sum(p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters())
-    rank_sums = accelerator.gather(param_sum.reshape(1).to(device)).tolist()
+    # A checksum of every rank's parameters: equal values prove the ranks stayed in sync (ZeRO-3 ranks hold
+    # partitions, not whole parameters, so there is nothing to compare).
+    rank_sums = None
+    if info.get("zero_stage") != 3:
+        local = sum(p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters())
+        rank_sums = accelerator.gather(local.reshape(1).to(accelerator.device)).tolist()
     summary = {
-        "status": "finished",
-        "recipe": recipe.name,
-        "model": recipe.model.name,
-        "strategy": "ddp",
-        "precision": recipe.precision,
-        **info,
-        "epochs_run": epoch,
-        "steps": step,
-        "final_test_acc": test_acc,
-        "final_test_loss": test_loss,
-        "best_test_acc": best_acc,
-        "best_epoch": best_epoch,
-        "images_per_s": sum(ips) / len(ips),
-        "train_time_s": round(time.time() - t_start, 2),
-        "git_commit": git_commit(),
-        "rank_param_sums": rank_sums,
+        "status": "finished" if state.global_step >= info["total_steps"] else "stopped",
+        "recipe": recipe.name, "model": recipe.model.name, "precision": recipe.precision, **info,
+        "epochs_run": state.epoch + (1 if state.step_in_epoch else 0), "steps": state.global_step,
+        "final_test_acc": state.test_acc, "final_test_loss": state.test_loss,
+        "best_test_acc": state.best_acc, "best_epoch": state.best_epoch,
+        "images_per_s": sum(state.images_per_s) / max(1, len(state.images_per_s)),
+        "train_time_s": round(state.train_time_s, 2), "git_commit": git_commit(), "rank_param_sums": rank_sums,
+        "wandb_run_id": state.wandb_run_id,
     }
     log.finish(summary)
-    accelerator.print(f"alexdist: done | final test acc {test_acc:.4f} (best {best_acc:.4f} at epoch {best_epoch})")
     return summary
 
 

@@ -48,9 +48,14 @@ def launch(
     recipe: str = "recipes/quickstart.yaml",
     env: dict[str, str] | None = None,
     timeout: int = 420,
+    config_file: str | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run `alexdist.train` as a user would: `accelerate launch --multi_gpu` / `torchrun` for 2 CPU ranks."""
-    if launcher == "accelerate" and nproc > 1:
+    """Run `alexdist.train` as a user would: `accelerate launch --multi_gpu` / `torchrun` for 2 CPU ranks, or
+    `accelerate launch --config_file` with one of recipes/accelerate/*.yaml."""
+    if config_file:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
+               "--num_processes", str(nproc), "--main_process_port", str(free_port()), "-m", "alexdist.train"]
+    elif launcher == "accelerate" and nproc > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), "-m", "alexdist.train"]

@@ -1,0 +1,96 @@
+"""Test loss and accuracy of a checkpoint or an exported safetensors file, on one process.
+
+    python -m alexdist.evaluate runs/bn/checkpoints/step-0039000
+    python -m alexdist.evaluate bn.safetensors [recipe.yaml] [key=value ...]
+
+The model comes from the weights' own metadata (or the checkpoint's config.yaml); the data from the same
+place unless a recipe or `data.source=...` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from alexdist.batches import eval_batches
+from alexdist.config import load_recipe
+from alexdist.data import load_dataset
+from alexdist.errors import AlexdistError, DataError
+from alexdist.export import consolidate
+from alexdist.models import build_model
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if path.is_dir():
+        return consolidate(path)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise DataError(f"'{path}' does not exist") from None
+    except Exception as exc:
+        raise DataError(f"'{path}' is not a readable safetensors file ({exc}); export it again") from None
+    if "model" not in meta:
+        raise DataError(f"'{path}' has no 'model' metadata; export it with python -m alexdist.export")
+    return weights, meta
+
+
+@torch.no_grad()
+def evaluate_weights(path: str | Path, recipe_path: str | None = None, overrides: list[str] = ()) -> dict:
+    weights, meta = load_weights(path)
+    base = [f"model.name={meta['model']}", f"model.input_size={meta['input_size']}",
+            f"model.width_mult={meta.get('width_mult', '1.0')}"]
+    if meta.get("data_source") and recipe_path is None:
+        base.append(f"data.source={json.dumps(meta['data_source'])}")
+    recipe = load_recipe(recipe_path, base + list(overrides))
+    size = int(meta["input_size"])
+    model = build_model(recipe.model.name, size, 0.0, recipe.model.width_mult)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise DataError(
+            f"'{path}' does not fit model {recipe.model.name} (missing {len(missing)}, unexpected {len(unexpected)} "
+            f"tensors, e.g. {(missing or unexpected)[0]}); evaluate it with the model it was trained as"
+        )
+    model.eval()
+    ds = load_dataset(recipe.data)
+    loss = correct = 0.0
+    for xb, yb in eval_batches(ds.test_x, ds.test_y, 0, 1, recipe.train.eval_batch_size, size):
+        out = model(xb).float()
+        loss += F.cross_entropy(out, yb, reduction="sum").item()
+        correct += (out.argmax(1) == yb).sum().item()
+    n = len(ds.test_y)
+    return {"test_loss": loss / n, "test_acc": correct / n, "images": n, "model": recipe.model.name,
+            "step": meta.get("step")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m alexdist.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("weights", help="a checkpoints/step-* directory or an exported .safetensors file")
+    ap.add_argument("rest", nargs="*", help="[recipe.yaml] [key=value ...]")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    recipe = args.rest[0] if args.rest and "=" not in args.rest[0] else None
+    overrides = args.rest[1:] if recipe else args.rest
+    try:
+        r = evaluate_weights(args.weights, recipe, overrides)
+    except AlexdistError as exc:
+        print(f"alexdist: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['model']} step {r['step']}: test loss {r['test_loss']:.4f} acc {r['test_acc']:.4f} ({r['images']} images)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
