@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,deepspeed]'
 	touch $@
 
 # Trains recipes/quickstart.yaml (digits, offline) on 2 CPU processes (DDP over gloo): about a minute.
