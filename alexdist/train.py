@@ -28,6 +28,7 @@ from alexdist.config import Recipe, ScheduleConfig, load_recipe
 from alexdist.data import load_dataset
 from alexdist.distributed import exit_now, is_launch_rank_zero, launched_world_size, make_accelerator, resolve_strategy
 from alexdist.errors import AlexdistError, ConfigError
+from alexdist.stopping import STOPPED_EXIT_CODE, StopRequest
 from alexdist.models import build_model, count_params, resolve_input_size
 from alexdist.tracking import RunLog, git_commit, wandb_mode
 
@@ -122,6 +123,8 @@ def train(recipe: Recipe) -> dict:
     # DeepSpeed keeps the module itself in bf16/fp16 without autocast: inputs are cast by hand.
     in_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision, torch.float32) if deepspeed else torch.float32
 
+    stop = StopRequest(accelerator, recipe.output_dir)  # SIGTERM / SIGUSR1 / output_dir/STOP
+
     # Rank 0 decodes the source and writes the cache; the others then read the cache.
     with accelerator.main_process_first():
         ds = load_dataset(recipe.data)
@@ -185,9 +188,10 @@ def train(recipe: Recipe) -> dict:
     )
 
     t_start = time.time() - state.train_time_s
-    stopping = state.global_step >= stop_step
+    stopping = state.global_step >= stop_step  # reached train.max_steps / the end
+    stop_requested = False  # asked to stop (signal or STOP file): checkpoint and exit, resumable
     for epoch in range(state.epoch, t_cfg.epochs):
-        if stopping:
+        if stopping or stop_requested:
             break
         model.train()
         # This epoch's running sums; a mid-epoch resume carries the global sums so far (added once, on rank 0).
@@ -219,18 +223,33 @@ def train(recipe: Recipe) -> dict:
             stopping = state.global_step >= stop_step
             if stopping:
                 break
+            if stop.requested():
+                stop_requested = True
+                break
             if ckpt.due_at_step(state.global_step):
                 state.epoch_sums = accelerator.reduce(sums.clone(), reduction="sum").tolist()
                 state.test_acc = state.test_loss = None
                 state.train_time_s = time.time() - t_start
                 ckpt.save(state)
         bar.close()
+        if stop_requested:
+            # Checkpoint this step and leave: no evaluation, so the wait is one step plus one save. The epoch
+            # is not marked done even after its last step, so the resumed run still evaluates it.
+            state.epoch_sums = accelerator.reduce(sums.clone(), reduction="sum").tolist()
+            state.samples_in_epoch = state.step_in_epoch * batches.effective_batch
+            state.test_acc = state.test_loss = None
+            state.train_time_s = time.time() - t_start
+            path = ckpt.save(state)
+            log.event("stop", state.global_step, epoch + 1, reason=stop.reason, checkpoint=str(path))
+            accelerator.print(f"alexdist: stop requested ({stop.reason}): checkpoint {path}, exiting {STOPPED_EXIT_CODE}")
+            break
 
         epoch_done = state.step_in_epoch == batches.steps_per_epoch
         epoch_time = time.time() - t_epoch
         tr_loss, tr_correct, tr_n = accelerator.reduce(sums, reduction="sum").tolist()
         ips = (state.step_in_epoch - seen_at_start) * batches.effective_batch / epoch_time
-        state.images_per_s.append(ips)
+        if state.step_in_epoch > seen_at_start:
+            state.images_per_s.append(ips)
         partial = {} if epoch_done else {"partial_epoch": True}
         log.event("train", state.global_step, epoch + 1, loss=tr_loss / tr_n, acc=tr_correct / tr_n,
                   lr=scheduler.get_last_lr()[0], images_per_s=ips, epoch_time_s=epoch_time, **partial)
@@ -256,18 +275,27 @@ def train(recipe: Recipe) -> dict:
         if (epoch_done and recipe.checkpoint.epoch_end) or stopping:
             ckpt.save(state)
 
-    summary = finish(accelerator, model, recipe, log, state, info, input_size)
-    accelerator.print(
-        f"alexdist: done at step {state.global_step} | final test acc {summary['final_test_acc']:.4f} "
-        f"(best {state.best_acc:.4f} at epoch {state.best_epoch})"
-    )
+    if state.global_step >= total_steps:
+        status = "finished"
+    else:
+        status = "stopped" if stop_requested else "max_steps"
+    summary = finish(accelerator, model, recipe, log, state, info, input_size, status)
+    if status != "stopped":
+        accelerator.print(
+            f"alexdist: done at step {state.global_step} | final test acc {summary['final_test_acc']:.4f} "
+            f"(best {state.best_acc:.4f} at epoch {state.best_epoch})"
+        )
     return summary
 
 
-def finish(accelerator, model, recipe: Recipe, log: RunLog, state: TrainState, info: dict, input_size: int) -> dict:
-    """Final weights (one safetensors file with the model's name and input size), summary, trackers closed."""
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 partitions: every rank takes part
-    if accelerator.is_main_process:
+def finish(accelerator, model, recipe: Recipe, log: RunLog, state: TrainState, info: dict, input_size: int,
+           status: str) -> dict:
+    """Final weights (one safetensors file with the model's name and input size), summary, trackers closed.
+
+    A run stopped on request keeps its weights in the checkpoint it just wrote and skips the export.
+    """
+    state_dict = accelerator.get_state_dict(model) if status != "stopped" else None  # ZeRO-3: a collective
+    if accelerator.is_main_process and state_dict is not None:
         from safetensors.torch import save_file
 
         out = Path(recipe.output_dir) / "model.safetensors"
@@ -283,7 +311,7 @@ def finish(accelerator, model, recipe: Recipe, log: RunLog, state: TrainState, i
         local = sum(p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters())
         rank_sums = accelerator.gather(local.reshape(1).to(accelerator.device)).tolist()
     summary = {
-        "status": "finished" if state.global_step >= info["total_steps"] else "stopped",
+        "status": status,
         "recipe": recipe.name, "model": recipe.model.name, "precision": recipe.precision, **info,
         "epochs_run": state.epoch + (1 if state.step_in_epoch else 0), "steps": state.global_step,
         "final_test_acc": state.test_acc, "final_test_loss": state.test_loss,
@@ -305,12 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides")
     args = ap.parse_args(argv)
     try:
-        train(load_recipe(args.recipe, args.overrides))
+        summary = train(load_recipe(args.recipe, args.overrides))
     except AlexdistError as exc:
         if is_launch_rank_zero():  # every rank hits the same error: say it once
             print(f"alexdist: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    return 0
+    return STOPPED_EXIT_CODE if summary["status"] == "stopped" else 0
 
 
 if __name__ == "__main__":

@@ -40,18 +40,15 @@ def run_env(cache_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def launch(
+def launch_command(
     overrides: list[str],
-    cache_dir: Path,
     nproc: int = 1,
     launcher: str = "accelerate",
     recipe: str = "recipes/quickstart.yaml",
-    env: dict[str, str] | None = None,
-    timeout: int = 420,
     config_file: str | None = None,
-) -> subprocess.CompletedProcess:
-    """Run `alexdist.train` as a user would: `accelerate launch --multi_gpu` / `torchrun` for 2 CPU ranks, or
-    `accelerate launch --config_file` with one of recipes/accelerate/*.yaml."""
+) -> list[str]:
+    """The command a user would type: `accelerate launch --multi_gpu` / `torchrun` for 2 CPU ranks,
+    `accelerate launch --config_file` with one of recipes/accelerate/*.yaml, or plain `python -m`."""
     if config_file:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
                "--num_processes", str(nproc), "--main_process_port", str(free_port()), "-m", "alexdist.train"]
@@ -64,10 +61,42 @@ def launch(
                "--master_port", str(free_port()), "-m", "alexdist.train"]
     else:
         cmd = [sys.executable, "-m", "alexdist.train"]
+    return cmd + [recipe, *overrides]
+
+
+def launch(
+    overrides: list[str],
+    cache_dir: Path,
+    nproc: int = 1,
+    launcher: str = "accelerate",
+    recipe: str = "recipes/quickstart.yaml",
+    env: dict[str, str] | None = None,
+    timeout: int = 420,
+    config_file: str | None = None,
+) -> subprocess.CompletedProcess:
+    """Run alexdist.train to completion through `launch_command`."""
     return subprocess.run(
-        cmd + [recipe, *overrides], cwd=ROOT, env=env or run_env(cache_dir), capture_output=True, text=True,
-        timeout=timeout,
+        launch_command(overrides, nproc, launcher, recipe, config_file), cwd=ROOT, env=env or run_env(cache_dir),
+        capture_output=True, text=True, timeout=timeout,
     )
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 240) -> None:
+    """Block until metrics.jsonl records an optimizer step >= `step`."""
+    import time
+
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) >= step:
+                        return
+                except json.JSONDecodeError:
+                    pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{run_dir} did not reach step {step} in {timeout} s")
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

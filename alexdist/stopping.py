@@ -1,0 +1,53 @@
+"""Stop requests: SIGTERM, SIGUSR1 or a STOP file in output_dir -> checkpoint at the next step and exit 75.
+
+Every rank handles the signals itself (Slurm's `scancel` signals every process of a job). Launchers do not
+all forward signals: `torchrun` / `accelerate launch` do not pass SIGUSR1 on to their workers (pytorch #154849),
+so where only the launcher or a batch shell can be signalled, it writes `output_dir/STOP` instead; that is what
+`slurm/train.sh` does. At every optimizer-step boundary the ranks agree with one all-reduce: if any rank was
+asked, all stop together, so no rank waits forever in a collective for one that left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import torch
+
+STOP_FILE = "STOP"
+# "Stopped on request, resumable" (EX_TEMPFAIL): the run saved a checkpoint and `resume: auto` continues it.
+STOPPED_EXIT_CODE = 75
+
+
+class StopRequest:
+    def __init__(self, accelerator, output_dir: str | Path):
+        self.acc = accelerator
+        self.stop_file = Path(output_dir) / STOP_FILE
+        self.reason: str | None = None
+        if accelerator.is_main_process:
+            # A STOP file left by the request that stopped the previous attempt must not stop this one.
+            self.stop_file.unlink(missing_ok=True)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:  # only sets a flag: the loop acts at the next step boundary
+        if self.reason is not None and signum == signal.SIGTERM:
+            # Asked twice: the graceful stop is not happening (e.g. a hung collective). Die as SIGTERM would.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.reason = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        """True on every rank if any rank has been asked to stop (a collective: call it on all ranks)."""
+        if self.reason is None and self.stop_file.exists():
+            self.reason = f"{STOP_FILE} file"
+        if self.acc.num_processes == 1:
+            return self.reason is not None
+        flag = torch.tensor([1.0 if self.reason else 0.0], device=self.acc.device)
+        agreed = self.acc.reduce(flag, reduction="sum").item() > 0
+        if agreed and self.reason is None:
+            self.reason = "another rank was asked"
+        return agreed

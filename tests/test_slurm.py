@@ -1,0 +1,135 @@
+"""`sbatch slurm/train.sh` against a real Slurm cluster (one node, CPU only: 2 processes per node).
+
+Needs a running cluster: `bash slurm/local/start_local_slurm.sh start` (CI does this and sets
+ALEXDIST_REQUIRE_SLURM=1, which turns a missing cluster into a failure instead of a skip).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, check, launch, read_jsonl, run_env, summary, wait_for_step
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+ARGS = ["recipes/quickstart.yaml", "tracking.wandb=false", "train.log_every=2"]
+
+
+def _slurm_up() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    return "UP" in ping.stdout
+
+
+@pytest.fixture(scope="module", autouse=True)
+def require_slurm():
+    if not _slurm_up():
+        if os.environ.get("ALEXDIST_REQUIRE_SLURM"):
+            pytest.fail("ALEXDIST_REQUIRE_SLURM is set but no Slurm cluster answers (scontrol ping)")
+        pytest.skip("no Slurm cluster; start one with: bash slurm/local/start_local_slurm.sh start")
+
+
+def _env(cache_dir):
+    env = run_env(cache_dir)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the job runs this venv's accelerate
+    return env
+
+
+def sbatch(run: Path, cache_dir, extra=(), wait=False) -> tuple[str, subprocess.CompletedProcess]:
+    cmd = ["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={run}.slurm.log"] + (["--wait"] if wait else [])
+    proc = subprocess.run(cmd + ["slurm/train.sh", *ARGS, f"output_dir={run}", *extra], env=_env(cache_dir),
+                          capture_output=True, text=True, timeout=600)
+    job = proc.stdout.strip().split(";")[0]
+    return job, proc
+
+
+def job_info(job: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def wait_finished(job: str, timeout: float = 400) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job_info(job)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return info
+        time.sleep(1)
+    subprocess.run(["scancel", job])
+    raise TimeoutError(f"job {job} did not finish in {timeout} s: {job_info(job)}")
+
+
+def _comparable(run):
+    return [{k: v for k, v in e.items() if k not in {"time", "epoch_time_s", "images_per_s"}}
+            for e in read_jsonl(run / "metrics.jsonl") if e["event"] not in ("start", "stop")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    run = tmp_path_factory.mktemp("slurm") / "whole"
+    job, proc = sbatch(run, cache_dir, wait=True)
+    assert proc.returncode == 0, Path(f"{run}.slurm.log").read_text()[-3000:]
+    return job, run
+
+
+def test_sbatch_trains_the_quickstart_on_two_cpu_processes(uninterrupted):
+    job, run = uninterrupted
+    s = summary(run)
+    assert s["status"] == "finished" and s["world_size"] == 2 and s["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert s["final_test_acc"] >= 0.90
+    assert len([e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "test"]) == 12
+    log = Path(f"{run}.slurm.log").read_text()
+    assert f"job {job} restart 0 | 1 node(s) x 2 process(es)" in log
+    assert job_info(job)["JobState"] == "COMPLETED"
+
+
+def test_usr1_checkpoints_requeues_and_finishes_like_the_uninterrupted_run(uninterrupted, tmp_path, cache_dir):
+    _, whole = uninterrupted
+    run = tmp_path / "preempted"
+    t0 = time.time()
+    job, proc = sbatch(run, cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    wait_for_step(run, 40)
+    t_signal = time.time()
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    info = wait_finished(job)
+    wall = time.time() - t0
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+    log = Path(f"{run}.slurm.log").read_text()  # --open-mode=append: both attempts in one log
+    assert f"job {job} restart 0" in log and f"job {job} restart 1" in log and "requeueing job" in log
+    stop = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "stop"]
+    assert len(stop) == 1 and stop[0]["reason"] in ("STOP file", "another rank was asked")
+    assert summary(run)["status"] == "finished"
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same parameters as the uninterrupted job
+    assert _comparable(run) == _comparable(whole)  # and the same per-step and per-epoch metrics
+    print(f"\npreempt -> requeue -> finish: {wall:.0f} s wall (signal at {t_signal - t0:.0f} s, stop at step "
+          f"{stop[0]['step']})")
+
+
+def test_plain_scancel_leaves_a_resumable_checkpoint_and_no_processes(tmp_path, cache_dir):
+    run = tmp_path / "cancelled"
+    job, proc = sbatch(run, cache_dir)
+    assert proc.returncode == 0, proc.stderr
+    wait_for_step(run, 30)
+    subprocess.run(["scancel", job], check=True)
+    info = wait_finished(job, timeout=120)
+    assert info["JobState"] == "CANCELLED"
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", f"output_dir={run}"], capture_output=True, text=True).stdout.split()
+    assert left == [], f"orphaned processes: {left}"
+    stop = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "stop"]
+    assert len(stop) == 1 and stop[0]["reason"] in ("SIGTERM", "another rank was asked")
+    step = stop[0]["step"]
+    assert (run / "checkpoints" / f"step-{step:07d}" / "trainer_state.json").is_file()
+    # Resumable: a later run (here a direct 2-process launch) continues from that checkpoint.
+    proc = check(launch(ARGS[1:] + [f"output_dir={run}", f"train.max_steps={step + 2}"], cache_dir, nproc=2))
+    assert f"at step {step}" in proc.stdout and summary(run)["steps"] == step + 2
