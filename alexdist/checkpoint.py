@@ -48,6 +48,8 @@ class TrainState:
     test_loss: float | None = None
     wandb_run_id: str | None = None
     train_time_s: float = 0.0
+    time_to_target_s: float | None = None  # training time until test accuracy first reached tracking.target_acc
+    epoch_to_target: int | None = None
     images_per_s: list[float] = field(default_factory=list)
 
 

@@ -116,8 +116,11 @@ class TrackingConfig(_Section):
     project: str = "alexdist"
     entity: str | None = None
     group: str | None = None
+    # Added to the automatic tags (model, strategy, precision, world size).
     tags: list[str] = Field(default_factory=list)
     run_name: str | None = None
+    # The summary records the training time and epoch at which test accuracy first reached this.
+    target_acc: float | None = Field(default=None, gt=0, le=1)
 
 
 class Recipe(_Section):

@@ -9,7 +9,6 @@ asked, all stop together, so no rank waits forever in a collective for one that 
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from pathlib import Path
@@ -33,12 +32,11 @@ class StopRequest:
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._on_signal)
 
-    def _on_signal(self, signum, frame) -> None:  # only sets a flag: the loop acts at the next step boundary
-        if self.reason is not None and signum == signal.SIGTERM:
-            # Asked twice: the graceful stop is not happening (e.g. a hung collective). Die as SIGTERM would.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        self.reason = signal.Signals(signum).name
+    def _on_signal(self, signum, frame) -> None:
+        # Only a flag: the loop acts at the next step boundary. A repeated signal changes nothing (under Slurm,
+        # `scancel` signals the workers and torchrun forwards its own SIGTERM too); what follows a graceful stop
+        # that takes too long is the launcher's or Slurm's SIGKILL.
+        self.reason = self.reason or signal.Signals(signum).name
 
     def requested(self) -> bool:
         """True on every rank if any rank has been asked to stop (a collective: call it on all ranks)."""

@@ -94,10 +94,12 @@ class RunLog:
             t = self.recipe.tracking
             os.environ["WANDB_MODE"] = self.mode
             os.environ.setdefault("WANDB_SILENT", "true")
+            auto_tags = [self.recipe.model.name, info.get("strategy", "ddp"), f"precision-{self.recipe.precision}",
+                         f"world-{info.get('world_size', 1)}"]
             wandb_kwargs = {
                 "entity": t.entity,
                 "group": t.group or self.recipe.name,
-                "tags": t.tags or None,
+                "tags": list(dict.fromkeys(auto_tags + list(t.tags))),
                 "name": t.run_name,
                 "job_type": "train",
                 "dir": str(self.dir),

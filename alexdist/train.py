@@ -257,7 +257,12 @@ def train(recipe: Recipe) -> dict:
             average_buffers(accelerator, model)
         test_loss, test_acc = evaluate(accelerator, model, test_x, test_y, t_cfg.eval_batch_size, input_size,
                                        in_dtype, deepspeed and zero_stage == 3)
-        log.event("test", state.global_step, epoch + 1, loss=test_loss, acc=test_acc, **partial)
+        # elapsed_s: training wall time since the run began, summed over resumed attempts.
+        log.event("test", state.global_step, epoch + 1, loss=test_loss, acc=test_acc,
+                  elapsed_s=round(time.time() - t_start, 3), **partial)
+        target = recipe.tracking.target_acc
+        if target and test_acc >= target and state.time_to_target_s is None:
+            state.time_to_target_s, state.epoch_to_target = time.time() - t_start, epoch + 1
         accelerator.print(
             f"epoch {epoch + 1:3d} step {state.global_step:6d} | train loss {tr_loss / tr_n:.4f} acc "
             f"{tr_correct / tr_n:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | {ips:,.0f} img/s"
@@ -316,6 +321,8 @@ def finish(accelerator, model, recipe: Recipe, log: RunLog, state: TrainState, i
         "epochs_run": state.epoch + (1 if state.step_in_epoch else 0), "steps": state.global_step,
         "final_test_acc": state.test_acc, "final_test_loss": state.test_loss,
         "best_test_acc": state.best_acc, "best_epoch": state.best_epoch,
+        "target_acc": recipe.tracking.target_acc, "time_to_target_s": state.time_to_target_s,
+        "epoch_to_target": state.epoch_to_target,
         "images_per_s": sum(state.images_per_s) / max(1, len(state.images_per_s)),
         "train_time_s": round(state.train_time_s, 2), "git_commit": git_commit(), "rank_param_sums": rank_sums,
         "wandb_run_id": state.wandb_run_id,
