@@ -32,7 +32,9 @@ COLUMNS = [
     ("final_test_acc", "final acc"), ("best_epoch", "best epoch"), ("images_per_s", "img/s"),
     ("wall_time_s", "wall (s)"), ("time_to_target_s", "to target (s)"), ("status", "status"),
 ]
-IGNORED_CONFIG = ("output_dir", "name", "tracking.", "data.cache_dir", "checkpoint.")
+# Not shown as "differing" columns: run bookkeeping, and what the fixed columns already show.
+IGNORED_CONFIG = ("output_dir", "name", "tracking.", "data.cache_dir", "checkpoint.", "model.name", "precision",
+                  "distributed.strategy")
 
 
 @dataclass

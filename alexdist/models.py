@@ -129,11 +129,27 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+def init_weights(model: nn.Module) -> None:
+    """He (fan-out) initialisation for the convs, as torchvision's VGG; PyTorch's default for the linears (VGG's
+    N(0, 0.01) slows the start of the BN model by several epochs). PyTorch's default conv init shrinks the signal
+    through deep plain ReLU stacks: with it the 10-conv alexnet_3x3 stays at chance accuracy."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def build_model(name: str, input_size: int | None = None, dropout: float = 0.5, width_mult: float = 1.0) -> nn.Module:
     """Build a registered model; `input_size=None` uses the model's default (227 for alexnet, else 32)."""
     spec = MODELS[name]
     size = input_size or spec.default_input_size
-    return spec.cls(input_size=size, dropout=dropout, width_mult=width_mult)
+    model = spec.cls(input_size=size, dropout=dropout, width_mult=width_mult)
+    init_weights(model)
+    return model
 
 
 def resolve_input_size(name: str, input_size: int | None) -> int:

@@ -344,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     except AlexdistError as exc:
         if is_launch_rank_zero():  # every rank hits the same error: say it once
             print(f"alexdist: error: {exc}", file=sys.stderr)
+        elif launched_world_size() > 1:
+            # The launcher kills the other ranks as soon as one exits: give rank 0 time to say what is wrong.
+            time.sleep(3)
         return exc.exit_code
     return STOPPED_EXIT_CODE if summary["status"] == "stopped" else 0
 

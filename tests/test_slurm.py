@@ -68,7 +68,7 @@ def wait_finished(job: str, timeout: float = 400) -> dict:
 
 
 def _comparable(run):
-    return [{k: v for k, v in e.items() if k not in {"time", "epoch_time_s", "images_per_s"}}
+    return [{k: v for k, v in e.items() if k not in {"time", "epoch_time_s", "images_per_s", "elapsed_s"}}
             for e in read_jsonl(run / "metrics.jsonl") if e["event"] not in ("start", "stop")]
 
 

@@ -18,7 +18,7 @@ ARGS = ["tracking.wandb=false", "train.log_every=1", "train.max_steps=60"]
 
 
 def _comparable(run):
-    return [{k: v for k, v in e.items() if k not in {"time", "epoch_time_s", "images_per_s"}}
+    return [{k: v for k, v in e.items() if k not in {"time", "epoch_time_s", "images_per_s", "elapsed_s"}}
             for e in read_jsonl(run / "metrics.jsonl") if e["event"] not in ("start", "stop")]
 
 
