@@ -72,11 +72,30 @@ def evaluate_weights(path: str | Path, recipe_path: str | None = None, overrides
             "step": meta.get("step")}
 
 
+def log_eval_run(result: dict, weights: str, project: str, group: str | None) -> None:
+    """One W&B run with job_type=eval, so evaluations sit beside the training runs they measure."""
+    import os
+
+    import wandb
+
+    from alexdist.tracking import _has_wandb_key
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
+    run = wandb.init(project=project, group=group, job_type="eval", mode=mode,
+                     config={"weights": str(weights), "model.name": result["model"], "step": result["step"]},
+                     tags=[result["model"], "eval"])
+    run.summary.update({"test/acc": result["test_acc"], "test/loss": result["test_loss"], "images": result["images"]})
+    run.finish()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m alexdist.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("weights", help="a checkpoints/step-* directory or an exported .safetensors file")
     ap.add_argument("rest", nargs="*", help="[recipe.yaml] [key=value ...]")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--wandb-project", metavar="PROJECT",
+                    help="also record the result as a W&B run (job_type=eval; WANDB_MODE applies, offline without a key)")
+    ap.add_argument("--wandb-group", metavar="GROUP", help="W&B group, e.g. the training run's")
     args = ap.parse_args(argv)
     recipe = args.rest[0] if args.rest and "=" not in args.rest[0] else None
     overrides = args.rest[1:] if recipe else args.rest
@@ -85,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     except AlexdistError as exc:
         print(f"alexdist: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    if args.wandb_project:
+        log_eval_run(r, args.weights, args.wandb_project, args.wandb_group)
     if args.json:
         print(json.dumps(r))
     else:

@@ -134,3 +134,25 @@ def test_no_api_key_is_written_anywhere_a_run_writes(runs):
         for f in run.rglob("*"):
             if f.is_file():
                 assert FAKE_KEY.encode() not in f.read_bytes(), f"API key leaked into {f}"
+
+
+def test_evaluate_can_record_an_eval_run_in_wandb(runs, tmp_path, cache_dir):
+    env = run_env(cache_dir, WANDB_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "alexdist.evaluate", str(runs["bn-1p"] / "model.safetensors"), "--json",
+                           "--wandb-project", "alexdist-tests", "--wandb-group", "bn-1p"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    records = []
+    for d in (tmp_path / "wandb").glob("offline-run-*"):
+        out = subprocess.run([sys.executable, "-c", "from wandb.cli.cli import cli; cli()", "leet", "inspect",
+                              "--json", str(d)], capture_output=True, text=True, timeout=120)
+        records += [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    run = next(r["run"] for r in records if r["type"] == "run")
+    assert run["job_type"] == "eval" and run["run_group"] == "bn-1p"
+    summary_items = {}
+    for r in records:
+        if r["type"] == "summary":
+            summary_items.update(r["summary"].get("update", {}))
+    assert summary_items["test/acc"] == result["test_acc"]
+    assert result["test_acc"] == summary(runs["bn-1p"])["final_test_acc"]  # and it agrees with training's log

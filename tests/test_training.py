@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from alexdist.models import build_model
-from conftest import ROOT, check, launch, read_jsonl, run_env, summary
+from conftest import check, launch, read_jsonl, run_env, summary
 
 pytestmark = pytest.mark.slow
 
