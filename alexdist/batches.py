@@ -41,27 +41,32 @@ def epoch_augment_params(n: int, seed: int, epoch: int, padding: int, flip: bool
 
 def normalize(x: torch.Tensor, input_size: int) -> torch.Tensor:
     """uint8 (B,3,32,32) -> normalised float, upsampled (bilinear) when the model wants larger inputs."""
-    mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
-    out = (x.float().div_(255) - mean) / std
+    scale = torch.tensor([1 / (255 * s) for s in CIFAR_STD], device=x.device).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(CIFAR_MEAN, CIFAR_STD)], device=x.device).view(1, 3, 1, 1)
+    out = x.float().mul_(scale).sub_(shift)  # (x/255 - mean)/std with one temporary
     if input_size != out.shape[-1]:
         out = F.interpolate(out, size=input_size, mode="bilinear", align_corners=False)
     return out
 
 
 def augment(x: torch.Tensor, params: torch.Tensor, padding: int) -> torch.Tensor:
-    """Random crop with zero padding and horizontal flip on a uint8 batch, all at once on x's device."""
+    """Random crop with zero padding and horizontal flip of a uint8 batch, as one gather on x's device.
+
+    Each output pixel's source in the zero-padded image is computed from the sample's offsets (dy, dx) and flip
+    bit; one `gather` then does crop and flip together (3.5x faster on a CPU than advanced indexing).
+    """
     b, c, h, w = x.shape
+    pad_h, pad_w = h + 2 * padding, w + 2 * padding
+    padded = (F.pad(x, (padding,) * 4) if padding else x).reshape(b, -1)
     params = params.to(x.device)
-    if padding:
-        padded = F.pad(x, (padding,) * 4)
-        rows = (params[:, 0:1] + torch.arange(h, device=x.device)).view(b, 1, h, 1)
-        cols = (params[:, 1:2] + torch.arange(w, device=x.device)).view(b, 1, 1, w)
-        bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
-        ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
-        x = padded[bi, ci, rows, cols]
-    flip = params[:, 2].bool().view(b, 1, 1, 1)
-    return torch.where(flip, x.flip(-1), x)
+    rows = torch.arange(h, device=x.device).view(1, 1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, 1, w)
+    chan = torch.arange(c, device=x.device).view(1, c, 1, 1) * (pad_h * pad_w)
+    dy, dx = params[:, 0].view(b, 1, 1, 1), params[:, 1].view(b, 1, 1, 1)
+    flip = params[:, 2].view(b, 1, 1, 1).bool()
+    src_cols = torch.where(flip, (w - 1) - cols, cols) + dx
+    index = (chan + (rows + dy) * pad_w + src_cols).reshape(b, -1)
+    return padded.gather(1, index).reshape(b, c, h, w)
 
 
 @dataclass
