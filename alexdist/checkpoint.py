@@ -90,6 +90,12 @@ class Checkpointer:
     def resume_path(self) -> Path | None:
         r = self.cfg.resume
         if r == "never":
+            if complete_checkpoints(self.recipe.output_dir):
+                # Never overwrite or mix with an earlier run's checkpoints.
+                raise SetupError(
+                    f"checkpoint.resume=never but {self.root} holds an earlier run's checkpoints; choose another "
+                    f"output_dir, or resume it with checkpoint.resume=auto"
+                )
             return None
         if r == "auto":
             found = complete_checkpoints(self.recipe.output_dir)

@@ -49,8 +49,11 @@ def evaluate_weights(path: str | Path, recipe_path: str | None = None, overrides
     weights, meta = load_weights(path)
     base = [f"model.name={meta['model']}", f"model.input_size={meta['input_size']}",
             f"model.width_mult={meta.get('width_mult', '1.0')}"]
-    if meta.get("data_source") and recipe_path is None:
-        base.append(f"data.source={json.dumps(meta['data_source'])}")
+    if recipe_path is None:  # the data the weights were trained and evaluated on, unless told otherwise
+        if meta.get("data"):
+            base += [f"data.{k}={json.dumps(v)}" for k, v in json.loads(meta["data"]).items()]
+        elif meta.get("data_source"):
+            base.append(f"data.source={json.dumps(meta['data_source'])}")
     recipe = load_recipe(recipe_path, base + list(overrides))
     size = int(meta["input_size"])
     model = build_model(recipe.model.name, size, 0.0, recipe.model.width_mult)

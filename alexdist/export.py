@@ -63,6 +63,7 @@ def consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         "width_mult": str(recipe.model.width_mult),
         "dropout": str(recipe.model.dropout),
         "data_source": recipe.data.source,
+        "data": json.dumps(recipe.data.model_dump(exclude={"cache_dir"})),
         "step": str(state.global_step),
         "test_acc": "" if state.test_acc is None else repr(state.test_acc),
     }

@@ -89,7 +89,8 @@ class RunLog:
         metrics = self.dir / "metrics.jsonl"
         if resume_step is not None and metrics.is_file():
             _truncate_after(metrics, resume_step)
-        self._metrics = open(metrics, "a", buffering=1)
+        # A fresh start (no checkpoint to resume) redoes everything: what an earlier attempt logged goes.
+        self._metrics = open(metrics, "a" if resume_step is not None else "w", buffering=1)
         if self.mode:
             t = self.recipe.tracking
             os.environ["WANDB_MODE"] = self.mode

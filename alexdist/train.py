@@ -13,6 +13,7 @@ each epoch -> final weights and summary.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -306,7 +307,8 @@ def finish(accelerator, model, recipe: Recipe, log: RunLog, state: TrainState, i
         out = Path(recipe.output_dir) / "model.safetensors"
         tmp = out.with_suffix(".tmp")
         meta = {"model": recipe.model.name, "input_size": str(input_size), "width_mult": str(recipe.model.width_mult),
-                "dropout": str(recipe.model.dropout), "step": str(state.global_step), "data_source": recipe.data.source}
+                "dropout": str(recipe.model.dropout), "step": str(state.global_step), "data_source": recipe.data.source,
+                "data": json.dumps(recipe.data.model_dump(exclude={"cache_dir"}))}
         save_file({k: v.detach().float().contiguous() for k, v in state_dict.items()}, str(tmp), metadata=meta)
         tmp.replace(out)
     # A checksum of every rank's parameters: equal values prove the ranks stayed in sync (ZeRO-3 ranks hold
