@@ -108,5 +108,14 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+WALL_CLOCK = {"time", "epoch_time_s", "images_per_s", "elapsed_s"}
+
+
+def comparable_events(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without start/stop events and wall-clock fields: what must match between two runs."""
+    return [{k: v for k, v in e.items() if k not in WALL_CLOCK} for e in read_jsonl(run_dir / "metrics.jsonl")
+            if e["event"] not in ("start", "stop")]
+
+
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())

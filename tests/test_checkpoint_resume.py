@@ -11,22 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, check, launch, read_jsonl, summary
+from conftest import ROOT, check, comparable_events, launch, read_jsonl, summary
 from test_training import EQUIV, _flat, _rel, assert_same_training
 
 pytestmark = pytest.mark.slow
 
 # BN + dropout + augmentation: the resume test must also restore RNG state, BN statistics and momentum.
 QUICK = ["tracking.wandb=false", "train.log_every=5", "checkpoint.every_steps=8"]
-VOLATILE = {"time", "epoch_time_s", "images_per_s", "elapsed_s"}  # wall-clock fields
-
-
-def _events(run):
-    """metrics.jsonl without start events and wall-clock fields: what must match between two runs."""
-    return [{k: v for k, v in e.items() if k not in VOLATILE} for e in read_jsonl(run / "metrics.jsonl")
-            if e["event"] != "start"]
-
-
 def _error_line(proc):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("alexdist: error:")]
     assert len(lines) == 1, proc.stderr[-3000:]
@@ -112,7 +103,7 @@ def test_ddp_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path, cache_di
     assert {p.name.rsplit("-", 1)[-1] for p in (pieces / "wandb").glob("offline-run-*")} == {first_id}
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(pieces / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # BN buffers included
-    assert _events(pieces) == _events(whole)  # same losses, accuracies and lr at every logged step
+    assert comparable_events(pieces) == comparable_events(whole)  # same losses, accuracies and lr at every logged step
 
 
 def test_zero2_resume_matches_the_uninterrupted_run(tmp_path, cache_dir):
@@ -123,7 +114,7 @@ def test_zero2_resume_matches_the_uninterrupted_run(tmp_path, cache_dir):
     check(launch(QUICK + zero2 + ["train.max_steps=26", f"output_dir={pieces}"], cache_dir, nproc=2))
     a, b = _flat(whole), _flat(pieces)
     assert ((a - b).norm() / a.norm()).item() < 1e-6
-    ea, eb = _events(whole), _events(pieces)
+    ea, eb = comparable_events(whole), comparable_events(pieces)
     assert [(e["event"], e["step"]) for e in ea] == [(e["event"], e["step"]) for e in eb]
     for x, y in zip(ea, eb):
         for key in ("loss", "acc", "lr"):

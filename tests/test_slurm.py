@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, check, launch, read_jsonl, run_env, summary, wait_for_step
+from conftest import ROOT, check, comparable_events, launch, read_jsonl, run_env, summary, wait_for_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -67,11 +67,6 @@ def wait_finished(job: str, timeout: float = 400) -> dict:
     raise TimeoutError(f"job {job} did not finish in {timeout} s: {job_info(job)}")
 
 
-def _comparable(run):
-    return [{k: v for k, v in e.items() if k not in {"time", "epoch_time_s", "images_per_s", "elapsed_s"}}
-            for e in read_jsonl(run / "metrics.jsonl") if e["event"] not in ("start", "stop")]
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache_dir):
     run = tmp_path_factory.mktemp("slurm") / "whole"
@@ -110,7 +105,7 @@ def test_usr1_checkpoints_requeues_and_finishes_like_the_uninterrupted_run(unint
     assert summary(run)["status"] == "finished"
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same parameters as the uninterrupted job
-    assert _comparable(run) == _comparable(whole)  # and the same per-step and per-epoch metrics
+    assert comparable_events(run) == comparable_events(whole)  # and the same per-step and per-epoch metrics
     print(f"\npreempt -> requeue -> finish: {wall:.0f} s wall (signal at {t_signal - t0:.0f} s, stop at step "
           f"{stop[0]['step']})")
 

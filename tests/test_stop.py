@@ -10,16 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, check, launch, launch_command, read_jsonl, run_env, summary, wait_for_step
+from conftest import ROOT, check, comparable_events, launch, launch_command, read_jsonl, run_env, summary, wait_for_step
 
 pytestmark = pytest.mark.slow
 
 ARGS = ["tracking.wandb=false", "train.log_every=1", "train.max_steps=60"]
-
-
-def _comparable(run):
-    return [{k: v for k, v in e.items() if k not in {"time", "epoch_time_s", "images_per_s", "elapsed_s"}}
-            for e in read_jsonl(run / "metrics.jsonl") if e["event"] not in ("start", "stop")]
 
 
 def _workers(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
@@ -77,7 +72,7 @@ def test_stop_request_checkpoints_on_every_rank_and_resume_matches_the_uninterru
     assert summary(run)["status"] == "max_steps" and summary(run)["steps"] == 60
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert _comparable(run) == _comparable(whole)
+    assert comparable_events(run) == comparable_events(whole)
 
 
 def test_single_process_run_exits_75_when_stopped(tmp_path, cache_dir):
