@@ -10,7 +10,14 @@ Layout of one checkpoint (`output_dir/checkpoints/step-NNNNNNN/`):
 
 A checkpoint is written under `.tmp-step-NNNNNNN` and renamed when every rank has finished, so a directory
 named `step-*` is always complete; a crash mid-save leaves only a `.tmp-*` that resume ignores and the next
-save removes. Rotation keeps the newest `checkpoint.keep` plus the best by test accuracy.
+save removes. Rotation keeps the newest `checkpoint.keep` plus the best by test accuracy; a checkpoint is
+renamed to `.del-step-*` before it is deleted, so a crash mid-deletion never leaves a half-deleted `step-*`.
+A save that fails (disk full, permissions) fails on every rank together, removes its `.tmp-*` and leaves the
+earlier checkpoints as they were; a model with non-finite weights or statistics is never saved.
+
+Loading: the weights go through safetensors; every pickle in the checkpoint (optimizer, scheduler, RNG and
+DeepSpeed state) is first checked to hold nothing but tensors and plain data (`safety.check_pickles`), because
+Accelerate skips a bad RNG file silently and DeepSpeed unpickles with `weights_only=False`.
 """
 
 from __future__ import annotations
@@ -22,8 +29,13 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alexdist.config import Recipe, dump_yaml
-from alexdist.errors import SetupError
+import torch
+import yaml
+
+from alexdist import faults
+from alexdist.config import Recipe, dump_yaml, flatten
+from alexdist.errors import CheckpointError, DivergedError, SetupError
+from alexdist.safety import check_pickles
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -75,16 +87,22 @@ def read_state(path: Path) -> TrainState:
 class Checkpointer:
     """Owns the checkpoint policy of one run. Every method is called on every rank, in the same order."""
 
-    def __init__(self, accelerator, recipe: Recipe):
+    def __init__(self, accelerator, recipe: Recipe, model: torch.nn.Module):
         self.acc = accelerator
+        self.model = model
         self.recipe = recipe
         self.cfg = recipe.checkpoint
         self.root = Path(recipe.output_dir) / "checkpoints"
+        self._step = 0  # the step being saved
         self._ddp_weights_hooks()
 
     # -- when ---------------------------------------------------------------------------------------------
     def due_at_step(self, step: int) -> bool:
         return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
+
+    def latest(self) -> str | None:
+        found = complete_checkpoints(self.recipe.output_dir)
+        return str(found[-1]) if found else None
 
     # -- resume -------------------------------------------------------------------------------------------
     def resume_path(self) -> Path | None:
@@ -121,7 +139,22 @@ class Checkpointer:
                 f"resume with {state.world_size} processes, or convert it to plain weights with `python -m "
                 f"alexdist.export {path} OUT.safetensors` (the optimizer state does not carry over)"
             )
-        self.acc.load_state(str(path))
+        changed = config_changes(path, self.recipe)
+        if changed and not self.cfg.allow_config_change:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with another model or data ({'; '.join(changed)}); resume with "
+                f"the checkpoint's values, choose another output_dir, or set checkpoint.allow_config_change=true "
+                f"if the change is on purpose"
+            )
+        check_pickles(path)
+        try:
+            self.acc.load_state(str(path))
+        except Exception as exc:  # shapes of another model, a truncated shard, a missing file...
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise CheckpointError(
+                f"could not load checkpoint {path} into this run ({type(exc).__name__}: {first}); resume from "
+                f"another checkpoint (checkpoint.resume=PATH) or start fresh in another output_dir"
+            ) from None
         return state
 
     # -- save ---------------------------------------------------------------------------------------------
@@ -129,25 +162,65 @@ class Checkpointer:
         final = self.root / f"step-{state.global_step:07d}"
         if final.exists():  # e.g. an epoch end that is also an every_steps boundary
             return None
-        tmp = self.root / f".tmp-step-{state.global_step:07d}"
-        if self.acc.is_main_process:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-step-*"):  # left by a crash during an earlier save
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
+        if not self._agree(all_finite(self.acc.unwrap_model(self.model).state_dict().values())):
+            raise DivergedError(
+                f"the weights hold NaN/inf at step {state.global_step}: not saving them over the good checkpoints "
+                f"in {self.root}; lower optim.lr or set train.grad_clip and resume from the last checkpoint"
+            )
+        step, out = state.global_step, self.recipe.output_dir
+        self._step = step
+        tmp = self.root / f".tmp-step-{step:07d}"
+        error: OSError | None = None
+        try:
+            if self.acc.is_main_process:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for stale in [*self.root.glob(".tmp-step-*"), *self.root.glob(".del-step-*")]:
+                    shutil.rmtree(stale, ignore_errors=True)  # left by a crash during an earlier save
+                tmp.mkdir()
+        except OSError as exc:
+            error = exc
+        self._raise_if_failed(error, tmp, step)
         self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp))
-        if self.acc.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
-            (tmp / "config.yaml").write_text(dump_yaml(self.recipe))
-            _fsync_tree(tmp)
-        self.acc.wait_for_everyone()  # every rank's files are on disk
+        try:
+            faults.kill_point("save.begin", step, out)
+            faults.disk_full_point(step)
+            self.acc.save_state(str(tmp))
+            faults.kill_point("save.state", step, out)
+            if self.acc.is_main_process:
+                (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+                (tmp / "config.yaml").write_text(dump_yaml(self.recipe))
+                _fsync_tree(tmp)
+        except OSError as exc:
+            error = exc
+        self._raise_if_failed(error, tmp, step)  # also: every rank's files are on disk
+        faults.kill_point("save.before_rename", step, out)
         if self.acc.is_main_process:
             os.replace(tmp, final)
             _fsync_dir(self.root)
+            faults.kill_point("save.after_rename", step, out)
             self._rotate()
         self.acc.wait_for_everyone()
         return final
+
+    def _agree(self, ok: bool) -> bool:
+        """True on every rank if `ok` holds on every rank (a collective)."""
+        if self.acc.num_processes == 1:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.acc.device)
+        return self.acc.reduce(flag, reduction="sum").item() == 0
+
+    def _raise_if_failed(self, error: OSError | None, tmp: Path, step: int) -> None:
+        if self._agree(error is None):
+            return
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = complete_checkpoints(self.recipe.output_dir)
+        what = f"{error.strerror or error} ({error.filename})" if error else "another process failed to write its part"
+        raise CheckpointError(
+            f"could not write checkpoint step-{step:07d} in {self.root}: {what}; the earlier checkpoints are "
+            f"intact ({kept[-1].name if kept else 'none yet'}): free space or fix permissions, then resume with "
+            f"checkpoint.resume=auto"
+        )
 
     def _rotate(self) -> None:
         ckpts = complete_checkpoints(self.recipe.output_dir)
@@ -157,7 +230,10 @@ class Checkpointer:
             keep.add(max(scored)[2])  # best accuracy; the later one on ties
         for p in ckpts:
             if p not in keep:
-                shutil.rmtree(p, ignore_errors=True)
+                doomed = p.with_name(f".del-{p.name}")
+                os.replace(p, doomed)  # atomic: the checkpoint is gone from resume's view in one step
+                faults.kill_point("save.rotate", self._step, self.recipe.output_dir)
+                shutil.rmtree(doomed, ignore_errors=True)
 
     # -- DDP weights as sharded safetensors ------------------------------------------------------------------
     def _ddp_weights_hooks(self) -> None:
@@ -175,6 +251,7 @@ class Checkpointer:
                     save_torch_state_dict(
                         self.acc.unwrap_model(m).state_dict(), output_dir, max_shard_size=self.cfg.max_shard_size
                     )
+                    faults.kill_point("save.weights", self._step, self.recipe.output_dir)
             weights.clear()
 
         def load_hook(models, input_dir):
@@ -184,6 +261,54 @@ class Checkpointer:
 
         self.acc.register_save_state_pre_hook(save_hook)
         self.acc.register_load_state_pre_hook(load_hook)
+
+
+# Recipe keys a resumed run must share with its checkpoint: others (epochs, lr, ...) may change on purpose.
+RUN_DEFINING = ("model.name", "model.width_mult", "model.input_size", "data.source", "data.revision",
+                "data.synthetic_train", "data.synthetic_test")
+
+
+def config_changes(checkpoint: Path, recipe: Recipe) -> list[str]:
+    """`key: saved -> now` for each run-defining key that differs from the checkpoint's config.yaml."""
+    saved_file = Path(checkpoint) / "config.yaml"
+    if not saved_file.is_file():
+        return []
+    saved = flatten(yaml.safe_load(saved_file.read_text()) or {})
+    now = flatten(recipe.to_dict())
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in RUN_DEFINING if saved.get(k) != now.get(k)]
+
+
+def check_writable(output_dir: str | Path) -> None:
+    """Fail before any work if output_dir can't be created or written (every rank checks for itself)."""
+    d = Path(output_dir)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(
+            f"output_dir '{d}' is not writable ({exc.strerror or exc}); choose another output_dir or fix its "
+            f"permissions"
+        ) from None
+
+
+def checkpoint_bytes(n_params: int, recipe: Recipe) -> int:
+    """About what one checkpoint takes: fp32 weights, the optimizer's buffers (+ DeepSpeed's fp32 master)."""
+    slots = 2 if recipe.optim.name == "adamw" else (1 if recipe.optim.momentum > 0 else 0)
+    master = 1 if recipe.distributed.strategy == "deepspeed" else 0
+    return 4 * n_params * (1 + slots + master)
+
+
+def check_space(output_dir: str | Path, needed: int) -> None:
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        mib = 2**20
+        raise CheckpointError(
+            f"output_dir '{output_dir}' has {free / mib:.0f} MiB free but this run needs about {needed / mib:.0f} "
+            f"MiB (a new checkpoint beside the last one, plus the final weights); free space or choose another "
+            f"output_dir"
+        )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -200,3 +325,7 @@ def _fsync_tree(path: Path) -> None:
             with open(os.path.join(root, f), "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(Path(root))
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t.detach()).all()) for t in tensors if t.is_floating_point())

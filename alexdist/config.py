@@ -58,11 +58,16 @@ class TrainConfig(_Section):
     global_batch: int | None = Field(default=None, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     grad_clip: float | None = Field(default=None, gt=0)
+    # Evaluation has no backward pass: a larger batch than training's fits and runs faster.
     eval_batch_size: int = Field(default=500, ge=1)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     seed: int = 0
     # Log the running train loss every N optimizer steps (0 = only at epoch ends).
     log_every: int = Field(default=50, ge=0)
+    # Steps with NaN/inf loss or gradients are skipped; this many in a row stop the run (exit 6) without saving
+    # over the last good checkpoint. High enough for fp16's first steps, where the loss scaler skips while it
+    # finds its scale (DeepSpeed halves it every `fp16_hysteresis` overflows, from 2**16).
+    max_bad_steps: int = Field(default=50, ge=1)
 
 
 class OptimConfig(_Section):
@@ -96,6 +101,9 @@ class DistributedConfig(_Section):
     fp16_loss_scale_window: int = Field(default=1000, ge=1)
     fp16_hysteresis: int = Field(default=2, ge=1)
     fp16_min_loss_scale: float = Field(default=1.0, gt=0)
+    # A collective that waits longer than this fails the run instead of hanging: the bound for a process that
+    # hangs without dying (one that dies is noticed at once). Long enough for rank 0 to decode the dataset.
+    timeout_s: int = Field(default=1800, ge=10)
 
 
 class CheckpointConfig(_Section):
@@ -106,6 +114,8 @@ class CheckpointConfig(_Section):
     max_shard_size: str = "2GB"  # DDP weights: safetensors shards no larger than this
     # auto: continue from the newest complete checkpoint in output_dir (fresh start if none); never; or a path.
     resume: str = "auto"
+    # Resuming with another model or data than the checkpoint's is refused unless this is true (on purpose).
+    allow_config_change: bool = False
 
 
 class TrackingConfig(_Section):
@@ -123,6 +133,24 @@ class TrackingConfig(_Section):
     target_acc: float | None = Field(default=None, gt=0, le=1)
 
 
+class SpeedConfig(_Section):
+    """Speed options. Each leaves the training mathematically the same (tests check the loss on CPU)."""
+
+    # Convs in NHWC memory layout: faster with tensor cores (fp16/bf16 on GPUs); usually no gain on a CPU.
+    channels_last: bool = False
+    # torch.compile (inductor) through Accelerate's dynamo plugin. Costs compile time in the first steps (tens of
+    # seconds on a GPU, minutes on a CPU) and again for each new input shape (e.g. the last evaluation batch).
+    compile: bool = False
+    # Under fp16/bf16 autocast, BatchNorm computes in fp32 (as airbench keeps it). Under DeepSpeed the engine casts
+    # every parameter to its dtype and BatchNorm follows it.
+    bn_fp32: bool = True
+    # The whole uint8 dataset lives in device memory (CIFAR-10: 180 MB) and batches are built there. false: batches
+    # are built on the host and copied from pinned memory without blocking (datasets larger than the device).
+    data_on_device: bool = True
+    # Optimizer kernels. auto: fused on CUDA, foreach elsewhere (PyTorch's default).
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+
+
 class Recipe(_Section):
     name: str = "recipe"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -134,6 +162,7 @@ class Recipe(_Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
     precision: Literal["no", "fp16", "bf16"] = "no"
     output_dir: str = "runs/default"
 

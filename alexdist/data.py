@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,8 +90,9 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         try:
             t = load_file(str(path))
             return Dataset(t["train_x"], t["train_y"], t["test_x"], t["test_y"])
-        except Exception:  # truncated or corrupt: rebuild below
-            pass
+        except Exception as exc:  # truncated or corrupt: rebuilt, never trusted
+            print(f"alexdist: dataset cache '{path}' is unreadable ({type(exc).__name__}); rebuilding it from "
+                  f"{cfg.source}", file=sys.stderr)
     ds = decode_source(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")

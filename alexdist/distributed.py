@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
@@ -18,6 +19,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from alexdist.config import Recipe
 from alexdist.errors import SetupError
+from alexdist.speed import dynamo_plugin
 
 
 def launched_world_size() -> int:
@@ -141,9 +143,12 @@ def make_accelerator(recipe: Recipe, strategy: str, stage: int | None, log_with:
             "precision=no"
         )
     _check_launcher_precision(recipe)
-    handlers = []
+    # The timeout bounds a collective that waits on a process which hangs (one that dies fails it at once).
+    timeout = timedelta(seconds=recipe.distributed.timeout_s)
     if not torch.cuda.is_available() and launched_world_size() > 1:
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
+    else:
+        handlers = [InitProcessGroupKwargs(timeout=timeout)]
     extra = {}
     if strategy == "deepspeed":
         extra["deepspeed_plugin"] = deepspeed_plugin(recipe, stage)
@@ -162,6 +167,7 @@ def make_accelerator(recipe: Recipe, strategy: str, stage: int | None, log_with:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
         log_with=log_with or None,
+        dynamo_plugin=dynamo_plugin(recipe),  # speed.compile
         project_dir=recipe.output_dir,
     )
     if strategy == "deepspeed" and accelerator.distributed_type != DistributedType.DEEPSPEED:
@@ -187,3 +193,15 @@ def exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+_LOST_PEER = ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timeout")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether an exception is a collective failing because another process died or hung."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and torch.distributed.is_initialized() and any(
+        s in str(exc) for s in _LOST_PEER
+    )

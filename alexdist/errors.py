@@ -25,3 +25,15 @@ class SetupError(AlexdistError):
     """The machine can't run what the recipe asks (e.g. fp16 without a GPU)."""
 
     exit_code = 4
+
+
+class CheckpointError(AlexdistError):
+    """A checkpoint can't be written or read (disk full, unwritable, truncated, unsafe, another model's)."""
+
+    exit_code = 5
+
+
+class DivergedError(AlexdistError):
+    """Training produced non-finite losses/gradients for too long; the last good checkpoint is kept."""
+
+    exit_code = 6

@@ -11,18 +11,58 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from alexdist.batches import eval_batches
+from alexdist.batches import eval_batches, eval_shard
 from alexdist.config import load_recipe
 from alexdist.data import load_dataset
 from alexdist.errors import AlexdistError, DataError
 from alexdist.export import consolidate
 from alexdist.models import build_model
+
+
+def batch_stats(loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[summed loss, correct, count] as float64 on the device (no host sync)."""
+    correct = (logits.argmax(1) == labels).sum()
+    n = torch.tensor(len(labels), dtype=torch.float64, device=labels.device)
+    return torch.stack([loss_sum.double(), correct.double(), n])
+
+
+@torch.no_grad()
+def evaluate_ranks(accelerator, model, x, y, batch_size: int, input_size: int, in_dtype, zero3: bool) -> tuple[float, float]:
+    """Test loss and accuracy over every test image exactly once, summed across ranks."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    # DDP's forward would broadcast buffers (a collective) while ranks may hold different numbers of test
+    # batches, so the unwrapped module runs (Accelerate's autocast wrapper is kept). ZeRO-3 gathers
+    # parameters in every forward, a collective too: there every rank runs the same number of forwards.
+    net = model if zero3 else accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    batches = list(eval_batches(x, y, rank, world, batch_size, input_size))
+    n_forward = math.ceil(len(eval_shard(len(y), 0, world)) / batch_size) if zero3 else len(batches)
+    for i in range(n_forward):
+        xb, yb = batches[min(i, len(batches) - 1)]
+        out = net(xb.to(in_dtype)).float()
+        if i < len(batches):  # extra forwards only keep ZeRO-3's collectives in step
+            sums += batch_stats(F.cross_entropy(out, yb, reduction="sum"), out, yb)
+    net.train(was_training)
+    loss, correct, count = accelerator.reduce(sums, reduction="sum").tolist()
+    return loss / count, correct / count
+
+
+def average_buffers(accelerator, model) -> None:
+    """DeepSpeed does not broadcast buffers as DDP does: average BatchNorm statistics before evaluating/saving."""
+    if accelerator.num_processes == 1:
+        return
+    for buf in accelerator.unwrap_model(model).buffers():
+        if buf.is_floating_point():
+            buf.copy_(accelerator.reduce(buf.detach().clone(), reduction="mean"))
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

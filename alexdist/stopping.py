@@ -38,14 +38,15 @@ class StopRequest:
         # that takes too long is the launcher's or Slurm's SIGKILL.
         self.reason = self.reason or signal.Signals(signum).name
 
-    def requested(self) -> bool:
-        """True on every rank if any rank has been asked to stop (a collective: call it on all ranks)."""
+    def requested(self, bad_step: bool = False) -> tuple[bool, bool]:
+        """(stop, bad): whether any rank has been asked to stop, and whether any rank saw this step go bad
+        (NaN/inf, see guard.py). One all-reduce for both, the same answer on every rank: call it on all ranks."""
         if self.reason is None and self.stop_file.exists():
             self.reason = f"{STOP_FILE} file"
         if self.acc.num_processes == 1:
-            return self.reason is not None
-        flag = torch.tensor([1.0 if self.reason else 0.0], device=self.acc.device)
-        agreed = self.acc.reduce(flag, reduction="sum").item() > 0
-        if agreed and self.reason is None:
+            return self.reason is not None, bad_step
+        flags = torch.tensor([1.0 if self.reason else 0.0, 1.0 if bad_step else 0.0], device=self.acc.device)
+        stop, bad = (v > 0 for v in self.acc.reduce(flags, reduction="sum").tolist())
+        if stop and self.reason is None:
             self.reason = "another rank was asked"
-        return agreed
+        return stop, bad

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,40 +24,27 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from alexdist.batches import TrainBatches, eval_batches, eval_shard
-from alexdist.checkpoint import Checkpointer, TrainState
-from alexdist.config import Recipe, ScheduleConfig, load_recipe
+from alexdist import faults, speed
+from alexdist.batches import TrainBatches
+from alexdist.checkpoint import Checkpointer, TrainState, check_space, check_writable, checkpoint_bytes
+from alexdist.config import Recipe, load_recipe
 from alexdist.data import load_dataset
-from alexdist.distributed import exit_now, is_launch_rank_zero, launched_world_size, make_accelerator, resolve_strategy
-from alexdist.errors import AlexdistError, ConfigError
-from alexdist.stopping import STOPPED_EXIT_CODE, StopRequest
+from alexdist.distributed import (
+    exit_now,
+    is_launch_rank_zero,
+    launched_world_size,
+    lost_peer,
+    make_accelerator,
+    resolve_strategy,
+)
+from alexdist.errors import AlexdistError, ConfigError, DivergedError
+from alexdist.evaluate import average_buffers, batch_stats, evaluate_ranks
+from alexdist.guard import DivergenceGuard, nan_like
 from alexdist.models import build_model, count_params, resolve_input_size
+from alexdist.optim import lr_factor, make_optimizer
+from alexdist.speed import to_device
+from alexdist.stopping import STOPPED_EXIT_CODE, StopRequest
 from alexdist.tracking import RunLog, git_commit, wandb_mode
-
-
-def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:
-    """Multiplier of the peak lr after `step` optimizer steps out of `total`."""
-    warmup = int(cfg.warmup_frac * total)
-    if step < warmup:
-        return (step + 1) / warmup
-    if cfg.name == "constant":
-        return 1.0
-    t = (step - warmup) / max(1, total - warmup)
-    if cfg.name == "cosine":
-        shape = 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-    else:  # onecycle: linear warmup (above), then linear decay
-        shape = max(0.0, 1.0 - t)
-    return cfg.final_frac + (1 - cfg.final_frac) * shape
-
-
-def make_optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
-    o = recipe.optim
-    if o.name == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
-            weight_decay=o.weight_decay,
-        )
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=o.weight_decay)
 
 
 def resolve_batch_size(recipe: Recipe, world: int) -> None:
@@ -73,46 +61,8 @@ def resolve_batch_size(recipe: Recipe, world: int) -> None:
     t.batch_size = per
 
 
-def _stats(loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[summed loss, correct, count] as float64 on the device (no host sync)."""
-    correct = (logits.argmax(1) == labels).sum()
-    n = torch.tensor(len(labels), dtype=torch.float64, device=labels.device)
-    return torch.stack([loss_sum.double(), correct.double(), n])
-
-
-@torch.no_grad()
-def evaluate(accelerator, model, x, y, batch_size: int, input_size: int, in_dtype, zero3: bool) -> tuple[float, float]:
-    """Test loss and accuracy over every test image exactly once, summed across ranks."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    # DDP's forward would broadcast buffers (a collective) while ranks may hold different numbers of test
-    # batches, so the unwrapped module runs (Accelerate's autocast wrapper is kept). ZeRO-3 gathers
-    # parameters in every forward, a collective too: there every rank runs the same number of forwards.
-    net = model if zero3 else accelerator.unwrap_model(model)
-    was_training = net.training
-    net.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-    batches = list(eval_batches(x, y, rank, world, batch_size, input_size))
-    n_forward = math.ceil(len(eval_shard(len(y), 0, world)) / batch_size) if zero3 else len(batches)
-    for i in range(n_forward):
-        xb, yb = batches[min(i, len(batches) - 1)]
-        out = net(xb.to(in_dtype)).float()
-        if i < len(batches):  # extra forwards only keep ZeRO-3's collectives in step
-            sums += _stats(F.cross_entropy(out, yb, reduction="sum"), out, yb)
-    net.train(was_training)
-    loss, correct, count = accelerator.reduce(sums, reduction="sum").tolist()
-    return loss / count, correct / count
-
-
-def average_buffers(accelerator, model) -> None:
-    """DeepSpeed does not broadcast buffers as DDP does: average BatchNorm statistics before evaluating/saving."""
-    if accelerator.num_processes == 1:
-        return
-    for buf in accelerator.unwrap_model(model).buffers():
-        if buf.is_floating_point():
-            buf.copy_(accelerator.reduce(buf.detach().clone(), reduction="mean"))
-
-
 def train(recipe: Recipe) -> dict:
+    check_writable(recipe.output_dir)  # before any work: an unwritable output_dir would lose it all
     world_launched = launched_world_size()
     resolve_batch_size(recipe, world_launched)
     strategy, zero_stage = resolve_strategy(recipe)
@@ -129,7 +79,8 @@ def train(recipe: Recipe) -> dict:
     # Rank 0 decodes the source and writes the cache; the others then read the cache.
     with accelerator.main_process_first():
         ds = load_dataset(recipe.data)
-    train_x, train_y = ds.train_x.to(device), ds.train_y.to(device)
+    data_device = device if recipe.speed.data_on_device else torch.device("cpu")
+    train_x, train_y = ds.train_x.to(data_device), ds.train_y.to(data_device)
     test_x, test_y = ds.test_x.to(device), ds.test_y.to(device)
     batches = TrainBatches(
         train_x, train_y, t_cfg.batch_size, t_cfg.grad_accum, rank, world, t_cfg.seed, recipe.augment, input_size
@@ -146,7 +97,9 @@ def train(recipe: Recipe) -> dict:
 
     torch.manual_seed(t_cfg.seed)  # the same initial weights on every rank and every world size
     model = build_model(recipe.model.name, input_size, recipe.model.dropout, recipe.model.width_mult)
+    model = speed.apply_to_model(model.to(device), recipe)  # channels_last, BatchNorm in fp32
     n_params = count_params(model)
+    check_space(recipe.output_dir, 2 * checkpoint_bytes(n_params, recipe))
     lr = recipe.optim.lr * (batches.effective_batch / recipe.optim.ref_batch if recipe.optim.ref_batch else 1.0)
     optimizer = make_optimizer(model, recipe, lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, recipe.schedule))
@@ -154,7 +107,8 @@ def train(recipe: Recipe) -> dict:
     # Dropout masks come from the global RNG: distinct per rank (as with separate GPUs), reproducible per seed.
     torch.manual_seed(t_cfg.seed * 1000 + rank + 1)
 
-    ckpt = Checkpointer(accelerator, recipe)
+    ckpt = Checkpointer(accelerator, recipe, model)
+    guard = DivergenceGuard(accelerator, optimizer, recipe, deepspeed)
     state = TrainState(effective_batch=batches.effective_batch, world_size=world, strategy=strategy,
                        zero_stage=zero_stage)
     resume_from = ckpt.resume_path()
@@ -203,20 +157,43 @@ def train(recipe: Recipe) -> dict:
         bar = tqdm(total=batches.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}",
                    disable=not (accelerator.is_main_process and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
         for micro in batches.epoch(epoch, start_step=state.step_in_epoch):
+            step_sums = torch.zeros_like(sums)
+            skip = False
+            guard.remember_buffers(model)
             for xb, yb in micro:
+                xb, yb = to_device(xb, device, recipe.speed.channels_last), to_device(yb, device)
+                if faults.poisoned(state.global_step + 1):
+                    xb = nan_like(xb)
                 with accelerator.accumulate(model):
                     out = model(xb.to(in_dtype))
                     loss = F.cross_entropy(out.float(), yb, label_smoothing=t_cfg.label_smoothing)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and t_cfg.grad_clip and not deepspeed:  # DeepSpeed clips itself
-                        accelerator.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
-                    optimizer.step()
-                    if accelerator.sync_gradients and not optimizer.step_was_skipped:
-                        scheduler.step()  # a no-op under DeepSpeed, whose engine steps it
+                    if accelerator.sync_gradients and not deepspeed:  # DeepSpeed clips and checks itself
+                        norm = accelerator.clip_grad_norm_(model.parameters(), t_cfg.grad_clip) if t_cfg.grad_clip else None
+                        skip = guard.grads_bad(model, norm)
+                    if not skip:
+                        optimizer.step()
+                        if accelerator.sync_gradients and not optimizer.step_was_skipped:
+                            scheduler.step()  # a no-op under DeepSpeed, whose engine steps it
                     optimizer.zero_grad(set_to_none=True)
-                sums += _stats(loss.detach() * len(yb), out.detach().float(), yb)  # on the device: no host sync
+                step_sums += batch_stats(loss.detach() * len(yb), out.detach().float(), yb)  # on the device: no host sync
             state.global_step += 1
             state.step_in_epoch += 1
+            faults.kill_point("train", state.global_step, recipe.output_dir)
+            stop_now, bad = stop.requested(guard.local_bad(skip, loss))  # one all-reduce: agreed on every rank
+            if bad:
+                guard.restore_buffers(model)
+                log.event("bad_step", state.global_step, epoch + 1, loss=loss.item(), loss_scale=guard.loss_scale())
+                if why := guard.update(state.global_step, True):
+                    kept = ckpt.latest()
+                    log.event("diverged", state.global_step, epoch + 1, reason=why)
+                    raise DivergedError(
+                        f"training diverged: {why}; nothing was saved after it, the last good checkpoint is "
+                        f"{kept or 'none'}: resume from it with a lower optim.lr or train.grad_clip set"
+                    )
+            else:
+                guard.update(state.global_step, False)
+                sums += step_sums  # a skipped step's NaN loss stays out of the epoch's statistics
             bar.update(1)
             if t_cfg.log_every and state.global_step % t_cfg.log_every == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -224,10 +201,11 @@ def train(recipe: Recipe) -> dict:
             stopping = state.global_step >= stop_step
             if stopping:
                 break
-            if stop.requested():
+            if stop_now:
                 stop_requested = True
                 break
-            if ckpt.due_at_step(state.global_step):
+            epoch_end_save = state.step_in_epoch == batches.steps_per_epoch and recipe.checkpoint.epoch_end
+            if ckpt.due_at_step(state.global_step) and not epoch_end_save:  # that one comes after evaluating
                 state.epoch_sums = accelerator.reduce(sums.clone(), reduction="sum").tolist()
                 state.test_acc = state.test_loss = None
                 state.train_time_s = time.time() - t_start
@@ -256,7 +234,8 @@ def train(recipe: Recipe) -> dict:
                   lr=scheduler.get_last_lr()[0], images_per_s=ips, epoch_time_s=epoch_time, **partial)
         if deepspeed:
             average_buffers(accelerator, model)
-        test_loss, test_acc = evaluate(accelerator, model, test_x, test_y, t_cfg.eval_batch_size, input_size,
+        faults.kill_point("eval", state.global_step, recipe.output_dir)
+        test_loss, test_acc = evaluate_ranks(accelerator, model, test_x, test_y, t_cfg.eval_batch_size, input_size,
                                        in_dtype, deepspeed and zero_stage == 3)
         # elapsed_s: training wall time since the run began, summed over resumed attempts.
         log.event("test", state.global_step, epoch + 1, loss=test_loss, acc=test_acc,
@@ -350,6 +329,18 @@ def main(argv: list[str] | None = None) -> int:
             # The launcher kills the other ranks as soon as one exits: give rank 0 time to say what is wrong.
             time.sleep(3)
         return exc.exit_code
+    except RuntimeError as exc:
+        if not lost_peer(exc):
+            raise
+        # Another process died (or hung past distributed.timeout_s) and this one's collective failed.
+        detail = re.sub(r"^\[[^]]*\] ", "", str(exc).strip().splitlines()[0])[:100]
+        print(
+            f"alexdist: error: rank {os.environ.get('RANK', '0')} lost contact with the other processes "
+            f"({detail}); the run continues from its last "
+            f"complete checkpoint when relaunched (checkpoint.resume=auto)",
+            file=sys.stderr,
+        )
+        return 1
     return STOPPED_EXIT_CODE if summary["status"] == "stopped" else 0
 
 

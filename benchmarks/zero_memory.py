@@ -62,7 +62,7 @@ def main() -> None:
     from alexdist.config import load_recipe
     from alexdist.distributed import exit_now, make_accelerator, resolve_strategy
     from alexdist.models import build_model
-    from alexdist.train import make_optimizer
+    from alexdist.optim import make_optimizer
 
     overrides = ["model.name=alexnet_bn", "data.source=synthetic", "tracking.wandb=false", "train.batch_size=16",
                  "model.dropout=0"]
@@ -116,7 +116,7 @@ def main() -> None:
     row = {"params_bytes": _bytes(params), "grad_bytes": grad_bytes, "optimizer_bytes": _bytes(opt_tensors)}
 
     # Checkpoint cost, through the run's own Checkpointer (atomic rename, per-rank files).
-    ckpt = Checkpointer(acc, recipe)
+    ckpt = Checkpointer(acc, recipe, model)
     t0 = time.perf_counter()
     path = ckpt.save(TrainState(global_step=1, world_size=acc.num_processes, strategy=strategy, zero_stage=stage))
     save_s = time.perf_counter() - t0

@@ -9,9 +9,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, check, comparable_events, launch, read_jsonl, summary
+from safetensors.torch import load_file
 from test_training import EQUIV, _flat, _rel, assert_same_training
 
 pytestmark = pytest.mark.slow

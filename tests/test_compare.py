@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, check, launch, launch_command, read_jsonl, run_env, summary, wait_for_step
 from PIL import Image
 
 from alexdist.compare import STALE_AFTER_S, build_row, from_run_dir, from_wandb_records
-from conftest import ROOT, check, launch, launch_command, read_jsonl, run_env, summary, wait_for_step
 
 pytestmark = pytest.mark.slow
 

@@ -5,11 +5,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_env
 
 from alexdist.config import DataConfig
 from alexdist.data import cache_path, decode_source, detect_layout, load_dataset
 from alexdist.errors import DataError
-from conftest import ROOT, run_env
 
 N_TRAIN, N_TEST = 50, 20  # 5 torchvision batches of 10
 

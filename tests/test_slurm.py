@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, check, comparable_events, launch, read_jsonl, run_env, summary, wait_for_step
+from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 

@@ -8,9 +8,8 @@ import subprocess
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, check, comparable_events, launch, launch_command, read_jsonl, run_env, summary, wait_for_step
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 

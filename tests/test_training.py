@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
+from conftest import check, launch, read_jsonl, run_env, summary
 from safetensors.torch import load_file
 
 from alexdist.models import build_model
-from conftest import check, launch, read_jsonl, run_env, summary
 
 pytestmark = pytest.mark.slow
 

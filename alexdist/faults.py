@@ -1,0 +1,104 @@
+"""Fault injection for tests: kill a rank, poison a loss or fill the disk at a chosen point of a run.
+
+    ALEXDIST_FAULT="POINT:STEPS[:RANK]"      several faults: separate them with commas
+
+POINT is one of POINTS below; STEPS is an optimizer step `N`, a range `N-M` or `N-` (from N on); RANK is the
+rank that faults (default 0, `*` for every rank). Examples:
+
+    train:7:1            rank 1 is SIGKILLed right after optimizer step 7
+    save.weights:8       rank 0 is SIGKILLed while saving step 8, after the weights, before the optimizer state
+    nan:5-:1             rank 1's loss is NaN at every step from 5 on
+    enospc:8             saving step 8 fails as if the disk were full
+
+Nothing happens unless the variable is set. A kill writes `fault-<rank>.json` (point, step, time) into the
+output directory first, so a test can measure how long the other ranks take to go down.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+ENV = "ALEXDIST_FAULT"
+POINTS = {
+    "train": "after the optimizer step",
+    "eval": "during the evaluation after the step",
+    "save.begin": "checkpoint directory created, nothing written",
+    "save.weights": "DDP weight shards written, optimizer state not yet",
+    "save.state": "this rank's Accelerate/DeepSpeed files written, trainer state not yet",
+    "save.before_rename": "every file written and synced, checkpoint not yet renamed into place",
+    "save.after_rename": "checkpoint complete, older ones not yet rotated",
+    "save.rotate": "an old checkpoint marked for deletion, not yet deleted",
+    "nan": "the loss becomes NaN (not a kill)",
+    "enospc": "the checkpoint save raises 'No space left on device' (not a kill)",
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    point: str
+    first: int
+    last: int | None  # None: open-ended
+    rank: int | None  # None: every rank
+
+    def matches(self, point: str, step: int, rank: int) -> bool:
+        return (
+            self.point == point
+            and step >= self.first
+            and (self.last is None or step <= self.last)
+            and (self.rank is None or self.rank == rank)
+        )
+
+
+def parse(spec: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in POINTS:
+            raise ValueError(f"{ENV}: '{item}' is not POINT:STEPS[:RANK] with POINT in {', '.join(POINTS)}")
+        lo, dash, hi = parts[1].partition("-")
+        first = int(lo)
+        last = first if not dash else (int(hi) if hi else None)
+        rank_s = parts[2] if len(parts) == 3 else "0"
+        rank = None if rank_s == "*" else int(rank_s)
+        faults.append(Fault(parts[0], first, last, rank))
+    return faults
+
+
+@lru_cache(maxsize=1)
+def _active() -> tuple[Fault, ...]:
+    return tuple(parse(os.environ.get(ENV, "")))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def hit(point: str, step: int) -> bool:
+    return any(f.matches(point, step, _rank()) for f in _active())
+
+
+def kill_point(point: str, step: int, output_dir: str | Path) -> None:
+    """SIGKILL this process if a fault is set for this point, step and rank (no cleanup runs, as in a crash)."""
+    if not hit(point, step):
+        return
+    rank = _rank()
+    record = {"point": point, "step": step, "rank": rank, "time": time.time(), "pid": os.getpid()}
+    Path(output_dir, f"fault-{rank}.json").write_text(json.dumps(record))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def disk_full_point(step: int) -> None:
+    if hit("enospc", step):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"injected by {ENV}")
+
+
+def poisoned(step: int) -> bool:
+    """True if this rank's loss at `step` is to be made NaN."""
+    return hit("nan", step)

@@ -1,0 +1,69 @@
+"""Shared by the benchmarks: the machine's description, subprocess runs of alexdist.train, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from report import machine  # noqa: E402
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
+    e.update(WANDB_MODE="disabled", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+             ALEXDIST_CACHE=e.get("ALEXDIST_CACHE", str(Path(tempfile.gettempdir()) / "alexdist-bench-cache")))
+    return e
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_run(overrides: list[str], nproc: int = 1, timeout: int = 900) -> dict:
+    """Run `alexdist.train` (1 process, or N CPU/GPU processes through accelerate launch) in a fresh output_dir;
+    return its summary plus the events of metrics.jsonl."""
+    with tempfile.TemporaryDirectory() as out:
+        if nproc == 1:
+            cmd = [sys.executable, "-m", "alexdist.train"]
+        else:
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(_port()), "-m", "alexdist.train"]
+        cmd += ["recipes/quickstart.yaml", *overrides, f"output_dir={out}", "tracking.wandb=false"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        result = json.loads((Path(out) / "summary.json").read_text())
+        result["events"] = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        return result
+
+
+def train_images_per_s(result: dict) -> float:
+    """Images/s of the run's training epochs (evaluation excluded), from its own `train` events."""
+    ev = [e for e in result["events"] if e["event"] == "train"]
+    return sum(e["images_per_s"] for e in ev) / len(ev)
+
+
+def write(name: str, data: dict, lines: list[str], command: str) -> str:
+    """benchmarks/results/NAME.json (with the machine and commit) and NAME.md; returns the Markdown."""
+    data = {"_machine": machine(), "_command": command, **data}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    m = data["_machine"]
+    head = [f"# {name}", "", f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, accelerate "
+            f"{m['accelerate']}, deepspeed {m['deepspeed']}; commit {m['git_commit']}. Command: `{command}`.", ""]
+    text = "\n".join(head + lines) + "\n"
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+    return text

@@ -1,0 +1,257 @@
+"""Every bad input gets one clear line, a non-zero exit code, and damages nothing saved before.
+
+Each case runs the command a user would run. The messages are also the content of docs/errors.md: the last test
+fails when that file and the messages drift apart (`ALEXDIST_UPDATE_DOCS=1 pytest tests/test_errors.py`
+rewrites it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, check, launch, launch_command, run_env
+
+pytestmark = pytest.mark.slow
+
+DOC = ROOT / "docs" / "errors.md"
+BASE = ["data.source=synthetic", "data.synthetic_train=256", "data.synthetic_test=64", "train.batch_size=32",
+        "train.epochs=2", "tracking.wandb=false", "model.width_mult=0.25"]
+
+
+@dataclass
+class Case:
+    title: str
+    args: list[str]  # alexdist.train overrides (or a full argv for `module`)
+    exit_code: int
+    expect: str  # a fragment the message must contain
+    module: str = "alexdist.train"
+    nproc: int = 1
+    config_file: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    recipe: str | None = None  # None: a copy of recipes/quickstart.yaml is not needed; BASE overrides suffice
+    prepare: object = None  # callable(case_dir) run before the command
+    after: object = None  # callable(case_dir) -> None: asserts that nothing saved was damaged
+    normalize: object = None  # callable(message) -> message as shown in docs/errors.md
+
+
+class Pickled:
+    """A pickle that would create a file when loaded: it must never be unpickled."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _base_run(root: Path, cache_dir: Path) -> Path:
+    """A 1-process run stopped at step 2 (checkpoint step-0000002): the checkpoint the resume cases damage."""
+    run = root / "base"
+    check(launch(BASE + ["train.max_steps=2", f"output_dir={run}"], cache_dir))
+    return run
+
+
+def _zero_run(root: Path, cache_dir: Path) -> Path:
+    run = root / "zero2"
+    check(launch(BASE + ["train.max_steps=2", f"output_dir={run}"], cache_dir, nproc=2,
+                 config_file="recipes/accelerate/zero2.yaml"))
+    return run
+
+
+def _ckpt(run: Path) -> Path:
+    return sorted((run / "checkpoints").glob("step-*"))[-1]
+
+
+def _unchanged(run: Path, snapshot: dict[str, bytes]):
+    def check_run(_):
+        now = {str(p.relative_to(run)): p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
+        assert now == snapshot, "a saved checkpoint was changed"
+    return check_run
+
+
+def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
+    def copy_of(src: Path, name: str) -> Path:
+        dst = root / name
+        shutil.copytree(src, dst)
+        return dst
+
+    def snapshot(run: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(run)): p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
+
+    bad_yaml = _write(root / "bad.yaml", "model:\n  name: alexnet_bn\n train: [epochs\n")
+    neither = root / "neither"
+    _write(neither / "README.txt", "some notes")
+    bad_parquet = root / "bad-parquet"
+    _write(bad_parquet / "plain_text" / "train-00000-of-00001.parquet", "not parquet")
+    _write(bad_parquet / "plain_text" / "test-00000-of-00001.parquet", "not parquet")
+    a_file = _write(root / "a-file", "x")
+
+    other_model = copy_of(base, "other-model")
+    other_allowed = copy_of(base, "other-model-allowed")
+    other_data = copy_of(base, "other-data")
+    trunc_shard = copy_of(base, "truncated-shard")
+    shard = _ckpt(trunc_shard) / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    trunc_opt = copy_of(base, "truncated-optimizer")
+    opt = _ckpt(trunc_opt) / "optimizer.bin"
+    opt.write_bytes(opt.read_bytes()[:100])
+    crafted = copy_of(base, "crafted-pickle")
+    import torch
+
+    torch.save({"random_state": Pickled(str(root / "PWNED"))}, _ckpt(crafted) / "random_states_0.pkl")
+    weights = root / "weights-truncated.safetensors"
+    weights.write_bytes((base / "model.safetensors").read_bytes()[:1000])
+    zero_moved = copy_of(zero, "zero2-moved")
+    full = root / "full"
+    diverge = root / "diverge"
+
+    def no_pwned(_):
+        assert not (root / "PWNED").exists(), "the crafted pickle was executed"
+
+    def after_full(_):
+        assert [p.name for p in (full / "checkpoints").iterdir()] == ["step-0000002"]  # intact, no .tmp-* left
+
+    def after_diverge(_):
+        names = sorted(p.name for p in (diverge / "checkpoints").iterdir())
+        assert names == ["step-0000004", "step-0000006"] and not (diverge / "model.safetensors").exists()
+        from safetensors.torch import load_file
+
+        before, after = (load_file(str(diverge / "checkpoints" / n / "model.safetensors")) for n in names)
+        # Steps 5 and 6 were skipped: the checkpoint after them holds the good weights of step 4, untouched.
+        assert all(torch.equal(before[k], after[k]) and bool(torch.isfinite(after[k]).all()) for k in before)
+
+    lost_peer = re.compile(r"\(.*\); the run")
+    return [
+        Case("malformed YAML", [], 2, "is not valid YAML at line 3", recipe=str(bad_yaml)),
+        Case("unknown key", ["train.epocs=3"], 2, "did you mean 'train.epochs'"),
+        Case("unknown section", ["trian.epochs=3"], 2, "did you mean 'train'"),
+        Case("wrong type", ["train.epochs=many"], 2, "bad value for 'train.epochs'"),
+        Case("negative learning rate", ["optim.lr=-0.1"], 2, "bad value for 'optim.lr'"),
+        Case("zero batch size", ["train.batch_size=0"], 2, "bad value for 'train.batch_size'"),
+        Case("accumulation that does not divide the global batch", ["train.global_batch=100", "train.grad_accum=3"],
+             2, "not divisible"),
+        Case("unknown model name", ["model.name=alexnet_xl"], 2, "unknown model 'alexnet_xl'"),
+        Case("missing dataset path", [f"data.source={root / 'no-such-folder'}"], 3, "does not exist"),
+        Case("a folder in neither known layout", [f"data.source={neither}"], 3, "no known dataset layout"),
+        Case("a corrupt parquet file", [f"data.source={bad_parquet}"], 3, "could not read the parquet files"),
+        Case("fp16 without a GPU", ["precision=fp16"], 4, "precision=fp16 needs a GPU"),
+        Case("output_dir that cannot be written", [f"output_dir={a_file}/run"], 5, "is not writable"),
+        Case("disk full while saving a checkpoint", ["checkpoint.every_steps=2", "train.max_steps=6",
+             f"output_dir={full}"], 5, "No space left on device", env={"ALEXDIST_FAULT": "enospc:4"},
+             after=after_full),
+        Case("resume with another model", ["model.name=alexnet_3x3", f"output_dir={other_model}"], 5,
+             "model.name: 'alexnet_bn' -> 'alexnet_3x3'", after=_unchanged(other_model, snapshot(other_model))),
+        Case("resume with other data", ["data.synthetic_train=512", f"output_dir={other_data}"], 5,
+             "data.synthetic_train: 256 -> 512", after=_unchanged(other_data, snapshot(other_data))),
+        Case("a checkpoint of another model, change allowed on purpose", ["model.name=alexnet_3x3",
+             "checkpoint.allow_config_change=true", f"output_dir={other_allowed}"], 5, "could not load checkpoint",
+             after=_unchanged(other_allowed, snapshot(other_allowed)),
+             normalize=lambda m: re.sub(r"\(RuntimeError: .*\); resume", "(RuntimeError: ...); resume", m)),
+        Case("a truncated safetensors shard in a checkpoint", [f"output_dir={trunc_shard}"], 5,
+             "could not load checkpoint"),
+        Case("a truncated optimizer file in a checkpoint", [f"output_dir={trunc_opt}"], 5,
+             "is not a readable torch file"),
+        Case("a crafted pickle in a checkpoint", [f"output_dir={crafted}"], 5, "would import posix.system",
+             after=no_pwned),
+        Case("a truncated weights file (evaluate)", [str(weights)], 3, "is not a readable safetensors file",
+             module="alexdist.evaluate"),
+        Case("a ZeRO checkpoint on another world size", ["distributed.strategy=deepspeed",
+             f"output_dir={zero_moved}"], 4, "holds ZeRO partitions for 2 processes, this run has 1",
+             after=_unchanged(zero_moved, snapshot(zero_moved))),
+        Case("NaN loss that does not go away", ["checkpoint.every_steps=2", "train.max_bad_steps=3",
+             f"output_dir={diverge}"], 6, "for 3 optimizer steps in a row (steps 5-7",
+             env={"ALEXDIST_FAULT": "nan:5-"}, after=after_diverge),
+        Case("a rank that dies", [f"output_dir={root / 'dies'}"], 1, "lost contact with the other processes",
+             nproc=2, env={"ALEXDIST_FAULT": "train:3:1"}, normalize=lambda m: lost_peer.sub("(...); the run", m)),
+    ]
+
+
+def _run(case: Case, cache_dir: Path) -> subprocess.CompletedProcess:
+    env = run_env(cache_dir, **case.env)
+    if case.module == "alexdist.train":
+        overrides = case.args if case.recipe else BASE + case.args
+        recipe = case.recipe or "recipes/quickstart.yaml"
+        cmd = launch_command(overrides, case.nproc, recipe=recipe, config_file=case.config_file)
+        if case.nproc == 1 and "distributed.strategy=deepspeed" in case.args:
+            cmd = launch_command(overrides, 1, launcher="torchrun", recipe=recipe)
+    else:
+        cmd = [sys.executable, "-m", case.module, *case.args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("errors")
+    cases = _cases(root, _base_run(root, cache_dir), _zero_run(root, cache_dir), cache_dir)
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda c: _run(c, cache_dir), cases))
+    return root, list(zip(cases, procs))
+
+
+def _message(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("alexdist: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0].removeprefix("alexdist: error: ")
+
+
+def test_every_bad_input_gets_one_line_an_exit_code_and_damages_nothing(outcomes):
+    root, results = outcomes
+    for case, proc in results:
+        msg = _message(proc)
+        # Single-process runs exit with the error's own code; a launcher reports a failed worker as 1.
+        code = case.exit_code if case.nproc == 1 and "distributed.strategy=deepspeed" not in case.args else 1
+        assert proc.returncode == code, (case.title, proc.returncode, msg)
+        assert case.expect in msg, (case.title, msg)
+        assert "Traceback" not in proc.stderr or case.nproc > 1 or "deepspeed" in " ".join(case.args), case.title
+        if case.after:
+            case.after(root)
+
+
+def _render(root: Path, results) -> str:
+    rows = []
+    for case, proc in results:
+        msg = _message(proc).replace(str(root), "<dir>").replace(str(ROOT), ".")
+        if case.normalize:
+            msg = case.normalize(msg)
+        msg = msg.replace("|", "\\|")
+        rows.append(f"| {case.title} | {case.exit_code} | {msg} |")
+    return (
+        "# Errors and what to do about them\n\n"
+        "Every message alexdist prints for a bad input or a failed run, with its exit code (the code of the "
+        "training process; a launcher such as `accelerate launch` or `torchrun` reports any failed process as 1). "
+        "Generated from the runs in `tests/test_errors.py`, which fails when this file drifts from what the code "
+        "prints; `ALEXDIST_UPDATE_DOCS=1 pytest tests/test_errors.py` rewrites it. `<dir>` stands for the "
+        "test's directory. Exit code 75 is not an error: the run stopped on request and resumes.\n\n"
+        "| situation | exit | message (after `alexdist: error: `) |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
+def test_docs_errors_md_lists_every_message(outcomes):
+    text = _render(*outcomes)
+    if os.environ.get("ALEXDIST_UPDATE_DOCS"):
+        DOC.parent.mkdir(exist_ok=True)
+        DOC.write_text(text)
+    assert DOC.is_file() and DOC.read_text() == text, "docs/errors.md is out of date: rerun with ALEXDIST_UPDATE_DOCS=1"
+
+
+def test_free_space_is_checked_before_training(tmp_path):
+    from alexdist.checkpoint import check_space
+    from alexdist.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="MiB free but this run needs about"):
+        check_space(tmp_path, 2**60)
+    check_space(tmp_path, 1)
