@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test test-fast
+.PHONY: setup quickstart test test-fast bench gpu-check-dry-run
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -24,3 +24,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
+
+# Performance benchmarks -> benchmarks/results/*.{json,md} and SUMMARY.md (about 15 minutes on 2 cores).
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+# The GPU check's matrix, tiny, on this CPU (the real one needs a GPU: bash benchmarks/gpu_check.sh).
+gpu-check-dry-run: setup
+	OUT=$${OUT:-gpu_check_out} bash benchmarks/gpu_check.sh --cpu

@@ -34,7 +34,8 @@ import yaml
 
 from alexdist import faults
 from alexdist.config import Recipe, dump_yaml, flatten
-from alexdist.errors import CheckpointError, DivergedError, SetupError
+from alexdist.distributed import plain_module
+from alexdist.errors import CheckpointError, DivergedError, SetupError, brief
 from alexdist.safety import check_pickles
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -150,9 +151,8 @@ class Checkpointer:
         try:
             self.acc.load_state(str(path))
         except Exception as exc:  # shapes of another model, a truncated shard, a missing file...
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise CheckpointError(
-                f"could not load checkpoint {path} into this run ({type(exc).__name__}: {first}); resume from "
+                f"could not load checkpoint {path} into this run ({brief(exc)}); resume from "
                 f"another checkpoint (checkpoint.resume=PATH) or start fresh in another output_dir"
             ) from None
         return state
@@ -162,7 +162,7 @@ class Checkpointer:
         final = self.root / f"step-{state.global_step:07d}"
         if final.exists():  # e.g. an epoch end that is also an every_steps boundary
             return None
-        if not self._agree(all_finite(self.acc.unwrap_model(self.model).state_dict().values())):
+        if not self._agree(all_finite(plain_module(self.acc, self.model).state_dict().values())):
             raise DivergedError(
                 f"the weights hold NaN/inf at step {state.global_step}: not saving them over the good checkpoints "
                 f"in {self.root}; lower optim.lr or set train.grad_clip and resume from the last checkpoint"
@@ -249,14 +249,14 @@ class Checkpointer:
             for m in models:
                 if self.acc.is_main_process:  # DDP ranks hold identical weights: one writer
                     save_torch_state_dict(
-                        self.acc.unwrap_model(m).state_dict(), output_dir, max_shard_size=self.cfg.max_shard_size
+                        plain_module(self.acc, m).state_dict(), output_dir, max_shard_size=self.cfg.max_shard_size
                     )
                     faults.kill_point("save.weights", self._step, self.recipe.output_dir)
             weights.clear()
 
         def load_hook(models, input_dir):
             for m in models:
-                load_torch_model(self.acc.unwrap_model(m), input_dir, strict=True, map_location="cpu")
+                load_torch_model(plain_module(self.acc, m), input_dir, strict=True, map_location="cpu")
             models.clear()
 
         self.acc.register_save_state_pre_hook(save_hook)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alexdist.errors import ConfigError
 
@@ -147,7 +147,8 @@ class SpeedConfig(_Section):
     # The whole uint8 dataset lives in device memory (CIFAR-10: 180 MB) and batches are built there. false: batches
     # are built on the host and copied from pinned memory without blocking (datasets larger than the device).
     data_on_device: bool = True
-    # Optimizer kernels. auto: fused on CUDA, foreach elsewhere (PyTorch's default).
+    # Optimizer kernels. auto: fused (one kernel for all parameters) on CUDA and CPU; foreach batches the
+    # per-parameter updates; for_loop is the plain loop.
     optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
 
 
@@ -165,6 +166,11 @@ class Recipe(_Section):
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
     precision: Literal["no", "fp16", "bf16"] = "no"
     output_dir: str = "runs/default"
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` (precision=no) as false
 
     @model_validator(mode="after")
     def _known_model(self) -> "Recipe":

@@ -205,3 +205,8 @@ def lost_peer(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and torch.distributed.is_initialized() and any(
         s in str(exc) for s in _LOST_PEER
     )
+
+
+def plain_module(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, without DDP's or torch.compile's wrapper (whose state dict says `_orig_mod.*`)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)

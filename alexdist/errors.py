@@ -5,6 +5,15 @@ instead of a traceback.
 """
 
 
+def brief(exc: BaseException, limit: int = 160) -> str:
+    """`Type: first sentence` of a library's exception, for inclusion in a one-line message."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text.split(". ")[0].rstrip(".")
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class AlexdistError(Exception):
     exit_code = 1
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from alexdist.batches import eval_batches, eval_shard
 from alexdist.config import load_recipe
 from alexdist.data import load_dataset
+from alexdist.distributed import plain_module
 from alexdist.errors import AlexdistError, DataError
 from alexdist.export import consolidate
 from alexdist.models import build_model
@@ -40,7 +41,7 @@ def evaluate_ranks(accelerator, model, x, y, batch_size: int, input_size: int, i
     # DDP's forward would broadcast buffers (a collective) while ranks may hold different numbers of test
     # batches, so the unwrapped module runs (Accelerate's autocast wrapper is kept). ZeRO-3 gathers
     # parameters in every forward, a collective too: there every rank runs the same number of forwards.
-    net = model if zero3 else accelerator.unwrap_model(model)
+    net = model if zero3 else plain_module(accelerator, model)
     was_training = net.training
     net.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
@@ -60,7 +61,7 @@ def average_buffers(accelerator, model) -> None:
     """DeepSpeed does not broadcast buffers as DDP does: average BatchNorm statistics before evaluating/saving."""
     if accelerator.num_processes == 1:
         return
-    for buf in accelerator.unwrap_model(model).buffers():
+    for buf in plain_module(accelerator, model).buffers():
         if buf.is_floating_point():
             buf.copy_(accelerator.reduce(buf.detach().clone(), reduction="mean"))
 

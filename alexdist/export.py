@@ -22,6 +22,7 @@ from alexdist.checkpoint import STATE_FILE, read_state
 from alexdist.config import Recipe
 from alexdist.errors import AlexdistError, DataError
 from alexdist.models import resolve_input_size
+from alexdist.safety import check_pickles
 
 DS_TAG = "pytorch_model"  # the tag Accelerate's save_state gives DeepSpeed's checkpoint
 
@@ -53,6 +54,8 @@ def consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     state = read_state(path)
     if is_deepspeed_checkpoint(path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        check_pickles(path / DS_TAG)  # DeepSpeed unpickles with weights_only=False
 
         weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
     else:

@@ -1,14 +1,15 @@
 """Divergence guard: skip optimizer steps whose loss or gradients are NaN/inf, and stop a run that keeps at it.
 
 Who detects a bad step depends on who owns the optimizer step:
-- DDP in fp32/bf16: we do. After backward the gradients are already all-reduced, so every rank sees the same
-  non-finite gradient norm and skips the same step (no extra collective).
+- DDP in fp32/bf16: we do. After backward (gradients already all-reduced) each rank flags a non-finite loss or
+  gradient norm; the flags are agreed in the step's one all-reduce, which also carries stop requests and is
+  the step's only host sync; a bad step is then skipped on every rank.
 - fp16 under Accelerate (GradScaler) and DeepSpeed (ZeRO's own overflow check on the global gradient norm): the
   loss scaler skips the step and lowers the scale, as usual; we read `optimizer.step_was_skipped`.
-Every rank then also flags a non-finite local loss, and the flags are agreed in the step's one all-reduce
-(together with stop requests), so all ranks count the same bad steps. `train.max_bad_steps` bad steps in a row,
-or an fp16 loss scale that has reached its minimum and still overflows, stop the run with DivergedError
-before anything is saved: the last checkpoint on disk is the last good one. A skipped step also gives back the
+Every rank also flags a non-finite local loss, and everything is agreed, so all ranks count the same bad
+steps. `train.max_bad_steps` bad steps in a row, or an fp16 loss scale that has reached its minimum and still
+overflows, stop the run with DivergedError before anything is saved: the last checkpoint on disk is the last
+good one. A skipped step also gives back the
 BatchNorm running statistics its NaN forward pass wrote.
 """
 
@@ -19,6 +20,7 @@ import math
 import torch
 
 from alexdist.config import Recipe
+from alexdist.distributed import plain_module
 
 
 class DivergenceGuard:
@@ -27,33 +29,47 @@ class DivergenceGuard:
         self.optimizer = optimizer
         self.max_bad = recipe.train.max_bad_steps
         self.min_scale = recipe.distributed.fp16_min_loss_scale
+        self.deepspeed = deepspeed
         # Whether we decide the skip ourselves (no loss scaler owns the step).
         self.own_skip = not deepspeed and recipe.precision != "fp16"
+        self.fp16_scaler = not deepspeed and recipe.precision == "fp16"
         self.in_row = 0
         self.first_bad: int | None = None
+        self._buffers: list[torch.Tensor] | None = None
 
     def remember_buffers(self, model: torch.nn.Module) -> None:
-        """Before a step: a copy of the BatchNorm statistics and counters (a few KB), which a NaN forward poisons."""
-        self._buffers = [b.detach().clone() for b in self.acc.unwrap_model(model).buffers()]
+        """Before a step: a copy of the BatchNorm statistics and counters (a few KB), which a NaN forward poisons.
+        One foreach copy into buffers allocated once, so the per-step cost stays in microseconds."""
+        bufs = list(plain_module(self.acc, model).buffers())
+        if self._buffers is None:
+            self._buffers = [b.detach().clone() for b in bufs]
+        elif bufs:
+            torch._foreach_copy_(self._buffers, [b.detach() for b in bufs])
 
     def restore_buffers(self, model: torch.nn.Module) -> None:
         """After a skipped step: the statistics as they were, so the skipped step leaves no trace."""
-        with torch.no_grad():
-            for b, saved in zip(self.acc.unwrap_model(model).buffers(), self._buffers):
-                b.copy_(saved)
+        bufs = [b.detach() for b in plain_module(self.acc, model).buffers()]
+        if bufs:
+            with torch.no_grad():
+                torch._foreach_copy_(bufs, self._buffers)
 
-    def grads_bad(self, model: torch.nn.Module, total_norm: torch.Tensor | None = None) -> bool:
-        """Before optimizer.step(): True if we must skip it (non-finite gradients, fp32/bf16 DDP only)."""
-        if not self.own_skip:
-            return False
-        if total_norm is None:  # clipping already computed it otherwise
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        return not bool(torch.isfinite(total_norm))
+    def bad_flag(self, model: torch.nn.Module, loss: torch.Tensor, total_norm: torch.Tensor | None) -> torch.Tensor:
+        """After backward, before the optimizer step: this rank's "the step is bad" as a device tensor (no sync;
+        the caller agrees it across ranks). The loss, and the gradient norm where we own the skip; under
+        DeepSpeed the engine has already checked the global norm in backward and skipped the step."""
+        bad = ~torch.isfinite(loss.detach())
+        if self.own_skip:
+            if total_norm is None:  # clipping computed it otherwise
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
+            bad = bad | ~torch.isfinite(total_norm.to(loss.device))
+        elif self.deepspeed and self.optimizer.step_was_skipped:
+            bad = torch.ones_like(bad)
+        return bad
 
-    def local_bad(self, skipped_by_us: bool, loss: torch.Tensor) -> bool:
-        """After the step: this rank's view of whether the step was bad (agreed by the caller)."""
-        return skipped_by_us or bool(self.optimizer.step_was_skipped) or not bool(torch.isfinite(loss.detach()))
+    def scaler_skipped(self) -> bool:
+        """fp16 under Accelerate: whether the GradScaler skipped this step (inf/NaN in the scaled gradients)."""
+        return self.fp16_scaler and bool(self.optimizer.step_was_skipped)
 
     def loss_scale(self) -> float | None:
         """The current fp16 loss scale (GradScaler or DeepSpeed), None when there is none."""

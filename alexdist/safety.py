@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from alexdist.errors import CheckpointError
+from alexdist.errors import CheckpointError, brief
 
 # Globals that our own runs' pickles reference beyond what torch's weights_only loader allows by default.
 # Each is data, not behaviour: numpy arrays/dtypes (RNG states), DeepSpeed's enums and config values.
@@ -43,7 +43,7 @@ def check_pickles(checkpoint: str | Path) -> None:
             found = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
         except Exception as exc:  # not a torch zip file, or truncated
             raise CheckpointError(
-                f"'{path}' is not a readable torch file ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                f"'{path}' is not a readable torch file ({brief(exc)}); "
                 f"resume from an earlier checkpoint (checkpoint.resume=PATH) or delete this one"
             ) from None
         unknown = sorted(found - KNOWN_GLOBALS)

@@ -38,15 +38,17 @@ class StopRequest:
         # that takes too long is the launcher's or Slurm's SIGKILL.
         self.reason = self.reason or signal.Signals(signum).name
 
-    def requested(self, bad_step: bool = False) -> tuple[bool, bool]:
-        """(stop, bad): whether any rank has been asked to stop, and whether any rank saw this step go bad
-        (NaN/inf, see guard.py). One all-reduce for both, the same answer on every rank: call it on all ranks."""
+    def requested(self, bad_step: torch.Tensor | bool = False) -> tuple[bool, bool]:
+        """(stop, bad): whether any rank has been asked to stop, and whether any rank flagged this step as bad
+        (NaN/inf, see guard.py; a device tensor, so nothing syncs before the all-reduce). One all-reduce for
+        both, the same answer on every rank: call it on all ranks."""
         if self.reason is None and self.stop_file.exists():
             self.reason = f"{STOP_FILE} file"
         if self.acc.num_processes == 1:
-            return self.reason is not None, bad_step
-        flags = torch.tensor([1.0 if self.reason else 0.0, 1.0 if bad_step else 0.0], device=self.acc.device)
-        stop, bad = (v > 0 for v in self.acc.reduce(flags, reduction="sum").tolist())
+            return self.reason is not None, bool(bad_step)
+        bad = torch.as_tensor(bad_step, device=self.acc.device).float().reshape(1)
+        flags = torch.cat([torch.tensor([1.0 if self.reason else 0.0], device=self.acc.device), bad])
+        stop, bad_any = (v > 0 for v in self.acc.reduce(flags, reduction="sum").tolist())
         if stop and self.reason is None:
             self.reason = "another rank was asked"
-        return stop, bad
+        return stop, bad_any

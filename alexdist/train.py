@@ -35,6 +35,7 @@ from alexdist.distributed import (
     launched_world_size,
     lost_peer,
     make_accelerator,
+    plain_module,
     resolve_strategy,
 )
 from alexdist.errors import AlexdistError, ConfigError, DivergedError
@@ -158,7 +159,7 @@ def train(recipe: Recipe) -> dict:
                    disable=not (accelerator.is_main_process and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
         for micro in batches.epoch(epoch, start_step=state.step_in_epoch):
             step_sums = torch.zeros_like(sums)
-            skip = False
+            skip = stop_now = bad = False
             guard.remember_buffers(model)
             for xb, yb in micro:
                 xb, yb = to_device(xb, device, recipe.speed.channels_last), to_device(yb, device)
@@ -167,20 +168,23 @@ def train(recipe: Recipe) -> dict:
                 with accelerator.accumulate(model):
                     out = model(xb.to(in_dtype))
                     loss = F.cross_entropy(out.float(), yb, label_smoothing=t_cfg.label_smoothing)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and not deepspeed:  # DeepSpeed clips and checks itself
-                        norm = accelerator.clip_grad_norm_(model.parameters(), t_cfg.grad_clip) if t_cfg.grad_clip else None
-                        skip = guard.grads_bad(model, norm)
+                    accelerator.backward(loss)  # under DeepSpeed, at the last micro-batch, also the engine's step
+                    if accelerator.sync_gradients:
+                        clip = t_cfg.grad_clip and not deepspeed  # DeepSpeed clips itself
+                        norm = accelerator.clip_grad_norm_(model.parameters(), t_cfg.grad_clip) if clip else None
+                        # The step's one host sync: stop requests and NaN/inf, agreed by every rank.
+                        stop_now, bad = stop.requested(guard.bad_flag(model, loss, norm))
+                        skip = bad and guard.own_skip
                     if not skip:
                         optimizer.step()
                         if accelerator.sync_gradients and not optimizer.step_was_skipped:
                             scheduler.step()  # a no-op under DeepSpeed, whose engine steps it
                     optimizer.zero_grad(set_to_none=True)
                 step_sums += batch_stats(loss.detach() * len(yb), out.detach().float(), yb)  # on the device: no host sync
+            bad = bad or guard.scaler_skipped()  # fp16 under Accelerate: the GradScaler skipped (same on all ranks)
             state.global_step += 1
             state.step_in_epoch += 1
             faults.kill_point("train", state.global_step, recipe.output_dir)
-            stop_now, bad = stop.requested(guard.local_bad(skip, loss))  # one all-reduce: agreed on every rank
             if bad:
                 guard.restore_buffers(model)
                 log.event("bad_step", state.global_step, epoch + 1, loss=loss.item(), loss_scale=guard.loss_scale())
@@ -188,8 +192,9 @@ def train(recipe: Recipe) -> dict:
                     kept = ckpt.latest()
                     log.event("diverged", state.global_step, epoch + 1, reason=why)
                     raise DivergedError(
-                        f"training diverged: {why}; nothing was saved after it, the last good checkpoint is "
-                        f"{kept or 'none'}: resume from it with a lower optim.lr or train.grad_clip set"
+                        f"training diverged: {why}; the newest checkpoint ({kept or 'none yet'}) holds good "
+                        f"weights (skipped steps change nothing, non-finite weights are never saved): resume "
+                        f"from it with a lower optim.lr or with train.grad_clip set"
                     )
             else:
                 guard.update(state.global_step, False)
@@ -288,13 +293,15 @@ def finish(accelerator, model, recipe: Recipe, log: RunLog, state: TrainState, i
         meta = {"model": recipe.model.name, "input_size": str(input_size), "width_mult": str(recipe.model.width_mult),
                 "dropout": str(recipe.model.dropout), "step": str(state.global_step), "data_source": recipe.data.source,
                 "data": json.dumps(recipe.data.model_dump(exclude={"cache_dir"}))}
-        save_file({k: v.detach().float().contiguous() for k, v in state_dict.items()}, str(tmp), metadata=meta)
+        # A compiled model's state dict names its parameters `_orig_mod.*`: save the model's own names.
+        weights = {k.removeprefix("_orig_mod."): v.detach().float().contiguous() for k, v in state_dict.items()}
+        save_file(weights, str(tmp), metadata=meta)
         tmp.replace(out)
     # A checksum of every rank's parameters: equal values prove the ranks stayed in sync (ZeRO-3 ranks hold
     # partitions, not whole parameters, so there is nothing to compare).
     rank_sums = None
     if info.get("zero_stage") != 3:
-        local = sum(p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters())
+        local = sum(p.detach().double().sum() for p in plain_module(accelerator, model).parameters())
         rank_sums = accelerator.gather(local.reshape(1).to(accelerator.device)).tolist()
     summary = {
         "status": status,
@@ -333,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         if not lost_peer(exc):
             raise
         # Another process died (or hung past distributed.timeout_s) and this one's collective failed.
-        detail = re.sub(r"^\[[^]]*\] ", "", str(exc).strip().splitlines()[0])[:100]
+        detail = re.sub(r"^\[[^]]*\] ", "", str(exc).strip().splitlines()[0]).split(". ")[0][:120]
         print(
             f"alexdist: error: rank {os.environ.get('RANK', '0')} lost contact with the other processes "
             f"({detail}); the run continues from its last "

@@ -55,6 +55,13 @@ def train_images_per_s(result: dict) -> float:
     return sum(e["images_per_s"] for e in ev) / len(ev)
 
 
+def steady_images_per_s(result: dict) -> float:
+    """Images/s from the run's `step` events (needs train.log_every=1), first step excluded: the per-step rate
+    without one-time costs (lazy imports, allocator warm-up), which the epoch's figure includes."""
+    times = [e["time"] for e in result["events"] if e["event"] == "step"]
+    return (len(times) - 1) * result["effective_batch"] / (times[-1] - times[0])
+
+
 def write(name: str, data: dict, lines: list[str], command: str) -> str:
     """benchmarks/results/NAME.json (with the machine and commit) and NAME.md; returns the Markdown."""
     data = {"_machine": machine(), "_command": command, **data}

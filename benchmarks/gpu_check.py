@@ -40,7 +40,10 @@ def bare(precision: str, batch: int, steps: int, width: float, device: str) -> f
 
     torch.manual_seed(0)
     model = build_model("alexnet_bn", 32, dropout=0.5, width_mult=width).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    from alexdist.optim import kernel_kwargs
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                          **kernel_kwargs("auto", device))  # the same kernel as alexdist's default
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     x = torch.randn(batch, 3, 32, 32, device=device)

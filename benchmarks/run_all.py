@@ -41,9 +41,8 @@ def summary() -> str:
             lines.append(f"| data pipeline vs torchvision+PIL (2 workers), {size} | {r['ratio']:.1f}x "
                          f"({r['alexdist_images_per_s']:,.0f} vs {r['torchvision_images_per_s']:,.0f} img/s) | {goal} | {met} |")
     if d := _load("step_overhead"):
-        for name in ("fp32", "bf16"):
-            if name in d:
-                r = d[name]
+        for name, r in d.items():
+            if not name.startswith("_"):
                 lines.append(f"| step time, alexdist loop / bare loop, {name} | {r['step_time_ratio']:.3f} | <= 1.05 | "
                              f"{'yes' if r['step_time_ratio'] <= 1.05 else 'no'} |")
     if d := _load("distributed_overhead"):

@@ -71,3 +71,7 @@ def test_malformed_yaml_and_missing_recipe_give_one_line(tmp_path):
 def test_flatten_gives_dotted_keys_for_trackers():
     flat = flatten(load_recipe("recipes/quickstart.yaml").to_dict())
     assert flat["model.name"] == "alexnet_bn" and flat["train.batch_size"] == 32 and flat["data.source"] == "digits"
+
+
+def test_unquoted_precision_no_means_no_mixed_precision():
+    assert load_recipe("recipes/quickstart.yaml", ["precision=no"]).precision == "no"

@@ -40,6 +40,7 @@ class Case:
     prepare: object = None  # callable(case_dir) run before the command
     after: object = None  # callable(case_dir) -> None: asserts that nothing saved was damaged
     normalize: object = None  # callable(message) -> message as shown in docs/errors.md
+    prefix: str = "alexdist: error: "  # what the message line starts with
 
 
 class Pickled:
@@ -113,9 +114,19 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
     import torch
 
     torch.save({"random_state": Pickled(str(root / "PWNED"))}, _ckpt(crafted) / "random_states_0.pkl")
+    crafted_zero = copy_of(zero, "crafted-zero")
+    torch.save({"optimizer_state_dict": Pickled(str(root / "PWNED"))},
+               _ckpt(crafted_zero) / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     weights = root / "weights-truncated.safetensors"
     weights.write_bytes((base / "model.safetensors").read_bytes()[:1000])
     zero_moved = copy_of(zero, "zero2-moved")
+    from alexdist.config import DataConfig
+    from alexdist.data import cache_path, load_dataset
+
+    trunc_cache = DataConfig(source="synthetic", synthetic_train=256, synthetic_test=64, cache_dir=str(root / "cache"))
+    load_dataset(trunc_cache)
+    cached = cache_path(trunc_cache)
+    cached.write_bytes(cached.read_bytes()[:5000])
     full = root / "full"
     diverge = root / "diverge"
 
@@ -148,6 +159,9 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
         Case("missing dataset path", [f"data.source={root / 'no-such-folder'}"], 3, "does not exist"),
         Case("a folder in neither known layout", [f"data.source={neither}"], 3, "no known dataset layout"),
         Case("a corrupt parquet file", [f"data.source={bad_parquet}"], 3, "could not read the parquet files"),
+        Case("a truncated dataset cache (not an error: rebuilt)", [f"data.cache_dir={root / 'cache'}",
+             "train.max_steps=1", f"output_dir={root / 'cache-run'}"], 0, "is unreadable (SafetensorError); rebuilding",
+             prefix="alexdist: dataset cache", normalize=lambda m: re.sub(r"synthetic-[0-9a-f]+", "synthetic-<hash>", m)),
         Case("fp16 without a GPU", ["precision=fp16"], 4, "precision=fp16 needs a GPU"),
         Case("output_dir that cannot be written", [f"output_dir={a_file}/run"], 5, "is not writable"),
         Case("disk full while saving a checkpoint", ["checkpoint.every_steps=2", "train.max_steps=6",
@@ -167,6 +181,8 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
              "is not a readable torch file"),
         Case("a crafted pickle in a checkpoint", [f"output_dir={crafted}"], 5, "would import posix.system",
              after=no_pwned),
+        Case("a crafted pickle in a ZeRO checkpoint (export)", [str(_ckpt(crafted_zero)), str(root / "out.safetensors")],
+             5, "would import posix.system", module="alexdist.export", after=no_pwned),
         Case("a truncated weights file (evaluate)", [str(weights)], 3, "is not a readable safetensors file",
              module="alexdist.evaluate"),
         Case("a ZeRO checkpoint on another world size", ["distributed.strategy=deepspeed",
@@ -202,8 +218,8 @@ def outcomes(tmp_path_factory, cache_dir):
     return root, list(zip(cases, procs))
 
 
-def _message(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("alexdist: error:")]
+def _message(proc: subprocess.CompletedProcess, prefix: str = "alexdist: error: ") -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(prefix)]
     assert len(lines) == 1, proc.stderr[-3000:]
     return lines[0].removeprefix("alexdist: error: ")
 
@@ -211,7 +227,7 @@ def _message(proc: subprocess.CompletedProcess) -> str:
 def test_every_bad_input_gets_one_line_an_exit_code_and_damages_nothing(outcomes):
     root, results = outcomes
     for case, proc in results:
-        msg = _message(proc)
+        msg = _message(proc, case.prefix)
         # Single-process runs exit with the error's own code; a launcher reports a failed worker as 1.
         code = case.exit_code if case.nproc == 1 and "distributed.strategy=deepspeed" not in case.args else 1
         assert proc.returncode == code, (case.title, proc.returncode, msg)
@@ -224,7 +240,7 @@ def test_every_bad_input_gets_one_line_an_exit_code_and_damages_nothing(outcomes
 def _render(root: Path, results) -> str:
     rows = []
     for case, proc in results:
-        msg = _message(proc).replace(str(root), "<dir>").replace(str(ROOT), ".")
+        msg = _message(proc, case.prefix).replace(str(root), "<dir>").replace(str(ROOT), ".")
         if case.normalize:
             msg = case.normalize(msg)
         msg = msg.replace("|", "\\|")
@@ -236,7 +252,7 @@ def _render(root: Path, results) -> str:
         "Generated from the runs in `tests/test_errors.py`, which fails when this file drifts from what the code "
         "prints; `ALEXDIST_UPDATE_DOCS=1 pytest tests/test_errors.py` rewrites it. `<dir>` stands for the "
         "test's directory. Exit code 75 is not an error: the run stopped on request and resumes.\n\n"
-        "| situation | exit | message (after `alexdist: error: `) |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+        "| situation | exit | message (printed after `alexdist: error: ` unless it starts with `alexdist:`) |\n|---|---|---|\n" + "\n".join(rows) + "\n"
     )
 
 

@@ -20,7 +20,7 @@ VARIANTS = {
     "base": [],
     "channels_last": ["speed.channels_last=true"],
     "host_data": ["speed.data_on_device=false"],
-    "fused": ["speed.optimizer_impl=fused"],
+    "foreach": ["speed.optimizer_impl=foreach"],
     "for_loop": ["speed.optimizer_impl=for_loop"],
     "eval_batch_7": ["train.eval_batch_size=7"],
     "compile": ["speed.compile=true"],
@@ -52,7 +52,7 @@ def _max_rel(a, b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,tol", [("channels_last", 1e-5), ("host_data", 0.0), ("fused", 1e-5),
+@pytest.mark.parametrize("name,tol", [("channels_last", 1e-5), ("host_data", 0.0), ("foreach", 1e-5),
                                       ("for_loop", 1e-5), ("compile", 1e-5)])
 def test_option_trains_like_the_run_without_it(runs, name, tol):
     assert len(_losses(runs["base"])) == 8
