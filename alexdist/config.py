@@ -141,8 +141,8 @@ class SpeedConfig(_Section):
     # torch.compile (inductor) through Accelerate's dynamo plugin. Costs compile time in the first steps (tens of
     # seconds on a GPU, minutes on a CPU) and again for each new input shape (e.g. the last evaluation batch).
     compile: bool = False
-    # Under fp16/bf16 autocast, BatchNorm computes in fp32 (as airbench keeps it). Under DeepSpeed the engine casts
-    # every parameter to its dtype and BatchNorm follows it.
+    # Under fp16/bf16 autocast, BatchNorm computes in fp32 (as airbench keeps it). Under DeepSpeed fp16/bf16 it
+    # always does: the engine casts BatchNorm's weights but not its running statistics.
     bn_fp32: bool = True
     # The whole uint8 dataset lives in device memory (CIFAR-10: 180 MB) and batches are built there. false: batches
     # are built on the host and copied from pinned memory without blocking (datasets larger than the device).

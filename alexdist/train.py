@@ -98,7 +98,7 @@ def train(recipe: Recipe) -> dict:
 
     torch.manual_seed(t_cfg.seed)  # the same initial weights on every rank and every world size
     model = build_model(recipe.model.name, input_size, recipe.model.dropout, recipe.model.width_mult)
-    model = speed.apply_to_model(model.to(device), recipe)  # channels_last, BatchNorm in fp32
+    model = speed.apply_to_model(model.to(device), recipe, deepspeed)  # channels_last, BatchNorm in fp32
     n_params = count_params(model)
     check_space(recipe.output_dir, 2 * checkpoint_bytes(n_params, recipe))
     lr = recipe.optim.lr * (batches.effective_batch / recipe.optim.ref_batch if recipe.optim.ref_batch else 1.0)

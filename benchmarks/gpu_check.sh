@@ -3,7 +3,7 @@
 # throughput against a bare PyTorch loop -> $OUT/gpu_check.{md,json}. See benchmarks/gpu_check.py.
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine; writes under $OUT (default: ./gpu_check_out)
-#   bash benchmarks/gpu_check.sh --cpu      # dry run on a CPU (fp32 + bf16, tiny model, 3 steps)
+#   bash benchmarks/gpu_check.sh --cpu      # dry run on a CPU (fp32 + bf16, tiny model, 8 steps)
 #
 # The device image has torch and accelerate but not deepspeed, wandb or alexdist's small dependencies: carry
 # them as wheels in .whl/ (ignored by git, see /work/.library/device/README.md), e.g. here:

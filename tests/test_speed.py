@@ -95,3 +95,26 @@ def _stats_of(x):
     bn = torch.nn.BatchNorm2d(4)
     bn(x)
     return bn.running_var
+
+
+def test_fp32_batchnorm_runs_with_half_weights_and_fp32_statistics_as_deepspeed_leaves_them():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 5, 5)
+    ref = torch.nn.BatchNorm2d(4)
+    want = ref(x.bfloat16().float())
+    bn = keep_batchnorm_fp32(torch.nn.Sequential(torch.nn.BatchNorm2d(4)))[0]
+    bn.weight.data, bn.bias.data = bn.weight.data.bfloat16(), bn.bias.data.bfloat16()  # DeepSpeed's cast
+    y = bn(x.bfloat16())
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and bn.weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_trains_the_batchnorm_model_like_fp32(runs, tmp_path, cache_dir):
+    out = tmp_path / "zero2-bf16"
+    extra = ["model.name=alexnet_bn", "precision=bf16", "train.max_steps=3", "train.batch_size=16"]
+    check(launch(RUN + extra + [f"output_dir={out}"], cache_dir, nproc=2, config_file="recipes/accelerate/zero2.yaml"))
+    assert summary(out)["strategy"] == "deepspeed" and summary(out)["effective_batch"] == 32
+    assert _max_rel(_losses(out), _losses(runs["fp32_3"])) < 0.05
