@@ -26,8 +26,7 @@ from common import ROOT, env, steady_images_per_s, train_images_per_s, train_run
 
 # (precision, width_mult, per-process batch, steps). bf16 has no native support on this CPU (~25x slower):
 # a narrower model keeps it to seconds.
-# The bare loop's BatchNorm runs in whatever autocast gives it; alexdist's default (speed.bn_fp32) computes it in
-# fp32, which is more work: the like-for-like row turns it off, the last row shows its cost.
+# The last row adds speed.bn_fp32 (BatchNorm arithmetic in fp32 under autocast: more work than the bare loop's).
 CASES = [("no", 1.0, 64, 20, []), ("bf16", 0.25, 32, 40, ["speed.bn_fp32=false"]),
          ("bf16", 0.25, 32, 40, ["speed.bn_fp32=true"])]
 ROUNDS = 3
@@ -84,7 +83,7 @@ def main() -> None:
             b.append(json.loads(out.stdout.strip().splitlines()[-1]))
             a.append(alexdist(precision, width, batch, steps, extra))
         name = "fp32" if precision == "no" else precision
-        name += {"speed.bn_fp32=false": "", "speed.bn_fp32=true": " + fp32 BatchNorm (default)"}.get(" ".join(extra), "")
+        name += {"speed.bn_fp32=false": "", "speed.bn_fp32=true": " + speed.bn_fp32 (option)"}.get(" ".join(extra), "")
         steady_b, steady_a = max(x[0] for x in b), max(x[0] for x in a)
         whole_b, whole_a = max(x[1] for x in b), max(x[1] for x in a)
         ratio = steady_b / steady_a  # step time alexdist / step time bare
