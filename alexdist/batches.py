@@ -52,6 +52,8 @@ def normalize(x: torch.Tensor, input_size: int) -> torch.Tensor:
 def augment(x: torch.Tensor, params: torch.Tensor, padding: int) -> torch.Tensor:
     """Random crop with zero padding and horizontal flip of a uint8 batch, as one gather on x's device.
 
+    The reference definition; TrainBatches computes the same with one indexing copy of precomputed views.
+
     Each output pixel's source in the zero-padded image is computed from the sample's offsets (dy, dx) and flip
     bit; one `gather` then does crop and flip together (3.5x faster on a CPU than advanced indexing).
     """
@@ -83,6 +85,25 @@ class TrainBatches:
     augment_cfg: AugmentConfig
     input_size: int
 
+    def __post_init__(self) -> None:
+        # Every crop of every image, plain and mirrored, as one strided view of the zero-padded dataset and its
+        # mirror image: a batch is then a single indexing copy (select + crop + flip at once; 2.2x faster than
+        # a gather with a computed index). Costs the padded dataset twice in memory (CIFAR-10, padding 4: 480 MB).
+        p = self.augment_cfg.crop_padding
+        padded = F.pad(self.x, (p,) * 4) if p else self.x
+        self._source = torch.stack([padded, padded.flip(-1)] if self.augment_cfg.flip else [padded]).contiguous()
+        copies, n, c, ph, pw = self._source.shape
+        k, s = 2 * p + 1, self._source.stride()
+        self._crops = self._source.as_strided((copies, n, k, k, c, ph - 2 * p, pw - 2 * p),
+                                              (s[0], s[1], pw, 1, ph * pw, pw, 1))
+
+    def _augmented(self, idx: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Images `idx`, cropped at (dy, dx) and flipped where the flip bit is set: equal to augment(x[idx], ...)."""
+        dy, dx, flip = params[:, 0], params[:, 1], params[:, 2]
+        # In the mirror image, the crop at dx of the original sits at 2 * padding - dx.
+        dx = torch.where(flip.bool(), 2 * self.augment_cfg.crop_padding - dx, dx)
+        return self._crops[flip, idx, dy, dx]
+
     @property
     def effective_batch(self) -> int:
         return self.batch_size * self.world * self.grad_accum
@@ -107,7 +128,7 @@ class TrainBatches:
             for j in range(self.grad_accum):
                 pos = self.positions(step, j)
                 idx = perm[pos]
-                xb = augment(self.x[idx], aug[pos], self.augment_cfg.crop_padding)
+                xb = self._augmented(idx, aug[pos])
                 micro.append((normalize(xb, self.input_size), self.y[idx]))
             yield micro
 

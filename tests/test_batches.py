@@ -111,3 +111,20 @@ def test_evaluation_counts_every_test_image_exactly_once(n, world):
     shards = [eval_shard(n, r, world).tolist() for r in range(world)]
     flat = [i for s in shards for i in s]
     assert sorted(flat) == list(range(n))
+
+
+@pytest.mark.parametrize("padding,flip", [(4, True), (2, False), (0, True), (0, False)])
+def test_batches_are_the_reference_augmentation_of_the_epoch_order(padding, flip):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.arange(40)
+    cfg = AugmentConfig(crop_padding=padding, flip=flip)
+    tb = TrainBatches(x, y, 4, 1, 0, 1, 3, cfg, 8)
+    perm = epoch_permutation(40, 3, 2)
+    params = epoch_augment_params(40, 3, 2, padding, flip)
+    for step, micro in enumerate(tb.epoch(2)):
+        (xb, yb), = micro
+        pos = tb.positions(step, 0)
+        want = augment(x[perm[pos]], params[pos], padding)
+        assert torch.equal(yb, y[perm[pos]])
+        assert torch.equal(xb, normalize(want, 8))
