@@ -35,23 +35,25 @@ class DivergenceGuard:
         self.fp16_scaler = not deepspeed and recipe.precision == "fp16"
         self.in_row = 0
         self.first_bad: int | None = None
-        self._buffers: list[torch.Tensor] | None = None
+        self._live: list[torch.Tensor] | None = None  # the model's buffers (detached views)
+        self._saved: list[torch.Tensor] = []
+        self._params: list[torch.nn.Parameter] | None = None
 
     def remember_buffers(self, model: torch.nn.Module) -> None:
         """Before a step: a copy of the BatchNorm statistics and counters (a few KB), which a NaN forward poisons.
-        One foreach copy into buffers allocated once, so the per-step cost stays in microseconds."""
-        bufs = list(plain_module(self.acc, model).buffers())
-        if self._buffers is None:
-            self._buffers = [b.detach().clone() for b in bufs]
-        elif bufs:
-            torch._foreach_copy_(self._buffers, [b.detach() for b in bufs])
+        One foreach copy into tensors allocated once; the buffers are looked up once (unwrapping the model costs
+        milliseconds: Accelerate probes the installed packages)."""
+        if self._live is None:
+            self._live = [b.detach() for b in plain_module(self.acc, model).buffers()]
+            self._saved = [b.clone() for b in self._live]
+        elif self._live:
+            torch._foreach_copy_(self._saved, self._live)
 
     def restore_buffers(self, model: torch.nn.Module) -> None:
         """After a skipped step: the statistics as they were, so the skipped step leaves no trace."""
-        bufs = [b.detach() for b in plain_module(self.acc, model).buffers()]
-        if bufs:
+        if self._live:
             with torch.no_grad():
-                torch._foreach_copy_(bufs, self._buffers)
+                torch._foreach_copy_(self._live, self._saved)
 
     def bad_flag(self, model: torch.nn.Module, loss: torch.Tensor, total_norm: torch.Tensor | None) -> torch.Tensor:
         """After backward, before the optimizer step: this rank's "the step is bad" as a device tensor (no sync;
@@ -60,7 +62,9 @@ class DivergenceGuard:
         bad = ~torch.isfinite(loss.detach())
         if self.own_skip:
             if total_norm is None:  # clipping computed it otherwise
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                if self._params is None:
+                    self._params = list(model.parameters())
+                grads = [p.grad for p in self._params if p.grad is not None]
                 total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
             bad = bad | ~torch.isfinite(total_norm.to(loss.device))
         elif self.deepspeed and self.optimizer.step_was_skipped:
