@@ -6,6 +6,7 @@ POINT is one of POINTS below; STEPS is an optimizer step `N`, a range `N-M` or `
 rank that faults (default 0, `*` for every rank). Examples:
 
     train:7:1            rank 1 is SIGKILLed right after optimizer step 7
+    hang:7:1             rank 1 stops responding after step 7 (distributed.timeout_s must end the job)
     save.weights:8       rank 0 is SIGKILLed while saving step 8, after the weights, before the optimizer state
     nan:5-:1             rank 1's loss is NaN at every step from 5 on
     enospc:8             saving step 8 fails as if the disk were full
@@ -35,6 +36,7 @@ POINTS = {
     "save.before_rename": "every file written and synced, checkpoint not yet renamed into place",
     "save.after_rename": "checkpoint complete, older ones not yet rotated",
     "save.rotate": "an old checkpoint marked for deletion, not yet deleted",
+    "hang": "the rank stops responding after the step, without dying (sleeps)",
     "nan": "the loss becomes NaN (not a kill)",
     "enospc": "the checkpoint save raises 'No space left on device' (not a kill)",
 }
@@ -92,6 +94,16 @@ def kill_point(point: str, step: int, output_dir: str | Path) -> None:
     record = {"point": point, "step": step, "rank": rank, "time": time.time(), "pid": os.getpid()}
     Path(output_dir, f"fault-{rank}.json").write_text(json.dumps(record))
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hang_point(step: int, output_dir: str | Path) -> None:
+    """Sleep for good (a rank stuck in I/O or a driver call): the others must not wait for it forever."""
+    if hit("hang", step):
+        rank = _rank()
+        Path(output_dir, f"fault-{rank}.json").write_text(json.dumps({"point": "hang", "step": step, "rank": rank,
+                                                                        "time": time.time(), "pid": os.getpid()}))
+        while True:
+            time.sleep(3600)
 
 
 def disk_full_point(step: int) -> None:

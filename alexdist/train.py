@@ -185,6 +185,7 @@ def train(recipe: Recipe) -> dict:
             state.global_step += 1
             state.step_in_epoch += 1
             faults.kill_point("train", state.global_step, recipe.output_dir)
+            faults.hang_point(state.global_step, recipe.output_dir)
             if bad:
                 guard.restore_buffers(model)
                 log.event("bad_step", state.global_step, epoch + 1, loss=loss.item(), loss_scale=guard.loss_scale())

@@ -119,3 +119,15 @@ def test_zero2_run_killed_at_9_points_finishes_with_the_uninterrupted_parameters
     assert [e["acc"] for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "test"] == [
         e["acc"] for e in read_jsonl(ref / "metrics.jsonl") if e["event"] == "test"
     ]
+
+
+def test_a_hung_rank_ends_the_job_within_the_collective_timeout(tmp_path, cache_dir):
+    """A rank that stops responding without dying: the others' next collective times out after
+    distributed.timeout_s, rank 0 says so, and the launcher then kills the hung rank (its SIGTERM grace is 30 s)."""
+    run = tmp_path / "hang"
+    proc, ended = _launch(RUN + [f"output_dir={run}", "distributed.timeout_s=10"], cache_dir, None, "hang:3:1")
+    hung = json.loads((run / "fault-1.json").read_text())["time"]
+    assert proc.returncode != 0
+    assert "lost contact with the other processes (Timed out" in proc.stderr
+    print(f"\nhung rank -> job gone in {ended - hung:.1f} s (timeout_s=10)")
+    assert 10 <= ended - hung < 10 + 30 + 20
