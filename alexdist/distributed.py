@@ -195,7 +195,8 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-_LOST_PEER = ("gloo", "NCCL", "Connection reset", "Connection closed", "timed out", "Timeout")
+# How gloo/NCCL word a collective that failed because a peer died or hung (lower case).
+_LOST_PEER = ("gloo", "nccl", "connection reset", "connection closed", "pair closure", "timed out", "timeout")
 
 
 def lost_peer(exc: BaseException) -> bool:
@@ -203,7 +204,7 @@ def lost_peer(exc: BaseException) -> bool:
     if isinstance(exc, torch.distributed.DistError):
         return True
     return isinstance(exc, RuntimeError) and torch.distributed.is_initialized() and any(
-        s in str(exc) for s in _LOST_PEER
+        s in str(exc).lower() for s in _LOST_PEER
     )
 
 
