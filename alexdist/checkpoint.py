@@ -179,8 +179,7 @@ class Checkpointer:
                 tmp.mkdir()
         except OSError as exc:
             error = exc
-        self._raise_if_failed(error, tmp, step)
-        self.acc.wait_for_everyone()
+        self._raise_if_failed(error, tmp, step)  # a collective: no rank writes before the directory exists
         try:
             faults.kill_point("save.begin", step, out)
             faults.disk_full_point(step)

@@ -9,8 +9,7 @@ Who detects a bad step depends on who owns the optimizer step:
 Every rank also flags a non-finite local loss, and everything is agreed, so all ranks count the same bad
 steps. `train.max_bad_steps` bad steps in a row, or an fp16 loss scale that has reached its minimum and still
 overflows, stop the run with DivergedError before anything is saved: the last checkpoint on disk is the last
-good one. A skipped step also gives back the
-BatchNorm running statistics its NaN forward pass wrote.
+good one. A skipped step also gives back the BatchNorm running statistics its NaN forward pass wrote.
 """
 
 from __future__ import annotations

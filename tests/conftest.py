@@ -94,7 +94,7 @@ def wait_for_step(run_dir: Path, step: int, timeout: float = 240) -> None:
                     if json.loads(line).get("step", 0) >= step:
                         return
                 except json.JSONDecodeError:
-                    pass
+                    continue  # the line being written right now
         time.sleep(0.2)
     raise TimeoutError(f"{run_dir} did not reach step {step} in {timeout} s")
 
