@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test test-fast bench gpu-check-dry-run
+.PHONY: setup quickstart test test-fast lint bench gpu-check-dry-run gpu-wheels docker-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 # Trains recipes/quickstart.yaml (digits, offline) on 2 CPU processes (DDP over gloo): about a minute.
 quickstart: setup
 	$(BIN)/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
-		--dynamo_backend no -m alexdist.train recipes/quickstart.yaml
+		--dynamo_backend no -m alexdist.train quickstart
 
 # The whole suite, multi-process tests included.
 test: setup
@@ -25,10 +25,21 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
+lint: setup
+	$(BIN)/ruff check .
+
 # Performance benchmarks -> benchmarks/results/*.{json,md} and SUMMARY.md (about 15 minutes on 2 cores).
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
-# The GPU check's matrix, tiny, on this CPU (the real one needs a GPU: bash benchmarks/gpu_check.sh).
+# The GPU check's script, tiny runs, on this CPU (the real one needs a GPU: bash benchmarks/gpu_check.sh).
 gpu-check-dry-run: setup
 	OUT=$${OUT:-gpu_check_out} bash benchmarks/gpu_check.sh --cpu
+
+# The wheels the GPU machine lacks (deepspeed, pydantic, hjson) -> .whl/, to carry to it.
+gpu-wheels: setup
+	bash benchmarks/gpu_wheels.sh
+
+# Build the Docker image and run the quickstart in it, without a registry or network (root, Debian; ~15 min).
+docker-check: setup
+	bash docker/check.sh

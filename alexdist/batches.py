@@ -14,8 +14,9 @@ Random crops (zero padding) and flips are drawn per epoch position from the same
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +40,18 @@ def epoch_augment_params(n: int, seed: int, epoch: int, padding: int, flip: bool
     return torch.cat([offs, flips], dim=1)
 
 
+@lru_cache(maxsize=8)
+def _norm_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and shift of the normalisation, copied to `device` once (a host-to-device copy per batch would
+    be a host sync on CUDA)."""
+    scale = torch.tensor([1 / (255 * s) for s in CIFAR_STD], device=device).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(CIFAR_MEAN, CIFAR_STD, strict=True)], device=device).view(1, 3, 1, 1)
+    return scale, shift
+
+
 def normalize(x: torch.Tensor, input_size: int) -> torch.Tensor:
     """uint8 (B,3,32,32) -> normalised float, upsampled (bilinear) when the model wants larger inputs."""
-    scale = torch.tensor([1 / (255 * s) for s in CIFAR_STD], device=x.device).view(1, 3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(CIFAR_MEAN, CIFAR_STD)], device=x.device).view(1, 3, 1, 1)
+    scale, shift = _norm_constants(x.device)
     out = x.float().mul_(scale).sub_(shift)  # (x/255 - mean)/std with one temporary
     if input_size != out.shape[-1]:
         out = F.interpolate(out, size=input_size, mode="bilinear", align_corners=False)
@@ -144,3 +153,15 @@ def eval_batches(
     idx = eval_shard(len(y), rank, world).to(x.device)
     for chunk in idx.split(batch_size):
         yield normalize(x[chunk], input_size), y[chunk]
+
+
+def to_device(t: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A batch built on the host (speed.data_on_device=false) to the device: from pinned memory, not blocking, so
+    the copy overlaps the previous step's kernels. A no-op for batches already on the device."""
+    if t.device != device:
+        if device.type == "cuda":
+            t = t.pin_memory()
+        t = t.to(device, non_blocking=True)
+    if channels_last and t.dim() == 4:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t

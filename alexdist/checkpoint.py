@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,8 +34,8 @@ import torch
 import yaml
 
 from alexdist import faults
-from alexdist.config import Recipe, dump_yaml, flatten
-from alexdist.distributed import plain_module
+from alexdist.config import CheckpointConfig, Recipe, dump_yaml, flatten
+from alexdist.distributed import any_rank, plain_module
 from alexdist.errors import CheckpointError, DivergedError, SetupError, brief
 from alexdist.safety import check_pickles
 
@@ -49,7 +50,6 @@ class TrainState:
     global_step: int = 0  # optimizer steps done
     epoch: int = 0  # 0-based epoch in progress (the next one when step_in_epoch == 0)
     step_in_epoch: int = 0  # optimizer steps done in `epoch`
-    samples_in_epoch: int = 0  # global samples consumed in `epoch` (= step_in_epoch x effective batch)
     effective_batch: int = 0
     world_size: int = 1
     strategy: str = "ddp"
@@ -85,21 +85,63 @@ def read_state(path: Path) -> TrainState:
     return TrainState(**{k: v for k, v in data.items() if k in known})
 
 
-class Checkpointer:
-    """Owns the checkpoint policy of one run. Every method is called on every rank, in the same order."""
+def save_due(cfg: CheckpointConfig, steps_per_epoch: int, global_step: int, step_in_epoch: int, *,
+             epoch_end: bool = False, stopping: bool = False) -> bool:
+    """The checkpoint policy. Asked after every optimizer step (`epoch_end` and `stopping` false), after each
+    epoch's evaluation (`epoch_end`: the epoch is complete) and when the run stops here (`stopping`: a stop
+    request, or the run's last step):
+    - a run that stops always leaves a checkpoint of where it stopped;
+    - after an epoch's evaluation: if checkpoint.epoch_end (the checkpoint then records the test accuracy);
+    - after a step: every checkpoint.every_steps steps, unless this step ends an epoch that is saved after its
+      evaluation anyway."""
+    if stopping:
+        return True
+    if epoch_end:
+        return cfg.epoch_end
+    saved_after_eval = cfg.epoch_end and step_in_epoch == steps_per_epoch
+    return bool(cfg.every_steps) and global_step % cfg.every_steps == 0 and not saved_after_eval
 
-    def __init__(self, accelerator, recipe: Recipe, model: torch.nn.Module):
+
+def keep_after_rotation(checkpoints: list[tuple[int, float | None]], keep: int) -> set[int]:
+    """The steps rotation keeps, from (step, test accuracy or None) oldest first: the newest `keep`, plus the
+    best by test accuracy (the later one on ties)."""
+    kept = {step for step, _ in checkpoints[-keep:]}
+    scored = [(acc, step) for step, acc in checkpoints if acc is not None]
+    if scored:
+        kept.add(max(scored)[1])
+    return kept
+
+
+class Checkpointer:
+    """Owns the checkpoint policy of one run. Every method is called on every rank, in the same order.
+
+    `snapshot` brings the TrainState up to date just before a save (the epoch's sums agreed over ranks, the
+    training time): it is only called when a checkpoint is written, because agreeing the sums is a collective.
+    """
+
+    def __init__(self, accelerator, recipe: Recipe, model: torch.nn.Module, steps_per_epoch: int,
+                 snapshot: Callable[[TrainState], None] = lambda state: None):
         self.acc = accelerator
         self.model = model
         self.recipe = recipe
         self.cfg = recipe.checkpoint
+        self.steps_per_epoch = steps_per_epoch
+        self.snapshot = snapshot
         self.root = Path(recipe.output_dir) / "checkpoints"
         self._step = 0  # the step being saved
         self._ddp_weights_hooks()
 
     # -- when ---------------------------------------------------------------------------------------------
-    def due_at_step(self, step: int) -> bool:
-        return bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
+    def due(self, state: TrainState, *, epoch_end: bool = False, stopping: bool = False) -> bool:
+        return save_due(self.cfg, self.steps_per_epoch, state.global_step, state.step_in_epoch,
+                        epoch_end=epoch_end, stopping=stopping)
+
+    def maybe_save(self, state: TrainState, *, epoch_end: bool = False, stopping: bool = False) -> Path | None:
+        """Save if the policy says so (see `due`); the checkpoint's path, or None."""
+        if not self.due(state, epoch_end=epoch_end, stopping=stopping):
+            return None
+        self.snapshot(state)
+        return self.save(state)
 
     def latest(self) -> str | None:
         found = complete_checkpoints(self.recipe.output_dir)
@@ -132,7 +174,8 @@ class Checkpointer:
         if state.strategy != strategy:
             raise SetupError(
                 f"checkpoint {path} was written by {state.strategy}, this run uses {strategy}; resume with "
-                f"distributed.strategy={state.strategy}, or export the weights (python -m alexdist.export) and start fresh"
+                f"distributed.strategy={state.strategy}, or export the weights (python -m alexdist.export) and start "
+                f"fresh"
             )
         if strategy == "deepspeed" and state.world_size != world:
             raise SetupError(
@@ -186,7 +229,7 @@ class Checkpointer:
             self.acc.save_state(str(tmp))
             faults.kill_point("save.state", step, out)
             if self.acc.is_main_process:
-                (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+                (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")  # tmp/: atomic as a whole
                 (tmp / "config.yaml").write_text(dump_yaml(self.recipe))
                 _fsync_tree(tmp)
         except OSError as exc:
@@ -203,10 +246,7 @@ class Checkpointer:
 
     def _agree(self, ok: bool) -> bool:
         """True on every rank if `ok` holds on every rank (a collective)."""
-        if self.acc.num_processes == 1:
-            return ok
-        flag = torch.tensor([0.0 if ok else 1.0], device=self.acc.device)
-        return self.acc.reduce(flag, reduction="sum").item() == 0
+        return not any_rank(self.acc, torch.tensor([0.0 if ok else 1.0], device=self.acc.device))[0]
 
     def _raise_if_failed(self, error: OSError | None, tmp: Path, step: int) -> None:
         if self._agree(error is None):
@@ -223,12 +263,9 @@ class Checkpointer:
 
     def _rotate(self) -> None:
         ckpts = complete_checkpoints(self.recipe.output_dir)
-        keep = set(ckpts[-self.cfg.keep :])
-        scored = [(s.test_acc, _step_of(p), p) for p in ckpts if (s := read_state(p)).test_acc is not None]
-        if scored:
-            keep.add(max(scored)[2])  # best accuracy; the later one on ties
+        keep = keep_after_rotation([(_step_of(p), read_state(p).test_acc) for p in ckpts], self.cfg.keep)
         for p in ckpts:
-            if p not in keep:
+            if _step_of(p) not in keep:
                 doomed = p.with_name(f".del-{p.name}")
                 os.replace(p, doomed)  # atomic: the checkpoint is gone from resume's view in one step
                 faults.kill_point("save.rotate", self._step, self.recipe.output_dir)

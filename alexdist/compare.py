@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from alexdist.config import flatten
+from alexdist.fileio import read_jsonl
 
 STALE_AFTER_S = 600  # a run whose metrics have not moved for this long, with no summary, has died
 
@@ -53,11 +54,7 @@ def from_run_dir(path: str | Path, now: float | None = None) -> RunRecord:
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
     history, last_event = [], 0.0
     metrics = path / "metrics.jsonl"
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for e in read_jsonl(metrics) if metrics.is_file() else []:
         if e.get("event") == "test":
             history.append({**{k: e.get(k) for k in ("epoch", "step", "acc", "loss", "elapsed_s")},
                             "partial": bool(e.get("partial_epoch"))})
@@ -160,7 +157,8 @@ def build_row(rec: RunRecord, target_acc: float | None = None) -> dict:
         "final_test_acc": h[-1]["acc"] if h else None,
         "best_epoch": best["epoch"] if best else None,
         "images_per_s": s.get("images_per_s"),
-        "wall_time_s": s.get("train_time_s") if s.get("train_time_s") is not None else (h[-1]["elapsed_s"] if h else None),
+        "wall_time_s": s["train_time_s"] if s.get("train_time_s") is not None else (
+            h[-1]["elapsed_s"] if h else None),
         "time_to_target_s": reached["elapsed_s"] if reached else None,
         "status": status,
     }
@@ -205,10 +203,11 @@ def plot(records: list[RunRecord], rows: list[dict], out_dir: str | Path) -> lis
     for metric, ylabel in (("acc", "test accuracy"), ("loss", "test loss")):
         for xkey, xlabel in (("epoch", "epoch"), ("elapsed_s", "training wall time (s)")):
             fig, ax = plt.subplots(figsize=(10, 6), dpi=100)
-            for rec, row in zip(records, rows):
-                pts = [(e[xkey], e[metric]) for e in _epoch_history(rec.history) if e.get(xkey) is not None and e.get(metric) is not None]
+            for rec, row in zip(records, rows, strict=True):
+                pts = [(e[xkey], e[metric]) for e in _epoch_history(rec.history)
+                       if e.get(xkey) is not None and e.get(metric) is not None]
                 if pts:
-                    xs, ys = zip(*pts)
+                    xs, ys = zip(*pts, strict=False)
                     ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5,
                             label=f"{row['run']} ({row['model']}, {row['strategy']}, {row['world_size']}p)")
             ax.set_xlabel(xlabel, fontsize=12)
@@ -226,8 +225,8 @@ def plot(records: list[RunRecord], rows: list[dict], out_dir: str | Path) -> lis
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m alexdist.compare", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m alexdist.compare") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="*", help="run directories or globs (runs/*)")
     ap.add_argument("--wandb", metavar="ENTITY/PROJECT", help="fetch runs from W&B instead (online)")
     ap.add_argument("--group", help="with --wandb: only this group")
@@ -254,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     order = known + [i for i in range(len(rows)) if rows[i][args.sort] is None]  # unknown values last
     rows, records = [rows[i] for i in order], [records[i] for i in order]
     extra = differing_config(records)
-    for row, rec in zip(rows, records):
+    for row, rec in zip(rows, records, strict=False):
         row.update({k: rec.config.get(k) for k in extra})
     print(markdown(rows, extra))
     if args.csv:

@@ -100,10 +100,15 @@ class DistributedConfig(_Section):
     fp16_initial_scale_power: int = Field(default=16, ge=0, le=32)
     fp16_loss_scale_window: int = Field(default=1000, ge=1)
     fp16_hysteresis: int = Field(default=2, ge=1)
-    fp16_min_loss_scale: float = Field(default=1.0, gt=0)
-    # A collective that waits longer than this fails the run instead of hanging: the bound for a process that
-    # hangs without dying (one that dies is noticed at once). Long enough for rank 0 to decode the dataset.
-    timeout_s: int = Field(default=1800, ge=10)
+    # An int: DeepSpeed validates it as one (0.5 would fail at prepare).
+    fp16_min_loss_scale: int = Field(default=1, ge=1)
+    # From the first optimizer step on, a collective that waits longer than this fails the run instead of
+    # hanging: the bound for a rank that hangs, and on NCCL also for one that died (gloo notices a closed
+    # connection at once; NCCL waits for this timeout). A step, an evaluation or a save takes far less.
+    timeout_s: int = Field(default=300, ge=10)
+    # The allowance before the first step: rank 0 decoding the dataset while the others wait, process-group
+    # and NCCL set-up, a first torch.compile or DeepSpeed op build.
+    setup_timeout_s: int = Field(default=1800, ge=10)
 
 
 class CheckpointConfig(_Section):
@@ -151,6 +156,12 @@ class SpeedConfig(_Section):
     # Optimizer kernels. auto: fused (one kernel for all parameters) on CUDA and CPU; foreach batches the
     # per-parameter updates; for_loop is the plain loop.
     optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    # CUDA only. TF32 tensor cores for fp32 matmuls and convolutions (10-bit mantissa products, fp32 sums: the
+    # usual trade for fp32 training on Ampere and later; false gives IEEE fp32).
+    tf32: bool = True
+    # CUDA only. cuDNN times its convolution algorithms on the first batch of each shape and keeps the fastest
+    # (fixed 32 px shapes: a one-time cost; not bit-reproducible across runs).
+    cudnn_benchmark: bool = True
 
 
 class Recipe(_Section):
@@ -165,7 +176,9 @@ class Recipe(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
-    precision: Literal["no", "fp16", "bf16"] = "no"
+    # no (fp32), fp16/bf16 (mixed precision), fp64 (float64 everywhere: a slow debug precision in which the
+    # equivalence of world sizes, accumulation and strategies holds to ~1e-15, whatever the kernels).
+    precision: Literal["no", "fp16", "bf16", "fp64"] = "no"
     output_dir: str = "runs/default"
 
     @field_validator("precision", mode="before")
@@ -174,7 +187,7 @@ class Recipe(_Section):
         return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` (precision=no) as false
 
     @model_validator(mode="after")
-    def _known_model(self) -> "Recipe":
+    def _known_model(self) -> Recipe:
         from alexdist.models import MODELS  # late import: models imports torch
 
         if self.model.name not in MODELS:
@@ -244,13 +257,48 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that ship inside the package, by name (`bn` -> .../alexdist/recipes/bn.yaml)."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def recipe_summary(path: Path) -> str:
+    """What a recipe reproduces: the first sentence of its leading comment."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#") or line.startswith("#  "):
+            break
+        lines.append(line.lstrip("# ").strip())
+    text = " ".join(lines)
+    return text.split(". ")[0].rstrip(".") if text else ""
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file: an existing path, else a shipped recipe's name (with or without `.yaml`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    name = path.name.removesuffix(".yaml")
+    if str(name_or_path) in (name, f"{name}.yaml", f"recipes/{name}.yaml") and name in shipped:
+        return shipped[name]  # e.g. `recipes/bn.yaml` typed outside a clone
+    near = difflib.get_close_matches(name, shipped, n=1)
+    hint = f"did you mean '{near[0]}'? " if near else ""
+    raise ConfigError(
+        f"recipe '{name_or_path}' not found; {hint}give a YAML file or a shipped recipe: {', '.join(shipped)} "
+        f"(`alexdist recipes` lists them)"
+    )
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Read a recipe file, apply dotted overrides, validate. Raises ConfigError with a one-line message."""
+    """Read a recipe (a file or a shipped recipe's name), apply dotted overrides, validate. Raises ConfigError
+    with a one-line message."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe '{path}' not found; pass a YAML file such as recipes/quickstart.yaml")
+        path = find_recipe(path)
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:

@@ -3,7 +3,7 @@
 Sources (`data.source`):
 - a Hub id such as `uoft-cs/cifar10`, loaded with `datasets` (needs the network, or the Hub cache);
 - a local folder in the Hub's parquet layout (`.../train-*.parquet`, `.../test-*.parquet`, as written by
-  `huggingface-cli download uoft-cs/cifar10 --repo-type dataset --local-dir DIR`);
+  `hf download uoft-cs/cifar10 --repo-type dataset --local-dir DIR`);
 - a local torchvision `cifar-10-batches-py` folder (or its parent);
 - `digits`: scikit-learn's bundled 8x8 handwritten digits, upscaled to 32x32x3 (real data, no network);
 - `synthetic`: random images, for benchmarks.
@@ -26,6 +26,7 @@ import torch
 
 from alexdist.config import DataConfig
 from alexdist.errors import DataError
+from alexdist.fileio import atomic_path
 
 CACHE_VERSION = 1  # bump when the decoded format changes
 
@@ -53,7 +54,7 @@ def detect_layout(path: Path) -> str:
         return "parquet"
     raise DataError(
         f"'{path}' is in no known dataset layout: expected the Hub parquet layout (train-*.parquet and "
-        f"test-*.parquet, from `huggingface-cli download uoft-cs/cifar10 --repo-type dataset --local-dir DIR`) "
+        f"test-*.parquet, from `hf download uoft-cs/cifar10 --repo-type dataset --local-dir DIR`) "
         f"or torchvision's cifar-10-batches-py folder (data_batch_1..5, test_batch)"
     )
 
@@ -95,9 +96,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
                   f"{cfg.source}", file=sys.stderr)
     ds = decode_source(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in ds.tensors().items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in ds.tensors().items()}, str(tmp))
     return ds
 
 
@@ -128,7 +128,7 @@ def _hub(repo_id: str, revision: str | None) -> Dataset:
     except Exception as exc:
         raise DataError(
             f"could not load '{repo_id}' from the Hugging Face Hub ({type(exc).__name__}); with no network, copy it "
-            f"from a machine that has one (`huggingface-cli download {repo_id} --repo-type dataset --local-dir "
+            f"from a machine that has one (`hf download {repo_id} --repo-type dataset --local-dir "
             f"DIR`) and set data.source=DIR"
         ) from None
     return _from_hf(dd, repo_id)
@@ -174,7 +174,9 @@ def _torchvision(root: Path) -> Dataset:
         for n in names:
             f = root / n
             if not f.is_file():
-                raise DataError(f"'{f}' is missing; the cifar-10-batches-py folder needs data_batch_1..5 and test_batch")
+                raise DataError(
+                    f"'{f}' is missing; the cifar-10-batches-py folder needs data_batch_1..5 and test_batch"
+                )
             try:
                 with open(f, "rb") as fh:
                     # torchvision's own format is a Python pickle; only point this at a folder you trust.

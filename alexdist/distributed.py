@@ -19,16 +19,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from alexdist.config import Recipe
 from alexdist.errors import SetupError
-from alexdist.speed import dynamo_plugin
-
-
-def launched_world_size() -> int:
-    """World size announced by the launcher (torchrun / accelerate launch), before any process group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_launch_rank_zero() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+from alexdist.launcher import launched_world_size
 
 
 def _env_flag(name: str) -> bool:
@@ -81,9 +72,14 @@ def _resolve(recipe: Recipe) -> tuple[str, int | None]:
     return "ddp", None
 
 
+def amp_mode(precision: str) -> str:
+    """Accelerate's mixed_precision for a recipe precision (fp64 is a dtype, not a mixed precision)."""
+    return "no" if precision == "fp64" else precision
+
+
 def _check_launcher_precision(recipe: Recipe) -> None:
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launched not in ("no", recipe.precision):
+    if launched not in ("no", amp_mode(recipe.precision)):
         raise SetupError(
             f"the launcher says --mixed_precision {launched} but the recipe says precision={recipe.precision}; "
             f"set precision={launched} or launch with --mixed_precision {recipe.precision}"
@@ -126,7 +122,7 @@ def deepspeed_plugin(recipe: Recipe, stage: int):
             "initial_scale_power": d.fp16_initial_scale_power,
             "loss_scale_window": d.fp16_loss_scale_window,
             "hysteresis": d.fp16_hysteresis,
-            "min_loss_scale": d.fp16_min_loss_scale,
+            "min_loss_scale": d.fp16_min_loss_scale,  # an int: DeepSpeed validates it as one
         },
         "bf16": {"enabled": recipe.precision == "bf16"},
         "steps_per_print": 2**62,
@@ -135,7 +131,9 @@ def deepspeed_plugin(recipe: Recipe, stage: int):
     return DeepSpeedPlugin(hf_ds_config=config)
 
 
-def make_accelerator(recipe: Recipe, strategy: str, stage: int | None, log_with: list[str] | None = None) -> Accelerator:
+def make_accelerator(
+    recipe: Recipe, strategy: str, stage: int | None, log_with: list[str] | None = None
+) -> Accelerator:
     """The Accelerator for a resolved strategy (see resolve_strategy)."""
     if recipe.precision == "fp16" and not torch.cuda.is_available():
         raise SetupError(
@@ -143,8 +141,11 @@ def make_accelerator(recipe: Recipe, strategy: str, stage: int | None, log_with:
             "precision=no"
         )
     _check_launcher_precision(recipe)
-    # The timeout bounds a collective that waits on a process which hangs (one that dies fails it at once).
-    timeout = timedelta(seconds=recipe.distributed.timeout_s)
+    if recipe.precision == "fp64" and strategy == "deepspeed":
+        raise SetupError("precision=fp64 is not supported by DeepSpeed; use precision=no (fp32) or the ddp strategy")
+    # Setup (rank 0 decoding the dataset while the others wait, a first compilation) may take long; the
+    # shorter distributed.timeout_s applies from the first optimizer step on (set_step_timeout).
+    timeout = timedelta(seconds=max(recipe.distributed.setup_timeout_s, recipe.distributed.timeout_s))
     if not torch.cuda.is_available() and launched_world_size() > 1:
         handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     else:
@@ -160,7 +161,7 @@ def make_accelerator(recipe: Recipe, strategy: str, stage: int | None, log_with:
         # the gloo backend alone forms the group but leaves the model unwrapped (no gradient sync). For DeepSpeed
         # `cpu=True` would silently drop the plugin: there the gloo backend alone is right.
         cpu=not torch.cuda.is_available() and strategy == "ddp",
-        mixed_precision=recipe.precision,
+        mixed_precision=amp_mode(recipe.precision),
         **extra,
         # We size schedules in optimizer steps and step the scheduler once per optimizer step ourselves;
         # Accelerate's default would step it once per process.
@@ -195,17 +196,51 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-# How gloo/NCCL word a collective that failed because a peer died or hung (lower case).
-_LOST_PEER = ("gloo", "nccl", "connection reset", "connection closed", "pair closure", "timed out", "timeout")
+def dynamo_plugin(recipe: Recipe):
+    """Accelerate's TorchDynamoPlugin for speed.compile (None: no compilation, whatever the launcher's env says)."""
+    from accelerate.utils import TorchDynamoPlugin
+
+    return TorchDynamoPlugin(backend="inductor" if recipe.speed.compile else "no")
+
+
+def set_step_timeout(seconds: int) -> None:
+    """From now on a collective that waits longer than `seconds` fails (the default group, gloo or NCCL).
+
+    The group was created with the longer setup allowance; training steps, evaluations and saves take far
+    less. On NCCL, a peer that died is only noticed this way: the watchdog aborts the collective after the
+    timeout (gloo notices a closed connection at once).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # torch < 2.14
+    set_timeout(timedelta(seconds=seconds))
+
+
+def any_rank(accelerator, flags: torch.Tensor) -> list[bool]:
+    """For each entry of `flags` (floats on the device, non-zero = set), whether it is set on any rank.
+
+    One all-reduce and one host sync, the same answer on every rank: call it on all ranks, in the same order.
+    """
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    return [v > 0 for v in flags.tolist()]
+
+
+# How gloo and NCCL word a collective that failed because a peer died or hung (lower case). Not just "nccl":
+# NCCL's own errors (invalid usage, a CUDA error inside a kernel) are bugs or broken devices, not a lost peer.
+_LOST_PEER = ("connection reset", "connection closed", "closed by peer", "pair closure", "broken pipe",
+              "timed out", "timeout", "remote process exited", "ncclremoteerror", "network error", "watchdog")
 
 
 def lost_peer(exc: BaseException) -> bool:
     """Whether an exception is a collective failing because another process died or hung."""
-    if isinstance(exc, torch.distributed.DistError):
-        return True
-    return isinstance(exc, RuntimeError) and torch.distributed.is_initialized() and any(
-        s in str(exc).lower() for s in _LOST_PEER
-    )
+    dist = torch.distributed
+    if isinstance(exc, (dist.DistNetworkError, dist.DistStoreError)):
+        return True  # the rendezvous store or a connection is gone
+    if not isinstance(exc, RuntimeError) or not (dist.is_available() and dist.is_initialized()):
+        return False
+    return any(s in str(exc).lower() for s in _LOST_PEER)
 
 
 def plain_module(accelerator, model: torch.nn.Module) -> torch.nn.Module:

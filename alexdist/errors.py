@@ -1,8 +1,16 @@
 """User-facing errors: each carries one line that says what is wrong and how to fix it.
 
-The entry points catch `AlexdistError`, print `alexdist: error: <message>` once and exit with `exit_code`,
-instead of a traceback.
+Every command's `main` runs its work through `run_command`, which catches `AlexdistError`, prints
+`alexdist: error: <message>` once and returns the error's exit code, instead of a traceback.
 """
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+from alexdist.launcher import launch_rank, launched_world_size
 
 
 def brief(exc: BaseException, limit: int = 160) -> str:
@@ -25,7 +33,7 @@ class ConfigError(AlexdistError):
 
 
 class DataError(AlexdistError):
-    """A dataset source is missing, unreadable or in an unknown layout."""
+    """A dataset source, weights file or image is missing, unreadable or in an unknown layout."""
 
     exit_code = 3
 
@@ -46,3 +54,20 @@ class DivergedError(AlexdistError):
     """Training produced non-finite losses/gradients for too long; the last good checkpoint is kept."""
 
     exit_code = 6
+
+
+def run_command(body: Callable[[], int]) -> int:
+    """Run a command's body; an AlexdistError becomes one line on stderr and its exit code.
+
+    Under a launcher every rank usually hits the same error: rank 0 says it once. The launcher kills the other
+    ranks as soon as one exits, so the others wait a moment before exiting, or rank 0 could be killed before it
+    has said anything.
+    """
+    try:
+        return body()
+    except AlexdistError as exc:
+        if launch_rank() == 0:
+            print(f"alexdist: error: {exc}", file=sys.stderr)
+        elif launched_world_size() > 1:
+            time.sleep(3)
+        return exc.exit_code

@@ -7,6 +7,7 @@ rank that faults (default 0, `*` for every rank). Examples:
 
     train:7:1            rank 1 is SIGKILLed right after optimizer step 7
     hang:7:1             rank 1 stops responding after step 7 (distributed.timeout_s must end the job)
+    slow_setup:20        rank 0 loads the data 20 s slower (distributed.setup_timeout_s must allow for it)
     save.weights:8       rank 0 is SIGKILLed while saving step 8, after the weights, before the optimizer state
     nan:5-:1             rank 1's loss is NaN at every step from 5 on
     enospc:8             saving step 8 fails as if the disk were full
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from alexdist.launcher import launch_rank
+
 ENV = "ALEXDIST_FAULT"
 POINTS = {
     "train": "after the optimizer step",
@@ -37,6 +40,7 @@ POINTS = {
     "save.after_rename": "checkpoint complete, older ones not yet rotated",
     "save.rotate": "an old checkpoint marked for deletion, not yet deleted",
     "hang": "the rank stops responding after the step, without dying (sleeps)",
+    "slow_setup": "the rank takes STEPS seconds longer to load its data (the others wait in a collective)",
     "nan": "the loss becomes NaN (not a kill)",
     "enospc": "the checkpoint save raises 'No space left on device' (not a kill)",
 }
@@ -78,32 +82,37 @@ def _active() -> tuple[Fault, ...]:
     return tuple(parse(os.environ.get(ENV, "")))
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def hit(point: str, step: int) -> bool:
-    return any(f.matches(point, step, _rank()) for f in _active())
+    return any(f.matches(point, step, launch_rank()) for f in _active())
+
+
+def _record(point: str, step: int, output_dir: str | Path) -> None:
+    """fault-<rank>.json: what fired, when, in which process (tests measure how long the others take)."""
+    rank = launch_rank()
+    record = {"point": point, "step": step, "rank": rank, "time": time.time(), "pid": os.getpid()}
+    Path(output_dir, f"fault-{rank}.json").write_text(json.dumps(record))
 
 
 def kill_point(point: str, step: int, output_dir: str | Path) -> None:
     """SIGKILL this process if a fault is set for this point, step and rank (no cleanup runs, as in a crash)."""
-    if not hit(point, step):
-        return
-    rank = _rank()
-    record = {"point": point, "step": step, "rank": rank, "time": time.time(), "pid": os.getpid()}
-    Path(output_dir, f"fault-{rank}.json").write_text(json.dumps(record))
-    os.kill(os.getpid(), signal.SIGKILL)
+    if hit(point, step):
+        _record(point, step, output_dir)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def hang_point(step: int, output_dir: str | Path) -> None:
     """Sleep for good (a rank stuck in I/O or a driver call): the others must not wait for it forever."""
     if hit("hang", step):
-        rank = _rank()
-        Path(output_dir, f"fault-{rank}.json").write_text(json.dumps({"point": "hang", "step": step, "rank": rank,
-                                                                        "time": time.time(), "pid": os.getpid()}))
+        _record("hang", step, output_dir)
         while True:
             time.sleep(3600)
+
+
+def slow_setup_point() -> None:
+    """Sleep for the number of seconds a `slow_setup:SECONDS[:RANK]` fault names (a slow dataset decode)."""
+    for f in _active():
+        if f.point == "slow_setup" and (f.rank is None or f.rank == launch_rank()):
+            time.sleep(f.first)
 
 
 def disk_full_point(step: int) -> None:

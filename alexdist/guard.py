@@ -1,11 +1,15 @@
 """Divergence guard: skip optimizer steps whose loss or gradients are NaN/inf, and stop a run that keeps at it.
 
 Who detects a bad step depends on who owns the optimizer step:
-- DDP in fp32/bf16: we do. After backward (gradients already all-reduced) each rank flags a non-finite loss or
-  gradient norm; the flags are agreed in the step's one all-reduce, which also carries stop requests and is
-  the step's only host sync; a bad step is then skipped on every rank.
-- fp16 under Accelerate (GradScaler) and DeepSpeed (ZeRO's own overflow check on the global gradient norm): the
-  loss scaler skips the step and lowers the scale, as usual; we read `optimizer.step_was_skipped`.
+- DDP (fp32, bf16, fp64 and fp16): we do. After backward (gradients already all-reduced; under fp16 unscaled
+  first) each rank flags a non-finite loss or gradient norm; the flags are agreed in the step's one all-reduce,
+  which also carries stop requests and is the step's only host sync. In fp32/bf16/fp64 a bad step is then not
+  handed to the optimizer at all. Under fp16 it still is: the GradScaler must see it to lower its scale, and it
+  skips the update itself. We never ask Accelerate whether the scaler skipped (`optimizer.step_was_skipped`):
+  with a fused optimizer the scaler hands every step to the kernel, which skips internally, so Accelerate
+  always says "not skipped" (accelerate #4242) and the schedule would advance on skipped steps.
+- DeepSpeed: ZeRO's own overflow check on the global gradient norm skips the step inside the engine's step
+  (which Accelerate runs in backward); we read `optimizer.step_was_skipped`, the engine's overflow flag.
 Every rank also flags a non-finite local loss, and everything is agreed, so all ranks count the same bad
 steps. `train.max_bad_steps` bad steps in a row, or an fp16 loss scale that has reached its minimum and still
 overflows, stop the run with DivergedError before anything is saved: the last checkpoint on disk is the last
@@ -20,6 +24,11 @@ import torch
 
 from alexdist.config import Recipe
 from alexdist.distributed import plain_module
+from alexdist.errors import DivergedError
+
+# The words of DeepSpeed's DynamicLossScaler when the scale is at its minimum and the step still overflows
+# (deepspeed/runtime/fp16/loss_scaler.py raises a plain Exception inside backward).
+DEEPSPEED_MIN_SCALE = "loss scale already at minimum"
 
 
 class DivergenceGuard:
@@ -29,9 +38,9 @@ class DivergenceGuard:
         self.max_bad = recipe.train.max_bad_steps
         self.min_scale = recipe.distributed.fp16_min_loss_scale
         self.deepspeed = deepspeed
-        # Whether we decide the skip ourselves (no loss scaler owns the step).
-        self.own_skip = not deepspeed and recipe.precision != "fp16"
-        self.fp16_scaler = not deepspeed and recipe.precision == "fp16"
+        self.fp16_scaler = not deepspeed and getattr(accelerator, "scaler", None) is not None
+        # Whether we keep a bad step from the optimizer ourselves (no loss scaler owns the step).
+        self.own_skip = not deepspeed and not self.fp16_scaler
         self.in_row = 0
         self.first_bad: int | None = None
         self._live: list[torch.Tensor] | None = None  # the model's buffers (detached views)
@@ -48,7 +57,7 @@ class DivergenceGuard:
         elif self._live:
             torch._foreach_copy_(self._saved, self._live)
 
-    def restore_buffers(self, model: torch.nn.Module) -> None:
+    def restore_buffers(self) -> None:
         """After a skipped step: the statistics as they were, so the skipped step leaves no trace."""
         if self._live:
             with torch.no_grad():
@@ -56,29 +65,24 @@ class DivergenceGuard:
 
     def bad_flag(self, model: torch.nn.Module, loss: torch.Tensor, total_norm: torch.Tensor | None) -> torch.Tensor:
         """After backward, before the optimizer step: this rank's "the step is bad" as a device tensor (no sync;
-        the caller agrees it across ranks). The loss, and the gradient norm where we own the skip; under
-        DeepSpeed the engine has already checked the global norm in backward and skipped the step."""
+        the caller agrees it across ranks). `total_norm` is the clipped gradients' norm, if clipping ran (under
+        fp16 it unscaled the gradients first)."""
         bad = ~torch.isfinite(loss.detach())
-        if self.own_skip:
-            if total_norm is None:  # clipping computed it otherwise
-                if self._params is None:
-                    self._params = list(model.parameters())
-                grads = [p.grad for p in self._params if p.grad is not None]
-                total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
-            bad = bad | ~torch.isfinite(total_norm.to(loss.device))
-        elif self.deepspeed and self.optimizer.step_was_skipped:
-            bad = torch.ones_like(bad)
-        return bad
-
-    def scaler_skipped(self) -> bool:
-        """fp16 under Accelerate: whether the GradScaler skipped this step (inf/NaN in the scaled gradients)."""
-        return self.fp16_scaler and bool(self.optimizer.step_was_skipped)
+        if self.deepspeed:  # the engine checked the global norm in backward and skipped the step already
+            return torch.ones_like(bad) if self.optimizer.step_was_skipped else bad
+        if total_norm is None:
+            if self.fp16_scaler:
+                self.acc.unscale_gradients()  # the scaler's own inf check; its step() then sees the result
+            if self._params is None:
+                self._params = list(model.parameters())
+            grads = [p.grad for p in self._params if p.grad is not None]
+            total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
+        return bad | ~torch.isfinite(total_norm.to(loss.device))
 
     def loss_scale(self) -> float | None:
-        """The current fp16 loss scale (GradScaler or DeepSpeed), None when there is none."""
-        scaler = getattr(self.acc, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            return float(scaler.get_scale())
+        """The current fp16 loss scale (GradScaler or DeepSpeed), None when there is none. A host sync."""
+        if self.fp16_scaler:
+            return float(self.acc.scaler.get_scale())
         inner = getattr(self.optimizer, "optimizer", None)
         scale = getattr(inner, "loss_scale", None) if inner is not None else None
         return float(scale) if isinstance(scale, (int, float)) and getattr(inner, "dynamic_loss_scale", False) else None
@@ -101,6 +105,20 @@ class DivergenceGuard:
             return f"the loss or gradients were NaN/inf for {self.in_row} optimizer steps in a row ({span}, " \
                    f"train.max_bad_steps={self.max_bad})"
         return None
+
+
+def diverged(why: str, newest_checkpoint: str | None) -> DivergedError:
+    """The one-line error of a run that had to stop because it diverged."""
+    return DivergedError(
+        f"training diverged: {why}; the newest checkpoint ({newest_checkpoint or 'none yet'}) holds good "
+        f"weights (skipped steps change nothing, non-finite weights are never saved): resume from it with a "
+        f"lower optim.lr or with train.grad_clip set"
+    )
+
+
+def deepspeed_min_scale(exc: BaseException) -> bool:
+    """Whether an exception from DeepSpeed's backward is its loss scaler giving up at the minimum scale."""
+    return DEEPSPEED_MIN_SCALE in str(exc)
 
 
 def nan_like(x: torch.Tensor) -> torch.Tensor:

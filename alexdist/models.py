@@ -16,8 +16,8 @@ stride-4 stem would shrink a CIFAR image to 7 px before the first pool.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ NUM_CLASSES = 10
 
 
 def _w(c: int, mult: float) -> int:
-    return max(8, int(round(c * mult)))
+    return max(8, round(c * mult))
 
 
 def _classifier(in_features: int, hidden: int, dropout: float) -> nn.Sequential:
@@ -191,10 +191,10 @@ def describe_models(input_size: int | None = None) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m alexdist.models") -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m alexdist.models", description="List the registered models.")
+    ap = argparse.ArgumentParser(prog=prog, description="List the registered models.")
     ap.add_argument("--input-size", type=int, default=None, help="input size for all models (default: each model's)")
     args = ap.parse_args(argv)
     print(f"{'model':<13} {'input':>5} {'params':>12} {'GFLOPs/img':>10}  description")

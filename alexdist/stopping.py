@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from alexdist.distributed import any_rank
+
 STOP_FILE = "STOP"
 # "Stopped on request, resumable" (EX_TEMPFAIL): the run saved a checkpoint and `resume: auto` continues it.
 STOPPED_EXIT_CODE = 75
@@ -25,6 +27,8 @@ class StopRequest:
         self.acc = accelerator
         self.stop_file = Path(output_dir) / STOP_FILE
         self.reason: str | None = None
+        # [asked to stop, bad step]: allocated once, filled in place each step (no host-to-device copy).
+        self._flags = torch.zeros(2, device=accelerator.device)
         if accelerator.is_main_process:
             # A STOP file left by the request that stopped the previous attempt must not stop this one.
             self.stop_file.unlink(missing_ok=True)
@@ -40,15 +44,13 @@ class StopRequest:
 
     def requested(self, bad_step: torch.Tensor | bool = False) -> tuple[bool, bool]:
         """(stop, bad): whether any rank has been asked to stop, and whether any rank flagged this step as bad
-        (NaN/inf, see guard.py; a device tensor, so nothing syncs before the all-reduce). One all-reduce for
-        both, the same answer on every rank: call it on all ranks."""
+        (NaN/inf, see guard.py; a device tensor, so nothing syncs before the all-reduce). One all-reduce and
+        one host sync for both, the same answer on every rank: call it on all ranks."""
         if self.reason is None and self.stop_file.exists():
             self.reason = f"{STOP_FILE} file"
-        if self.acc.num_processes == 1:
-            return self.reason is not None, bool(bad_step)
-        bad = torch.as_tensor(bad_step, device=self.acc.device).float().reshape(1)
-        flags = torch.cat([torch.tensor([1.0 if self.reason else 0.0], device=self.acc.device), bad])
-        stop, bad_any = (v > 0 for v in self.acc.reduce(flags, reduction="sum").tolist())
+        self._flags[0].fill_(1.0 if self.reason else 0.0)
+        self._flags[1].copy_(torch.as_tensor(bad_step))
+        stop, bad = any_rank(self.acc, self._flags)
         if stop and self.reason is None:
             self.reason = "another rank was asked"
-        return stop, bad_any
+        return stop, bad

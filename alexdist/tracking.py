@@ -15,13 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from alexdist.config import Recipe, dump_yaml, flatten
+from alexdist.fileio import atomic_write_text, read_jsonl
 
 
 def wandb_mode(recipe: Recipe) -> str | None:
     """The W&B mode this run uses, or None for no W&B at all."""
-    if not recipe.tracking.wandb:
-        return None
-    mode = os.environ.get("WANDB_MODE") or recipe.tracking.wandb_mode
+    return resolve_wandb_mode(recipe.tracking.wandb_mode) if recipe.tracking.wandb else None
+
+
+def resolve_wandb_mode(setting: str = "auto") -> str | None:
+    """`online`/`offline`, or None for disabled: the WANDB_MODE environment variable wins over `setting`;
+    `auto` is online when an API key is configured, else offline (synced later with `wandb sync`)."""
+    mode = os.environ.get("WANDB_MODE") or setting
     if mode == "auto":
         mode = "online" if _has_wandb_key() else "offline"
     if mode == "dryrun":  # W&B's old name for offline
@@ -51,17 +56,9 @@ def git_commit() -> str | None:
 
 def _truncate_after(path: Path, step: int) -> None:
     """Keep the events up to `step`, minus a mid-epoch stop's evaluation at `step` (the epoch goes on)."""
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a crash
-            continue
-        if e.get("step", 0) < step or (e.get("step") == step and not e.get("partial_epoch")):
-            kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    kept = [e for e in read_jsonl(path)  # a line cut by a crash is dropped
+            if e.get("step", 0) < step or (e.get("step") == step and not e.get("partial_epoch"))]
+    atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
 
 
 class RunLog:
@@ -90,7 +87,7 @@ class RunLog:
         if resume_step is not None and metrics.is_file():
             _truncate_after(metrics, resume_step)
         # A fresh start (no checkpoint to resume) redoes everything: what an earlier attempt logged goes.
-        self._metrics = open(metrics, "a" if resume_step is not None else "w", buffering=1)
+        self._metrics = open(metrics, "a" if resume_step is not None else "w", buffering=1)  # noqa: SIM115 (open for the run)
         if self.mode:
             t = self.recipe.tracking
             os.environ["WANDB_MODE"] = self.mode
@@ -127,13 +124,16 @@ class RunLog:
             nums = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
             self.acc.log({**nums, "epoch": epoch}, step=step)
 
+    def say(self, line: str) -> None:
+        """Print a line once per job (Accelerate's `print` prints once per node)."""
+        if self.main:
+            print(line, flush=True)
+
     def finish(self, summary: dict[str, Any]) -> None:
         """Write summary.json (atomically), copy it into the W&B summary, close the trackers."""
         if self.main:
             summary = {**summary, "wall_time_s": round(time.time() - self.t0, 2)}
-            tmp = self.dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(tmp, self.dir / "summary.json")
+            atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             if self.mode:
                 run = self.acc.get_tracker("wandb", unwrap=True)
                 run.summary.update({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from report import machine  # noqa: E402
+from report import machine  # noqa: E402 (after the sys.path line)
+
+from alexdist.launcher import launch_command  # noqa: E402
 
 
 def env() -> dict[str, str]:
@@ -24,24 +25,13 @@ def env() -> dict[str, str]:
     return e
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_run(overrides: list[str], nproc: int = 1, timeout: int = 900) -> dict:
     """Run `alexdist.train` (1 process, or N CPU/GPU processes through accelerate launch) in a fresh output_dir;
     return its summary plus the events of metrics.jsonl."""
     with tempfile.TemporaryDirectory() as out:
-        if nproc == 1:
-            cmd = [sys.executable, "-m", "alexdist.train"]
-        else:
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(_port()), "-m", "alexdist.train"]
-        cmd += ["recipes/quickstart.yaml", *overrides, f"output_dir={out}", "tracking.wandb=false"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+        cmd = launch_command(["quickstart", *overrides, f"output_dir={out}", "tracking.wandb=false"], nproc,
+                             "accelerate" if nproc > 1 else "python")
+        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
         result = json.loads((Path(out) / "summary.json").read_text())

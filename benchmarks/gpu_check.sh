@@ -1,32 +1,30 @@
 #!/usr/bin/env bash
-# GPU check in one call: fp16/bf16 training steps, DDP and DeepSpeed ZeRO-2 on 1 GPU, channels_last/compile,
-# throughput against a bare PyTorch loop -> $OUT/gpu_check.{md,json}. See benchmarks/gpu_check.py.
+# The GPU check in one call (see benchmarks/gpu_check.py): rows written to $OUT/gpu_check.{md,jsonl} as they finish.
 #
-#   bash benchmarks/gpu_check.sh            # on the GPU machine; writes under $OUT (default: ./gpu_check_out)
-#   bash benchmarks/gpu_check.sh --cpu      # dry run on a CPU (fp32 + bf16, tiny model, 8 steps)
+#   bash benchmarks/gpu_wheels.sh           # here, once: the wheels the GPU machine lacks -> .whl/ (git-ignored)
+#   bash benchmarks/gpu_check.sh            # there, with .whl carried: ~7 minutes, each row capped at 120 s
+#   bash benchmarks/gpu_check.sh --cpu      # a dry run on a CPU: tiny runs, CUDA-only rows skipped (CI runs it)
 #
-# The device image has torch and accelerate but not deepspeed, wandb or alexdist's small dependencies: carry
-# them as wheels in .whl/ (ignored by git, see /work/.library/device/README.md), e.g. here:
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#     deepspeed==0.19.8 hjson ninja py-cpuinfo msgpack
-#   (deepspeed is a source distribution on PyPI: build its wheel with `pip wheel --no-deps deepspeed==0.19.8 -w .whl`)
-# and run with carry [".whl"]. Whatever of them is already importable is not installed again.
+# The GPU machine has torch and accelerate but not pydantic, hjson or deepspeed: they come from .whl/, installed
+# without an index into /tmp/site. Whatever is already importable there is not shadowed by an older wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 PY=${PY:-python3}
-[ -x .venv/bin/python ] && [ "${1:-}" = "--cpu" ] && PY=.venv/bin/python
-if ls .whl/*.whl >/dev/null 2>&1; then
+DRY=0
+[ "${1:-}" = "--cpu" ] && DRY=1
+if [ $DRY = 1 ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+if [ $DRY = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then  # the wheels are for the GPU machine's Python 3.12
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
+mkdir -p "$OUT"
 "$PY" - <<'PY'
 import importlib.util
-missing = [m for m in ("torch", "accelerate", "pydantic", "safetensors", "yaml", "tqdm", "deepspeed") if importlib.util.find_spec(m) is None]
-print("gpu_check: missing", missing if missing else "nothing")
+need = ("torch", "accelerate", "pydantic", "safetensors", "yaml", "tqdm", "deepspeed", "hjson")
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+print("gpu_check: missing", missing or "nothing")
 PY
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
-"$PY" benchmarks/gpu_check.py --out "$OUT" "$@"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee "$OUT/nvidia-smi.txt" || true
+exec "$PY" benchmarks/gpu_check.py --out "$OUT" "$@"

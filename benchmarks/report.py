@@ -32,7 +32,8 @@ def machine() -> dict:
 
 def zero_memory(data: dict) -> str:
     mb = 1 / 2**20
-    lines = ["| strategy | params / rank (MiB) | grads / rank (MiB) | optimizer state / rank (MiB) | total / rank (MiB) "
+    lines = ["| strategy | params / rank (MiB) | grads / rank (MiB) | optimizer state / rank (MiB) "
+             "| total / rank (MiB) "
              "| checkpoint (MiB) | save (s) | load (s) |", "|---|---|---|---|---|---|---|---|"]
     for name in ("ddp", "zero1", "zero2", "zero3"):
         if name not in data:
@@ -41,7 +42,8 @@ def zero_memory(data: dict) -> str:
         p = r["per_rank"][0]
         c = r["checkpoint"]
         total = p["params_bytes"] + p["grad_bytes"] + p["optimizer_bytes"]
-        lines.append(f"| {name} | {p['params_bytes'] * mb:.1f} | {p['grad_bytes'] * mb:.1f} | {p['optimizer_bytes'] * mb:.1f} "
+        lines.append(f"| {name} | {p['params_bytes'] * mb:.1f} | {p['grad_bytes'] * mb:.1f} "
+                     f"| {p['optimizer_bytes'] * mb:.1f} "
                      f"| {total * mb:.1f} | {c['bytes'] * mb:.1f} | {c['save_s']:.2f} | {c['load_s']:.2f} |")
     base = next(iter(data.values()))["plain_safetensors"]
     lines.append("")

@@ -1,6 +1,6 @@
 """Run the benchmarks and write benchmarks/results/SUMMARY.md with the headline ratios.
 
-    .venv/bin/python benchmarks/run_all.py           # performance: data pipeline, step overhead, scaling, 2 vs 1 process
+    .venv/bin/python benchmarks/run_all.py           # data pipeline, step overhead, scaling, 2 vs 1 process
     .venv/bin/python benchmarks/run_all.py --all     # + ZeRO memory and stop latency (about 5 more minutes)
     .venv/bin/python benchmarks/run_all.py --summary # only rewrite SUMMARY.md from the JSON results
 
@@ -39,7 +39,8 @@ def summary() -> str:
             goal = ">= 20x" if size == "32px" else "-"
             met = ("yes" if r["ratio"] >= 20 else "no") if size == "32px" else "-"
             lines.append(f"| data pipeline vs torchvision+PIL (2 workers), {size} | {r['ratio']:.1f}x "
-                         f"({r['alexdist_images_per_s']:,.0f} vs {r['torchvision_images_per_s']:,.0f} img/s) | {goal} | {met} |")
+                         f"({r['alexdist_images_per_s']:,.0f} vs {r['torchvision_images_per_s']:,.0f} img/s) "
+                         f"| {goal} | {met} |")
     if d := _load("step_overhead"):
         for name, r in d.items():
             if not name.startswith("_"):
@@ -48,15 +49,18 @@ def summary() -> str:
     if d := _load("distributed_overhead"):
         for name, r in d.items():
             if not name.startswith("_"):
-                lines.append(f"| 2 processes / 1 process images/s, {name}, 2 CPU cores | {r['ratio']:.2f} | report | - |")
+                lines.append(f"| 2 processes / 1 process images/s, {name}, 2 CPU cores | {r['ratio']:.2f} "
+                             "| report | - |")
     if d := _load("scaling"):
         for name, r in d.items():
-            if name.startswith("_"):
+            if name.startswith("_") or name == "ceilings":
                 continue
             best = max(r["batch_scaling"], key=lambda x: x["gflop_per_s"])
             acc = r["accumulation"]
+            fraction = f" ({best['of_matmul']:.2f} of matmul)" if "of_matmul" in best else ""
             lines.append(f"| {name} @ {r['input_size']} px: best achieved GFLOP/s (batch {best['batch']}); "
-                         f"img/s at accumulation 4 / 1 | {best['gflop_per_s']:.1f}; {acc[-1]['images_per_s'] / acc[0]['images_per_s']:.2f} | report | - |")
+                         f"img/s at accumulation 4 / 1 | {best['gflop_per_s']:.1f}{fraction}; "
+                         f"{acc[-1]['images_per_s'] / acc[0]['images_per_s']:.2f} | report | - |")
     if d := _load("stop_latency"):
         lines.append("| stop request -> checkpointed exit | see stop_latency.md | <= 1 step + 1 save | see file |")
     if _load("zero_memory"):
@@ -74,7 +78,8 @@ def main() -> int:
     if not args.summary:
         for name in PERFORMANCE + (OTHERS if args.all else []):
             t0 = time.time()
-            cmd = ["bash", "benchmarks/zero_memory.sh"] if name == "zero_memory" else [sys.executable, f"benchmarks/{name}.py"]
+            cmd = (["bash", "benchmarks/zero_memory.sh"] if name == "zero_memory"
+                   else [sys.executable, f"benchmarks/{name}.py"])
             print(f"== {name}: {' '.join(cmd)}", flush=True)
             subprocess.run(cmd, cwd=ROOT, env=env(), check=True)
             print(f"== {name}: {time.time() - t0:.0f} s", flush=True)

@@ -1,4 +1,5 @@
-"""How the work scales: step time against batch size, images/s against gradient accumulation, achieved FLOP/s.
+"""How the work scales: step time against batch size, images/s against gradient accumulation, achieved FLOP/s
+against what this machine can do at all.
 
     .venv/bin/python benchmarks/scaling.py      # -> benchmarks/results/scaling.{json,md}
 
@@ -6,6 +7,9 @@ The three models at their recipe input sizes (alexnet 227 px, the 3x3 models 32 
 - Batch size: a bare training step (forward, backward, SGD) timed after one warm-up step, median of 3.
   FLOP/s = 3 x forward FLOPs per image (the registry's count, from torch's FlopCounterMode; backward ~2x forward)
   x images/s.
+- Ceilings, measured in the same run: the machine's fp32 matmul (2048^3, best of 5) and 3x3 convolution
+  (batch 64, 128 -> 128 channels, 32x32, forward, best of 5) throughput. Each model's achieved FLOP/s is
+  reported as a fraction of both: that fraction, not an absolute GFLOP/s, is comparable between machines.
 - Accumulation: the real loop (`python -m alexdist.train`, synthetic data) with a fixed micro-batch and
   train.grad_accum = 1, 2, 4, the same images in each run; images/s from the run's own step times, first
   optimizer step excluded (one-time costs). Accumulation should cost nothing per
@@ -54,6 +58,31 @@ def step_times(name: str, size: int, batches: list[int]) -> list[dict]:
     return rows
 
 
+def ceilings(repeats: int = 5) -> dict[str, float]:
+    """fp32 FLOP/s of a large matmul and of a 3x3 convolution on this machine (best of `repeats`)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    x, w = torch.randn(64, 128, 32, 32), torch.randn(128, 128, 3, 3)
+    work = {"matmul": (lambda: a @ b, 2 * n**3),
+            "conv3x3": (lambda: F.conv2d(x, w, padding=1), 2 * 64 * 128 * 32 * 32 * 128 * 9)}
+    out = {}
+    for name, (fn, flops) in work.items():
+        fn()  # warm-up
+        best = min(_timed(fn) for _ in range(repeats))
+        out[f"{name}_gflop_per_s"] = flops / best / 1e9
+    return out
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def accumulation(name: str, size: int, micro: int, micro_steps: int) -> list[dict]:
     rows = []
     for k in ACCUM:
@@ -67,20 +96,28 @@ def accumulation(name: str, size: int, micro: int, micro_steps: int) -> list[dic
 
 
 def main() -> None:
-    data, lines = {}, []
+    ceiling = ceilings()
+    data, lines = {"ceilings": ceiling}, []
+    mm, conv = ceiling["matmul_gflop_per_s"], ceiling["conv3x3_gflop_per_s"]
+    lines += ["## Ceilings (fp32, this machine, measured in this run)", "",
+              f"matmul 2048^3: {mm:.1f} GFLOP/s; 3x3 conv (64x128x32x32, 128 filters): {conv:.1f} GFLOP/s", ""]
     lines += ["## Step time against batch size (bare step, fp32, 1 process)", "",
-              "| model | input | fwd GFLOPs/img | batch | step (s) | img/s | achieved GFLOP/s |", "|---|---|---|---|---|---|---|"]
-    for name, (size, batches, micro, steps) in MODELS.items():
+              "| model | input | fwd GFLOPs/img | batch | step (s) | img/s | achieved GFLOP/s | of matmul | of conv |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, (size, batches, _, _) in MODELS.items():
         data[name] = {"input_size": size, "batch_scaling": step_times(name, size, batches)}
         for r in data[name]["batch_scaling"]:
+            r["of_matmul"], r["of_conv"] = r["gflop_per_s"] / mm, r["gflop_per_s"] / conv
             lines.append(f"| {name} | {size} | {r['forward_gflops_per_image']:.3f} | {r['batch']} | {r['step_s']:.3f} "
-                         f"| {r['images_per_s']:,.1f} | {r['gflop_per_s']:.1f} |")
+                         f"| {r['images_per_s']:,.1f} | {r['gflop_per_s']:.1f} | {r['of_matmul']:.2f} "
+                         f"| {r['of_conv']:.2f} |")
     lines += ["", "## Images/s against gradient accumulation (alexdist loop, fp32, 1 process)", "",
               "| model | micro-batch | grad_accum | effective batch | img/s |", "|---|---|---|---|---|"]
-    for name, (size, batches, micro, steps) in MODELS.items():
+    for name, (size, _, micro, steps) in MODELS.items():
         data[name]["accumulation"] = accumulation(name, size, micro, steps)
         for r in data[name]["accumulation"]:
-            lines.append(f"| {name} | {micro} | {r['grad_accum']} | {micro * r['grad_accum']} | {r['images_per_s']:,.1f} |")
+            lines.append(f"| {name} | {micro} | {r['grad_accum']} | {micro * r['grad_accum']} "
+                         f"| {r['images_per_s']:,.1f} |")
     write("scaling", data, lines, "python benchmarks/scaling.py")
 
 

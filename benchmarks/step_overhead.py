@@ -50,7 +50,7 @@ def bare(precision: str, width: float, batch: int, steps: int) -> tuple[float, f
     ys = [torch.randint(0, 10, (batch,), generator=g) for _ in range(steps)]
     model.train()
     times = [time.perf_counter()]
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs, ys, strict=False):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(x)
         loss = F.cross_entropy(out.float(), y)

@@ -9,6 +9,7 @@ The step time comes from the run's own metrics.jsonl; the save time from timing 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -17,6 +18,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from alexdist.fileio import read_jsonl
+from alexdist.launcher import launch_command
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -31,22 +35,13 @@ CONFIGS = {
 
 def _events(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
+    return read_jsonl(path) if path.is_file() else []
 
 
 def trial(overrides: list[str], wait_steps: int = 8) -> dict:
     run = Path(tempfile.mkdtemp(prefix="stop-latency-")) / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "alexdist.train",
-           "recipes/quickstart.yaml", "tracking.wandb=false", "train.log_every=1", f"output_dir={run}", *overrides]
+    cmd = launch_command(["quickstart", "tracking.wandb=false", "train.log_every=1", f"output_dir={run}", *overrides],
+                         nproc=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not any(e.get("event") == "step" and e["step"] >= wait_steps for e in _events(run)):
@@ -58,7 +53,7 @@ def trial(overrides: list[str], wait_steps: int = 8) -> dict:
     proc.wait(timeout=600)
     latency = time.time() - t0
     steps = [e for e in _events(run) if e["event"] == "step"]
-    step_times = [b["time"] - a["time"] for a, b in zip(steps, steps[1:]) if b["step"] == a["step"] + 1]
+    step_times = [b["time"] - a["time"] for a, b in itertools.pairwise(steps) if b["step"] == a["step"] + 1]
     stop = next(e for e in _events(run) if e["event"] == "stop")
     ckpt_bytes = sum(f.stat().st_size for f in Path(stop["checkpoint"]).rglob("*") if f.is_file())
     return {"latency_s": latency, "step_s": statistics.median(step_times), "stopped_at_step": stop["step"],

@@ -1,6 +1,6 @@
 """Per-rank memory of DDP vs DeepSpeed ZeRO-1/2/3, read from the live engines, and checkpoint cost.
 
-    bash benchmarks/zero_memory.sh          # all four strategies on 2 CPU ranks -> benchmarks/results/zero_memory.{json,md}
+    bash benchmarks/zero_memory.sh    # all four strategies on 2 CPU ranks -> benchmarks/results/zero_memory.{json,md}
 
 One invocation measures one strategy (run it under a launcher with 2 processes):
     accelerate launch --multi_gpu --num_processes 2 benchmarks/zero_memory.py --strategy zero2 --out FILE
@@ -139,7 +139,7 @@ def main() -> None:
         plain_load_s = time.perf_counter() - t0
         result = {
             "strategy": args.strategy, "world_size": acc.num_processes,
-            "per_rank": [dict(zip(row, r)) for r in per_rank],
+            "per_rank": [dict(zip(row, r, strict=False)) for r in per_rank],
             "checkpoint": {"save_s": save_s, "load_s": load_s, "bytes": _dir_bytes(path)},
             "plain_safetensors": {"save_s": plain_save_s, "load_s": plain_load_s, "bytes": plain.stat().st_size},
         }

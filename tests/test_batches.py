@@ -49,7 +49,7 @@ def test_each_optimizer_step_holds_the_same_augmented_samples_for_any_world_size
             items = {}
             for r in range(world):
                 for x, y in per_rank[r][s]:
-                    for xi, yi in zip(x, y):
+                    for xi, yi in zip(x, y, strict=False):
                         items[int(yi)] = xi
             steps.append(items)
         return steps
@@ -58,7 +58,7 @@ def test_each_optimizer_step_holds_the_same_augmented_samples_for_any_world_size
     for world, batch, accum in [(2, 8, 1), (2, 4, 2), (1, 4, 4)]:
         other = step_content(world, batch, accum)
         assert len(other) == len(ref)
-        for a, b in zip(ref, other):
+        for a, b in zip(ref, other, strict=False):
             assert a.keys() == b.keys()
             assert all(torch.equal(a[k], b[k]) for k in a)  # same crop and flip for the same sample
 
@@ -75,7 +75,7 @@ def test_resuming_mid_epoch_yields_the_remaining_steps_unchanged():
     full = list(_batches(0, 1, 8, 1).epoch(0))
     tail = list(_batches(0, 1, 8, 1).epoch(0, start_step=4))
     assert len(tail) == len(full) - 4
-    assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(full[4:], tail))
+    assert all(torch.equal(a[0][0], b[0][0]) for a, b in zip(full[4:], tail, strict=False))
 
 
 def test_crop_and_flip_move_pixels_as_torchvision_would():

@@ -59,7 +59,7 @@ def _compare(*args):
 def _table(stdout):
     lines = [line for line in stdout.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=False)) for line in lines[2:]]
 
 
 def test_table_has_one_row_per_run_with_values_from_its_metrics(runs, tmp_path):
@@ -138,7 +138,8 @@ def test_no_api_key_is_written_anywhere_a_run_writes(runs):
 
 def test_evaluate_can_record_an_eval_run_in_wandb(runs, tmp_path, cache_dir):
     env = run_env(cache_dir, WANDB_DIR=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "alexdist.evaluate", str(runs["bn-1p"] / "model.safetensors"), "--json",
+    weights = str(runs["bn-1p"] / "model.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "alexdist.evaluate", weights, "--json",
                            "--wandb-project", "alexdist-tests", "--wandb-group", "bn-1p"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -71,7 +71,7 @@ def _expected(images):
 def test_hub_parquet_layout_is_detected_and_decodes_to_the_original_pixels(hub_parquet_dir, images, tmp_path):
     assert detect_layout(hub_parquet_dir) == "parquet"
     ds = load_dataset(DataConfig(source=str(hub_parquet_dir), cache_dir=str(tmp_path)))
-    for got, want in zip((ds.train_x, ds.train_y, ds.test_x, ds.test_y), _expected(images)):
+    for got, want in zip((ds.train_x, ds.train_y, ds.test_x, ds.test_y), _expected(images), strict=False):
         assert torch.equal(got, want)
     assert ds.train_x.dtype == torch.uint8 and ds.train_x.shape == (N_TRAIN, 3, 32, 32)
 
@@ -81,7 +81,7 @@ def test_torchvision_layout_is_detected_from_the_folder_or_its_parent(torchvisio
     path = torchvision_dir if which == "parent" else torchvision_dir / "cifar-10-batches-py"
     assert detect_layout(path) == "torchvision"
     ds = load_dataset(DataConfig(source=str(path), cache_dir=str(tmp_path)))
-    for got, want in zip((ds.train_x, ds.train_y, ds.test_x, ds.test_y), _expected(images)):
+    for got, want in zip((ds.train_x, ds.train_y, ds.test_x, ds.test_y), _expected(images), strict=False):
         assert torch.equal(got, want)
 
 
@@ -149,5 +149,5 @@ def test_hub_dataset_without_network_says_how_to_use_a_local_copy(tmp_path):
     assert out.returncode == 3
     err = [line for line in out.stderr.splitlines() if line.startswith("alexdist: error:")]
     assert len(err) == 1, out.stderr[-2000:]
-    assert "uoft-cs/cifar10" in err[0] and "huggingface-cli download" in err[0] and "data.source=DIR" in err[0]
+    assert "uoft-cs/cifar10" in err[0] and "hf download" in err[0] and "data.source=DIR" in err[0]
     assert "Traceback" not in out.stderr

@@ -108,18 +108,28 @@ def test_ddp_run_killed_at_13_points_finishes_with_the_uninterrupted_parameters(
 
 
 def test_zero2_run_killed_at_9_points_finishes_with_the_uninterrupted_parameters(tmp_path, cache_dir):
-    # ZeRO's resume is exact to ~1e-8, not to the bit; BatchNorm fitting random images with zero-padded crops
-    # would amplify that over 24 steps (see DEVELOPERS.md), the plain 3x3 model does not.
+    # The plain 3x3 model: no BatchNorm statistics (ZeRO averages those over ranks at each evaluation, which a
+    # resumed run rounds differently; test_resume.py covers them). Everything ZeRO partitions resumes bit for bit.
     want, got, ref, run = _run_with_faults(
         tmp_path, cache_dir, ZERO2_FAULTS, ["model.name=alexnet_3x3", "augment.crop_padding=0"],
         config_file="recipes/accelerate/zero2.yaml",
     )
-    num = sum(float((want[k].double() - got[k].double()).norm() ** 2) for k in want) ** 0.5
-    den = sum(float(want[k].double().norm() ** 2) for k in want) ** 0.5
-    assert num / den < 1e-6  # ZeRO resume differs in the last bits only (measured 7.5e-9)
-    assert [e["acc"] for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "test"] == [
-        e["acc"] for e in read_jsonl(ref / "metrics.jsonl") if e["event"] == "test"
-    ]
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert comparable_events(run) == comparable_events(ref)
+
+
+def test_a_slow_setup_is_allowed_for_and_a_hang_after_it_is_not(tmp_path, cache_dir):
+    """distributed.setup_timeout_s covers a slow start (rank 0 decoding a dataset while the others wait);
+    from the first step on the shorter distributed.timeout_s applies."""
+    slow = run_env(cache_dir, ALEXDIST_FAULT="slow_setup:15:0")
+    run = tmp_path / "slow"
+    check(launch(RUN + ["train.max_steps=3", "distributed.timeout_s=10", "distributed.setup_timeout_s=60",
+                        f"output_dir={run}"], cache_dir, nproc=2, env=slow))
+    proc, _ = _launch(RUN + ["train.max_steps=3", "distributed.timeout_s=10", "distributed.setup_timeout_s=10",
+                             f"output_dir={tmp_path / 'too-slow'}"], cache_dir, None, "slow_setup:15:0")
+    assert proc.returncode != 0 and "lost contact with the other processes" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_hung_rank_ends_the_job_within_the_collective_timeout(tmp_path, cache_dir):

@@ -45,7 +45,8 @@ def whole(tmp_path_factory, cache_dir):
 
 
 @pytest.mark.parametrize("how", ["SIGUSR1 to rank 1 only", "STOP file"])
-def test_stop_request_checkpoints_on_every_rank_and_resume_matches_the_uninterrupted_run(whole, tmp_path, cache_dir, how):
+def test_stop_request_checkpoints_on_every_rank_and_resume_matches_the_uninterrupted_run(
+        whole, tmp_path, cache_dir, how):
     run = tmp_path / "pieces"
 
     def ask(proc):
@@ -54,7 +55,7 @@ def test_stop_request_checkpoints_on_every_rank_and_resume_matches_the_uninterru
         else:  # launchers don't forward SIGUSR1: signal one worker, the other must follow
             os.kill(_workers(proc)[1].pid, signal.SIGUSR1)
 
-    rc, out, err = _stop_midway(run, cache_dir, ask)
+    rc, _out, err = _stop_midway(run, cache_dir, ask)
     assert rc != 0  # the launcher reports the workers' exit code 75 as a failure
     assert "exitcode  : 75" in err
     s = summary(run)

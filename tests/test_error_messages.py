@@ -1,7 +1,7 @@
 """Every bad input gets one clear line, a non-zero exit code, and damages nothing saved before.
 
 Each case runs the command a user would run. The messages are also the content of docs/errors.md: the last test
-fails when that file and the messages drift apart (`ALEXDIST_UPDATE_DOCS=1 pytest tests/test_errors.py`
+fails when that file and the messages drift apart (`ALEXDIST_UPDATE_DOCS=1 pytest tests/test_error_messages.py`
 rewrites it).
 """
 
@@ -34,7 +34,6 @@ class Case:
     expect: str  # a fragment the message must contain
     module: str = "alexdist.train"
     nproc: int = 1
-    config_file: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     recipe: str | None = None  # None: a copy of recipes/quickstart.yaml is not needed; BASE overrides suffice
     prepare: object = None  # callable(case_dir) run before the command
@@ -156,13 +155,20 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
         Case("accumulation that does not divide the global batch", ["train.global_batch=100", "train.grad_accum=3"],
              2, "not divisible"),
         Case("unknown model name", ["model.name=alexnet_xl"], 2, "unknown model 'alexnet_xl'"),
+        Case("a dashed override (jsonargparse/Lightning habit)", ["--train.epochs=3"], 2, "write train.epochs=3"),
+        Case("a fractional minimum fp16 loss scale", ["distributed.fp16_min_loss_scale=0.5"], 2,
+             "bad value for 'distributed.fp16_min_loss_scale'"),
+        Case("an unknown shipped recipe name", [], 2, "did you mean 'bn'?", recipe="bnn"),
         Case("missing dataset path", [f"data.source={root / 'no-such-folder'}"], 3, "does not exist"),
         Case("a folder in neither known layout", [f"data.source={neither}"], 3, "no known dataset layout"),
         Case("a corrupt parquet file", [f"data.source={bad_parquet}"], 3, "could not read the parquet files"),
         Case("a truncated dataset cache (not an error: rebuilt)", [f"data.cache_dir={root / 'cache'}",
              "train.max_steps=1", f"output_dir={root / 'cache-run'}"], 0, "is unreadable (SafetensorError); rebuilding",
-             prefix="alexdist: dataset cache", normalize=lambda m: re.sub(r"synthetic-[0-9a-f]+", "synthetic-<hash>", m)),
+             prefix="alexdist: dataset cache",
+             normalize=lambda m: re.sub(r"synthetic-[0-9a-f]+", "synthetic-<hash>", m)),
         Case("fp16 without a GPU", ["precision=fp16"], 4, "precision=fp16 needs a GPU"),
+        Case("float64 under DeepSpeed", ["precision=fp64", "distributed.strategy=deepspeed"], 4,
+             "precision=fp64 is not supported by DeepSpeed"),
         Case("output_dir that cannot be written", [f"output_dir={a_file}/run"], 5, "is not writable"),
         Case("disk full while saving a checkpoint", ["checkpoint.every_steps=2", "train.max_steps=6",
              f"output_dir={full}"], 5, "No space left on device", env={"ALEXDIST_FAULT": "enospc:4"},
@@ -181,7 +187,8 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
              "is not a readable torch file"),
         Case("a crafted pickle in a checkpoint", [f"output_dir={crafted}"], 5, "would import posix.system",
              after=no_pwned),
-        Case("a crafted pickle in a ZeRO checkpoint (export)", [str(_ckpt(crafted_zero)), str(root / "out.safetensors")],
+        Case("a crafted pickle in a ZeRO checkpoint (export)",
+             [str(_ckpt(crafted_zero)), str(root / "out.safetensors")],
              5, "would import posix.system", module="alexdist.export", after=no_pwned),
         Case("a truncated weights file (evaluate)", [str(weights)], 3, "is not a readable safetensors file",
              module="alexdist.evaluate"),
@@ -201,7 +208,7 @@ def _run(case: Case, cache_dir: Path) -> subprocess.CompletedProcess:
     if case.module == "alexdist.train":
         overrides = case.args if case.recipe else BASE + case.args
         recipe = case.recipe or "recipes/quickstart.yaml"
-        cmd = launch_command(overrides, case.nproc, recipe=recipe, config_file=case.config_file)
+        cmd = launch_command(overrides, case.nproc, recipe=recipe)
         if case.nproc == 1 and "distributed.strategy=deepspeed" in case.args:
             cmd = launch_command(overrides, 1, launcher="torchrun", recipe=recipe)
     else:
@@ -215,7 +222,7 @@ def outcomes(tmp_path_factory, cache_dir):
     cases = _cases(root, _base_run(root, cache_dir), _zero_run(root, cache_dir), cache_dir)
     with ThreadPoolExecutor(2) as pool:
         procs = list(pool.map(lambda c: _run(c, cache_dir), cases))
-    return root, list(zip(cases, procs))
+    return root, list(zip(cases, procs, strict=False))
 
 
 def _message(proc: subprocess.CompletedProcess, prefix: str = "alexdist: error: ") -> str:
@@ -249,10 +256,12 @@ def _render(root: Path, results) -> str:
         "# Errors and what to do about them\n\n"
         "Every message alexdist prints for a bad input or a failed run, with its exit code (the code of the "
         "training process; a launcher such as `accelerate launch` or `torchrun` reports any failed process as 1). "
-        "Generated from the runs in `tests/test_errors.py`, which fails when this file drifts from what the code "
-        "prints; `ALEXDIST_UPDATE_DOCS=1 pytest tests/test_errors.py` rewrites it. `<dir>` stands for the "
+        "Generated from the runs in `tests/test_error_messages.py`, which fails when this file drifts from what the "
+        "code "
+        "prints; `ALEXDIST_UPDATE_DOCS=1 pytest tests/test_error_messages.py` rewrites it. `<dir>` stands for the "
         "test's directory. Exit code 75 is not an error: the run stopped on request and resumes.\n\n"
-        "| situation | exit | message (printed after `alexdist: error: ` unless it starts with `alexdist:`) |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+        "| situation | exit | message (printed after `alexdist: error: ` unless it starts with `alexdist:`) |\n"
+        "|---|---|---|\n" + "\n".join(rows) + "\n"
     )
 
 

@@ -1,6 +1,6 @@
 """The divergence guard: NaN losses injected on one rank are detected on every rank, skipped, and survived.
 
-(The run that keeps diverging and stops with the last good checkpoint kept is a case in test_errors.py.)
+(The run that keeps diverging and stops with the last good checkpoint kept is a case in test_error_messages.py.)
 """
 
 from __future__ import annotations

@@ -1,0 +1,45 @@
+"""Files that are never seen half-written, and a JSONL reader that tolerates the line being written."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block succeeds it replaces `path` in one rename.
+
+    A crash or an exception leaves `path` as it was (the temporary is removed on an exception; a crash leaves
+    only the `.tmp-<pid>` file, never a truncated `path`). The temporary keeps the suffix, so libraries that
+    look at it (safetensors, PIL) see the right kind of file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSONL file; a line cut short (a crash, or the line being written right now) is skipped."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -1,0 +1,214 @@
+"""The pieces of the training loop that `train.train` reads top to bottom: one optimizer step, what follows a
+step, the end of an epoch, a requested stop, and the end of the run."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from alexdist import faults
+from alexdist.batches import to_device
+from alexdist.distributed import plain_module, set_step_timeout
+from alexdist.guard import deepspeed_min_scale, diverged, nan_like
+from alexdist.metrics import agree_buffers, batch_stats, evaluate_ranks
+from alexdist.precision import loss_input
+from alexdist.run import Run
+from alexdist.stopping import STOPPED_EXIT_CODE
+from alexdist.tracking import git_commit
+from alexdist.weights import save_weights, weights_metadata
+
+
+class Ending(enum.Enum):
+    """Why a run attempt ends; the value is summary.json's `status`."""
+
+    FINISHED = "finished"  # the schedule's last step (train.epochs) is done
+    MAX_STEPS = "max_steps"  # train.max_steps reached; the same command with a larger cap continues it
+    STOP_REQUESTED = "stopped"  # a signal or output_dir/STOP: checkpointed, exit 75, resumable
+
+
+def reached_end(run: Run) -> Ending | None:
+    """FINISHED or MAX_STEPS once this attempt's last step is done, else None."""
+    step = run.state.global_step
+    if step >= run.total_steps:
+        return Ending.FINISHED
+    return Ending.MAX_STEPS if step >= run.stop_step else None
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # the last micro-batch's loss, on the device (reading it is a host sync)
+    sums: torch.Tensor  # [summed loss, correct, count] over this rank's micro-batches, on the device
+    bad: bool  # agreed by every rank: the loss or gradients were NaN/inf and the update was skipped
+    stop_requested: bool  # agreed: some rank was asked to stop (signal or STOP file)
+
+
+def train_step(run: Run, micro: list[tuple[torch.Tensor, torch.Tensor]], step: int) -> StepResult:
+    """Optimizer step `step` over this rank's `grad_accum` micro-batches. Its one host sync is the agreement of
+    stop requests and NaN/inf flags, after backward and before the optimizer touches the weights."""
+    acc, model, opt, guard, t = run.accelerator, run.model, run.optimizer, run.guard, run.recipe.train
+    sums = torch.zeros(3, dtype=torch.float64, device=acc.device)
+    stop = bad = False
+    guard.remember_buffers(model)
+    for xb, yb in micro:
+        xb, yb = to_device(xb, acc.device, run.recipe.speed.channels_last), to_device(yb, acc.device)
+        if faults.poisoned(step):
+            xb = nan_like(xb)
+        with acc.accumulate(model):
+            out = model(xb.to(run.in_dtype))
+            loss = F.cross_entropy(loss_input(out), yb, label_smoothing=t.label_smoothing)
+            _backward(run, loss)  # under DeepSpeed, at the last micro-batch, also the engine's step
+            if acc.sync_gradients:
+                clip = t.grad_clip and not run.deepspeed  # DeepSpeed clips itself
+                norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip) if clip else None
+                stop, bad = run.stop.requested(guard.bad_flag(model, loss, norm))
+            if not (bad and guard.own_skip):  # an fp16 GradScaler must see a bad step to lower its scale
+                opt.step()
+                if acc.sync_gradients and not bad:
+                    run.scheduler.step()  # a no-op under DeepSpeed, whose engine steps it
+            opt.zero_grad(set_to_none=True)
+        sums += batch_stats(loss.detach() * len(yb), loss_input(out.detach()), yb)
+    return StepResult(loss, sums, bad, stop)
+
+
+def _backward(run: Run, loss: torch.Tensor) -> None:
+    try:
+        run.accelerator.backward(loss)
+    except Exception as exc:
+        if run.deepspeed and deepspeed_min_scale(exc):  # DeepSpeed raises a plain Exception, on every rank
+            why = "DeepSpeed's fp16 loss scale is at distributed.fp16_min_loss_scale and the step still overflowed"
+            raise diverged(why, run.ckpt.latest()) from None
+        raise
+
+
+def record_step(run: Run, result: StepResult, epoch: int) -> None:
+    """Count a finished optimizer step: fault points, the divergence guard, the epoch's sums, the step's log."""
+    state, out = run.state, run.recipe.output_dir
+    state.global_step += 1
+    state.step_in_epoch += 1
+    state.test_acc = state.test_loss = None  # measured at an earlier step
+    if state.global_step == run.info["resumed_at_step"] + 1:  # this attempt's first step: setup is over
+        set_step_timeout(run.recipe.distributed.timeout_s)
+    faults.kill_point("train", state.global_step, out)
+    faults.hang_point(state.global_step, out)
+    if result.bad:
+        run.guard.restore_buffers()
+        run.log.event("bad_step", state.global_step, epoch + 1, loss=result.loss.item(),
+                      loss_scale=run.guard.loss_scale())
+        if why := run.guard.update(state.global_step, True):
+            run.log.event("diverged", state.global_step, epoch + 1, reason=why)
+            raise diverged(why, run.ckpt.latest())
+    else:
+        run.guard.update(state.global_step, False)
+        run.meter.add(result.sums)  # a skipped step's NaN loss stays out of the epoch's statistics
+
+
+def end_epoch(run: Run, epoch: int, started: tuple[float, int], stopping: bool) -> None:
+    """After the last step of an epoch (or of the run): the epoch's training figures, a test evaluation, the
+    best accuracy so far, and the epoch-end checkpoint. `started`: (time, step in epoch) when this epoch began."""
+    acc, state, log, b = run.accelerator, run.state, run.log, run.batches
+    epoch_done = state.step_in_epoch == b.steps_per_epoch
+    epoch_time = time.time() - started[0]
+    tr_loss, tr_correct, tr_n = run.meter.total(acc)
+    ips = (state.step_in_epoch - started[1]) * b.effective_batch / epoch_time
+    if state.step_in_epoch > started[1]:
+        state.images_per_s.append(ips)
+    partial = {} if epoch_done else {"partial_epoch": True}
+    log.event("train", state.global_step, epoch + 1, loss=tr_loss / tr_n, acc=tr_correct / tr_n,
+              lr=run.scheduler.get_last_lr()[0], images_per_s=ips, epoch_time_s=epoch_time, **partial)
+    test_loss, test_acc = evaluate(run)
+    # elapsed_s: training wall time since the run began, summed over resumed attempts.
+    log.event("test", state.global_step, epoch + 1, loss=test_loss, acc=test_acc,
+              elapsed_s=round(time.time() - run.t_start, 3), **partial)
+    target = run.recipe.tracking.target_acc
+    if target and test_acc >= target and state.time_to_target_s is None:
+        state.time_to_target_s, state.epoch_to_target = time.time() - run.t_start, epoch + 1
+    log.say(
+        f"epoch {epoch + 1:3d} step {state.global_step:6d} | train loss {tr_loss / tr_n:.4f} acc "
+        f"{tr_correct / tr_n:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | {ips:,.0f} img/s"
+        + ("" if epoch_done else " (stopped mid-epoch)")
+    )
+    state.test_acc, state.test_loss = test_acc, test_loss
+    if test_acc > state.best_acc:
+        state.best_acc, state.best_epoch = test_acc, epoch + 1
+    if epoch_done:
+        state.epoch, state.step_in_epoch = epoch + 1, 0
+    run.ckpt.maybe_save(state, epoch_end=epoch_done, stopping=stopping)
+
+
+def evaluate(run: Run) -> tuple[float, float]:
+    """Test loss and accuracy of the model as it will be saved: every rank with the same BatchNorm statistics."""
+    agree_buffers(run.accelerator, run.model, run.deepspeed)
+    faults.kill_point("eval", run.state.global_step, run.recipe.output_dir)
+    return evaluate_ranks(run.accelerator, run.model, run.test_x, run.test_y, run.recipe.train.eval_batch_size,
+                          run.input_size, run.in_dtype, run.deepspeed and run.zero_stage == 3,
+                          run.recipe.speed.channels_last)
+
+
+def stop_here(run: Run, epoch: int) -> None:
+    """A requested stop: checkpoint this step and leave, without evaluating, so the wait is one step plus one
+    save. The epoch is not marked done even after its last step, so the resumed run still evaluates it."""
+    path = run.ckpt.maybe_save(run.state, stopping=True)
+    run.log.event("stop", run.state.global_step, epoch + 1, reason=run.stop.reason, checkpoint=str(path))
+    run.log.say(f"alexdist: stop requested ({run.stop.reason}): checkpoint {path}, exiting {STOPPED_EXIT_CODE}")
+
+
+def final_state_dict(run: Run) -> dict[str, torch.Tensor]:
+    """The weights to export, on every rank (a collective under ZeRO). Under DeepSpeed fp16/bf16 the module
+    holds 16-bit copies: the parameters come from the fp32 master weights, as `alexdist export` takes them."""
+    if not (run.deepspeed and run.recipe.precision in ("fp16", "bf16")):
+        return run.accelerator.get_state_dict(run.model)
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = plain_module(run.accelerator, run.model)
+    params = dict(module.named_parameters())
+    out = {}
+    for name, value in module.state_dict().items():  # the same order on every rank
+        out[name] = safe_get_full_fp32_param(params[name]) if name in params else value
+    return out
+
+
+def finish(run: Run, ending: Ending) -> dict:
+    """Final weights (skipped when stopped on request: they are in the checkpoint just written), summary.json,
+    trackers closed."""
+    acc, state, recipe = run.accelerator, run.state, run.recipe
+    state.train_time_s = time.time() - run.t_start
+    if ending is not Ending.STOP_REQUESTED:
+        weights = final_state_dict(run)
+        if acc.is_main_process:
+            meta = weights_metadata(recipe, state.global_step, state.test_acc)
+            save_weights(f"{recipe.output_dir}/model.safetensors", weights, meta)
+    summary = {
+        "status": ending.value, "recipe": recipe.name, "model": recipe.model.name, "precision": recipe.precision,
+        **run.info,
+        "epochs_run": state.epoch + (1 if state.step_in_epoch else 0), "steps": state.global_step,
+        "final_test_acc": state.test_acc, "final_test_loss": state.test_loss,
+        "best_test_acc": state.best_acc, "best_epoch": state.best_epoch,
+        "target_acc": recipe.tracking.target_acc, "time_to_target_s": state.time_to_target_s,
+        "epoch_to_target": state.epoch_to_target,
+        "images_per_s": sum(state.images_per_s) / max(1, len(state.images_per_s)),
+        "train_time_s": round(state.train_time_s, 2), "git_commit": git_commit(), **rank_checksums(run),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(acc.device) if acc.device.type == "cuda" else None,
+        "wandb_run_id": state.wandb_run_id,
+    }
+    run.log.finish(summary)
+    if ending is not Ending.STOP_REQUESTED:
+        run.log.say(f"alexdist: done at step {state.global_step} | final test acc {summary['final_test_acc']:.4f} "
+                    f"(best {state.best_acc:.4f} at epoch {state.best_epoch})")
+    return summary
+
+
+def rank_checksums(run: Run) -> dict[str, list[float] | None]:
+    """Every rank's sum of its parameters and of its buffers: equal values prove the ranks stayed in sync (ZeRO-3
+    ranks hold partitions, not whole parameters, so there is nothing to compare)."""
+    if run.zero_stage == 3:
+        return {"rank_param_sums": None, "rank_buffer_sums": None}
+    module, acc = plain_module(run.accelerator, run.model), run.accelerator
+    zero = torch.zeros((), dtype=torch.float64, device=acc.device)
+    local = torch.stack([sum((p.detach().double().sum() for p in module.parameters()), zero),
+                         sum((b.detach().double().sum() for b in module.buffers()), zero)])
+    sums = acc.gather(local.reshape(1, 2)).tolist()
+    return {"rank_param_sums": [s[0] for s in sums], "rank_buffer_sums": [s[1] for s in sums]}

@@ -1,0 +1,54 @@
+"""The checkpointer's decisions (pure functions): when to save, which checkpoints rotation keeps, and which
+recipe changes make a checkpoint another run's."""
+
+import pytest
+import yaml
+
+from alexdist.checkpoint import config_changes, keep_after_rotation, save_due
+from alexdist.config import CheckpointConfig, load_recipe
+
+
+def _due(cfg, step, step_in_epoch, steps_per_epoch=10, **kw):
+    return save_due(cfg, steps_per_epoch, step, step_in_epoch, **kw)
+
+
+def test_every_steps_saves_after_those_steps_and_leaves_epoch_ends_to_the_evaluated_save():
+    cfg = CheckpointConfig(every_steps=5, epoch_end=True)
+    assert [s for s in range(1, 31) if _due(cfg, s, (s - 1) % 10 + 1)] == [5, 15, 25]  # 10, 20, 30 end epochs
+    assert _due(cfg, 10, 0, epoch_end=True)  # ...and are saved after their evaluation
+
+
+def test_without_epoch_end_saves_every_steps_covers_epoch_boundaries_too():
+    cfg = CheckpointConfig(every_steps=5, epoch_end=False)
+    assert [s for s in range(1, 31) if _due(cfg, s, (s - 1) % 10 + 1)] == [5, 10, 15, 20, 25, 30]
+    assert not _due(cfg, 10, 0, epoch_end=True)
+
+
+def test_nothing_but_epoch_ends_by_default_and_a_stopping_run_always_saves():
+    cfg = CheckpointConfig()
+    assert not any(_due(cfg, s, (s - 1) % 10 + 1) for s in range(1, 31))
+    assert _due(cfg, 7, 7, stopping=True)
+    assert _due(CheckpointConfig(epoch_end=False), 7, 7, stopping=True)
+
+
+@pytest.mark.parametrize("steps, keep, want", [
+    ([(10, None), (20, 0.5), (30, None), (40, 0.4)], 2, {30, 40, 20}),  # newest 2 + the best (20)
+    ([(10, 0.5), (20, 0.5), (30, None)], 1, {30, 20}),  # ties: the later of the best
+    ([(10, None), (20, None), (30, None)], 2, {20, 30}),  # no accuracy recorded: newest only
+    ([(10, 0.9), (20, 0.1)], 5, {10, 20}),
+])
+def test_rotation_keeps_the_newest_and_the_best_by_test_accuracy(steps, keep, want):
+    assert keep_after_rotation(steps, keep) == want
+
+
+def test_run_defining_changes_are_listed_and_others_are_not(tmp_path):
+    ckpt = tmp_path / "step-0000010"
+    ckpt.mkdir()
+    saved = load_recipe("quickstart")
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(saved.to_dict()))
+    same_run = load_recipe("quickstart", ["train.epochs=40", "optim.lr=0.01", "output_dir=elsewhere"])
+    assert config_changes(ckpt, same_run) == []
+    other = load_recipe("quickstart", ["model.name=alexnet_3x3", "data.source=synthetic"])
+    assert config_changes(ckpt, other) == ["model.name: 'alexnet_bn' -> 'alexnet_3x3'",
+                                           "data.source: 'digits' -> 'synthetic'"]
+    assert config_changes(tmp_path / "no-config", other) == []  # nothing to compare with

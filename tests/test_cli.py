@@ -1,0 +1,103 @@
+"""The `alexdist` command as a user types it: help, version, typos, shipped recipes by name, progress in logs,
+and a wheel installed without the repository."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, run_env
+
+from alexdist import __version__, cli
+
+
+def _alexdist(*args, cwd=ROOT, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "alexdist", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_goes_to_stdout_and_lists_every_command(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: alexdist COMMAND" in out
+    for name in cli.COMMANDS:
+        assert f"\n  {name} " in out
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"alexdist {__version__}"
+
+
+def test_an_unknown_command_says_so_with_the_nearest_one(capsys):
+    assert cli.main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("alexdist: error: unknown command 'trian'; did you mean 'train'?") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["train", "export", "evaluate", "compare", "models", "recipes"])
+def test_each_commands_help_names_it_as_typed(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: alexdist {command}")
+
+
+def test_python_dash_m_alexdist_is_the_same_command():
+    proc = _alexdist("--help")
+    assert proc.returncode == 0 and "usage: alexdist COMMAND" in proc.stdout
+
+
+def test_recipes_lists_the_shipped_recipes_with_what_each_reproduces(capsys):
+    assert cli.main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith("(")}
+    assert {"alexnet", "bn", "quickstart", "vgg"} <= set(rows)
+    assert "alexnet_bn" in rows["bn"] and "uoft-cs/cifar10" in rows["bn"] and "seed's change #2" in rows["bn"]
+    assert "digits" in rows["quickstart"]
+
+
+def test_a_dashed_override_gets_a_hint_in_one_line(tmp_path):
+    proc = _alexdist("train", "quickstart", "--train.epochs=5", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "alexdist: error: unknown option --train.epochs=5: overrides are key=value without dashes; write "
+        "train.epochs=5"]
+
+
+def test_an_unknown_recipe_name_lists_the_shipped_ones(tmp_path):
+    proc = _alexdist("train", "bnn", cwd=tmp_path)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "recipe 'bnn' not found; did you mean 'bn'?" in line and "quickstart" in line
+
+
+@pytest.mark.slow
+def test_a_shipped_recipe_runs_by_name_from_any_directory_and_logs_progress_lines(tmp_path, cache_dir):
+    # stdout is a pipe here, as in a Slurm log: progress comes as plain lines every train.log_every steps.
+    proc = _alexdist("train", "quickstart", "train.max_steps=6", "train.log_every=3", "tracking.wandb=false",
+                     f"output_dir={tmp_path / 'run'}", cwd=tmp_path, env=run_env(cache_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split("|")[0].strip() for line in lines] == ["step 3/528", "step 6/528"]
+    assert all("loss" in line and "lr" in line and "img/s" in line and "ETA" in line for line in lines)
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_runs_the_quickstart_without_the_repository(tmp_path, cache_dir):
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(wheels), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    wheel = next(wheels.glob("alexdist-*.whl"))
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                                str(wheel)], capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    env = run_env(cache_dir, PYTHONPATH=str(site))  # ahead of the editable install of this checkout
+    where = subprocess.run([sys.executable, "-c", "import alexdist; print(alexdist.__file__)"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True)
+    assert where.stdout.startswith(str(site)), where.stdout + where.stderr
+    proc = _alexdist("train", "quickstart", "train.max_steps=2", "tracking.wandb=false",
+                     f"output_dir={tmp_path / 'run'}", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "alexdist: done at step 2" in proc.stdout
