@@ -64,7 +64,7 @@ def augment(x: torch.Tensor, params: torch.Tensor, padding: int) -> torch.Tensor
     The reference definition; TrainBatches computes the same with one indexing copy of precomputed views.
 
     Each output pixel's source in the zero-padded image is computed from the sample's offsets (dy, dx) and flip
-    bit; one `gather` then does crop and flip together (3.5x faster on a CPU than advanced indexing).
+    bit; one `gather` then does crop and flip together.
     """
     b, c, h, w = x.shape
     pad_h, pad_w = h + 2 * padding, w + 2 * padding
@@ -96,8 +96,9 @@ class TrainBatches:
 
     def __post_init__(self) -> None:
         # Every crop of every image, plain and mirrored, as one strided view of the zero-padded dataset and its
-        # mirror image: a batch is then a single indexing copy (select + crop + flip at once; 2.2x faster than
-        # a gather with a computed index). Costs the padded dataset twice in memory (CIFAR-10, padding 4: 480 MB).
+        # mirror image: a batch is then a single indexing copy (select + crop + flip at once; faster than a
+        # gather with a computed index, see DEVELOPERS.md). Costs the padded dataset twice in memory (CIFAR-10,
+        # padding 4: 480 MB).
         p = self.augment_cfg.crop_padding
         padded = F.pad(self.x, (p,) * 4) if p else self.x
         self._source = torch.stack([padded, padded.flip(-1)] if self.augment_cfg.flip else [padded]).contiguous()

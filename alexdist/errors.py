@@ -23,37 +23,33 @@ def brief(exc: BaseException, limit: int = 160) -> str:
 
 
 class AlexdistError(Exception):
+    """An error the user can fix; `exit_code` tells scripts which kind (docs/errors.md lists every message)."""
+
     exit_code = 1
 
+    def __init_subclass__(cls, exit_code: int = 1, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.exit_code = exit_code
 
-class ConfigError(AlexdistError):
+
+class ConfigError(AlexdistError, exit_code=2):
     """The recipe or an override is invalid (exit code 2, like argparse)."""
 
-    exit_code = 2
 
-
-class DataError(AlexdistError):
+class DataError(AlexdistError, exit_code=3):
     """A dataset source, weights file or image is missing, unreadable or in an unknown layout."""
 
-    exit_code = 3
 
-
-class SetupError(AlexdistError):
+class SetupError(AlexdistError, exit_code=4):
     """The machine can't run what the recipe asks (e.g. fp16 without a GPU)."""
 
-    exit_code = 4
 
-
-class CheckpointError(AlexdistError):
+class CheckpointError(AlexdistError, exit_code=5):
     """A checkpoint can't be written or read (disk full, unwritable, truncated, unsafe, another model's)."""
 
-    exit_code = 5
 
-
-class DivergedError(AlexdistError):
+class DivergedError(AlexdistError, exit_code=6):
     """Training produced non-finite losses/gradients for too long; the last good checkpoint is kept."""
-
-    exit_code = 6
 
 
 def run_command(body: Callable[[], int]) -> int:

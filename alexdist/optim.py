@@ -26,8 +26,8 @@ def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:
 
 def kernel_kwargs(impl: str, device_type: str) -> dict:
     """speed.optimizer_impl -> torch.optim kwargs. auto: one fused kernel wherever PyTorch has one for SGD and
-    AdamW (CUDA and CPU: on this project's 2-core CPU a fused SGD step of alexnet_bn takes 6 ms against 43 ms
-    for PyTorch's default per-parameter loop), else PyTorch's default."""
+    AdamW (CUDA and CPU; several times faster than the default per-parameter loop, see DEVELOPERS.md), else
+    PyTorch's default."""
     if impl == "auto":
         impl = "fused" if device_type in ("cuda", "cpu") else "default"
     return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False},

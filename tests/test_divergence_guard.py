@@ -73,3 +73,21 @@ def test_deepspeeds_minimum_loss_scale_exception_becomes_the_divergence_error():
     assert not deepspeed_min_scale(RuntimeError("CUDA out of memory"))
     err = diverged("why", "runs/x/checkpoints/step-0000040")
     assert err.exit_code == 6 and "step-0000040" in str(err) and "\n" not in str(err)
+
+
+def test_the_backward_of_a_deepspeed_run_at_its_minimum_scale_ends_in_the_divergence_error():
+    """loop._backward: DeepSpeed raises its plain Exception inside Accelerate's backward, on every rank."""
+    from alexdist.errors import DivergedError
+    from alexdist.loop import _backward
+
+    def backward(loss):
+        raise Exception("Current loss scale already at minimum - cannot decrease scale anymore. Exiting run.")
+
+    run = SimpleNamespace(accelerator=SimpleNamespace(backward=backward), deepspeed=True,
+                          ckpt=SimpleNamespace(latest=lambda: "runs/x/checkpoints/step-0000040"))
+    with pytest.raises(DivergedError, match="fp16_min_loss_scale and the step still overflowed.*step-0000040"):
+        _backward(run, torch.tensor(1.0))
+    run.deepspeed = False  # the same words from anything else are not ours to reinterpret
+    with pytest.raises(Exception, match="already at minimum") as other:
+        _backward(run, torch.tensor(1.0))
+    assert not isinstance(other.value, DivergedError)

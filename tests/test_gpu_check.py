@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_check  # noqa: E402
+import gpu_check
 
 
 def test_the_error_column_shows_alexdists_line_or_the_exception_not_the_launchers_wrapper():
