@@ -7,13 +7,17 @@ Layout of one checkpoint (`output_dir/checkpoints/step-NNNNNNN/`):
     random_states_<rank>.pkl                                         every rank's RNG state
     trainer_state.json                                               data position, best, tracker run id, ...
     config.yaml                                                      the resolved recipe
+    manifest.json                                                    every file's size and SHA-256
 
 A checkpoint is written under `.tmp-step-NNNNNNN` and renamed when every rank has finished, so a directory
 named `step-*` is always complete; a crash mid-save leaves only a `.tmp-*` that resume ignores and the next
 save removes. Rotation keeps the newest `checkpoint.keep` plus the best by test accuracy; a checkpoint is
 renamed to `.del-step-*` before it is deleted, so a crash mid-deletion never leaves a half-deleted `step-*`.
 A save that fails (disk full, permissions) fails on every rank together, removes its `.tmp-*` and leaves the
-earlier checkpoints as they were; a model with non-finite weights or statistics is never saved.
+earlier checkpoints as they were; a model with non-finite weights or statistics is never saved. Every rank
+fsyncs the files before they are agreed complete, and rank 0 then records their sizes and checksums in
+manifest.json: `resume: auto` moves a checkpoint damaged after its save (a truncated or altered file) aside as
+`.damaged-step-*` with a warning and resumes from the one before it; an explicit resume path refuses it.
 
 Loading: the weights go through safetensors; every pickle in the checkpoint (optimizer, scheduler, RNG and
 DeepSpeed state) is first checked to hold nothing but tensors and plain data (`safety.check_pickles`), because
@@ -26,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,8 +40,10 @@ import yaml
 
 from alexdist import faults
 from alexdist.config import CheckpointConfig, Recipe, dump_yaml, flatten
-from alexdist.distributed import any_rank, plain_module
-from alexdist.errors import CheckpointError, DivergedError, SetupError, brief
+from alexdist.distributed import any_rank, from_main, plain_module
+from alexdist.errors import AlexdistError, CheckpointError, DivergedError, SetupError, brief
+from alexdist.fileio import fsync_dir, fsync_tree
+from alexdist.manifest import damage, write_manifest
 from alexdist.safety import check_pickles
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -149,9 +156,24 @@ class Checkpointer:
 
     # -- resume -------------------------------------------------------------------------------------------
     def resume_path(self) -> Path | None:
+        """Where to resume from (None: a fresh start), decided on rank 0 and handed to every rank (a collective):
+        one look at the shared filesystem, so a stale listing on another node cannot make the ranks disagree."""
+        choice = None
+        if self.acc.is_main_process:
+            try:
+                choice = self._choose_resume()
+            except AlexdistError as exc:
+                choice = exc
+        choice = from_main(self.acc, choice)
+        if isinstance(choice, AlexdistError):
+            raise choice
+        return choice
+
+    def _choose_resume(self) -> Path | None:
         r = self.cfg.resume
+        found = complete_checkpoints(self.recipe.output_dir)
         if r == "never":
-            if complete_checkpoints(self.recipe.output_dir):
+            if found:
                 # Never overwrite or mix with an earlier run's checkpoints.
                 raise SetupError(
                     f"checkpoint.resume=never but {self.root} holds an earlier run's checkpoints; choose another "
@@ -159,13 +181,30 @@ class Checkpointer:
                 )
             return None
         if r == "auto":
-            found = complete_checkpoints(self.recipe.output_dir)
-            return found[-1] if found else None
+            for path in reversed(found):
+                problem = damage(path)
+                if problem is None:
+                    return path
+                aside = path.with_name(f".damaged-{path.name}")  # out of resume's view, and of the next save's way
+                os.replace(path, aside)
+                print(f"alexdist: warning: checkpoint {path} is damaged ({problem}); moved to {aside.name}, "
+                      f"resuming from the one before it", file=sys.stderr)
+            if found:
+                raise CheckpointError(
+                    f"every checkpoint in {self.root} is damaged (see the warnings above, now .damaged-step-*); "
+                    f"start again in another output_dir, or restore a copy of a checkpoint"
+                )
+            return None
         path = Path(r)
         if not (path / STATE_FILE).is_file():
             raise SetupError(
                 f"checkpoint.resume='{r}' is not a complete checkpoint (no {STATE_FILE}); give a "
                 f"{self.root}/step-* directory, 'auto' or 'never'"
+            )
+        if problem := damage(path):
+            raise CheckpointError(
+                f"checkpoint {path} is damaged ({problem}); resume from another checkpoint (checkpoint.resume="
+                f"PATH, or auto to take the newest good one)"
             )
         return path
 
@@ -203,7 +242,9 @@ class Checkpointer:
     # -- save ---------------------------------------------------------------------------------------------
     def save(self, state: TrainState) -> Path | None:
         final = self.root / f"step-{state.global_step:07d}"
-        if final.exists():  # e.g. an epoch end that is also an every_steps boundary
+        # e.g. an epoch end that is also an every_steps boundary. Rank 0 looks; every rank hears its answer.
+        exists = self.acc.is_main_process and final.exists()
+        if any_rank(self.acc, torch.tensor([1.0 if exists else 0.0], device=self.acc.device))[0]:
             return None
         if not self._agree(all_finite(plain_module(self.acc, self.model).state_dict().values())):
             raise DivergedError(
@@ -231,14 +272,17 @@ class Checkpointer:
             if self.acc.is_main_process:
                 (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")  # tmp/: atomic as a whole
                 (tmp / "config.yaml").write_text(dump_yaml(self.recipe))
-                _fsync_tree(tmp)
+            # Every rank (on a network filesystem only the writer's node can flush its files); another rank may
+            # rename one of its files away meanwhile: that one is its writer's to flush.
+            fsync_tree(tmp, missing_ok=True)
         except OSError as exc:
             error = exc
         self._raise_if_failed(error, tmp, step)  # also: every rank's files are on disk
         faults.kill_point("save.before_rename", step, out)
         if self.acc.is_main_process:
+            write_manifest(tmp)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             faults.kill_point("save.after_rename", step, out)
             self._rotate()
         self.acc.wait_for_everyone()
@@ -254,7 +298,14 @@ class Checkpointer:
         if self.acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         kept = complete_checkpoints(self.recipe.output_dir)
-        what = f"{error.strerror or error} ({error.filename})" if error else "another process failed to write its part"
+        mine = f"{error.strerror or error} ({error.filename})" if error else None
+        if self.acc.num_processes == 1:
+            what = mine
+        else:  # every rank's report (a collective): the message names the rank that failed, and how
+            from accelerate.utils import gather_object
+
+            reports = gather_object([mine])
+            what = "; ".join(f"rank {r}: {e}" for r, e in enumerate(reports) if e)
         raise CheckpointError(
             f"could not write checkpoint step-{step:07d} in {self.root}: {what}; the earlier checkpoints are "
             f"intact ({kept[-1].name if kept else 'none yet'}): free space or fix permissions, then resume with "
@@ -312,55 +363,6 @@ def config_changes(checkpoint: Path, recipe: Recipe) -> list[str]:
     saved = flatten(yaml.safe_load(saved_file.read_text()) or {})
     now = flatten(recipe.to_dict())
     return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in RUN_DEFINING if saved.get(k) != now.get(k)]
-
-
-def check_writable(output_dir: str | Path) -> None:
-    """Fail before any work if output_dir can't be created or written (every rank checks for itself)."""
-    d = Path(output_dir)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"\0" * 4096)
-        probe.unlink()
-    except OSError as exc:
-        raise CheckpointError(
-            f"output_dir '{d}' is not writable ({exc.strerror or exc}); choose another output_dir or fix its "
-            f"permissions"
-        ) from None
-
-
-def checkpoint_bytes(n_params: int, recipe: Recipe) -> int:
-    """About what one checkpoint takes: fp32 weights, the optimizer's buffers (+ DeepSpeed's fp32 master)."""
-    slots = 2 if recipe.optim.name == "adamw" else (1 if recipe.optim.momentum > 0 else 0)
-    master = 1 if recipe.distributed.strategy == "deepspeed" else 0
-    return 4 * n_params * (1 + slots + master)
-
-
-def check_space(output_dir: str | Path, needed: int) -> None:
-    free = shutil.disk_usage(output_dir).free
-    if free < needed:
-        mib = 2**20
-        raise CheckpointError(
-            f"output_dir '{output_dir}' has {free / mib:.0f} MiB free but this run needs about {needed / mib:.0f} "
-            f"MiB (a new checkpoint beside the last one, plus the final weights); free space or choose another "
-            f"output_dir"
-        )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for f in files:
-            with open(os.path.join(root, f), "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(Path(root))
 
 
 def all_finite(tensors) -> bool:

@@ -217,6 +217,16 @@ def set_step_timeout(seconds: int) -> None:
     set_timeout(timedelta(seconds=seconds))
 
 
+def from_main(accelerator, value):
+    """Rank 0's `value` (any picklable object) on every rank: one decision about the shared filesystem, made
+    once, so that a stale directory listing on another node cannot make the ranks disagree. A collective."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def any_rank(accelerator, flags: torch.Tensor) -> list[bool]:
     """For each entry of `flags` (floats on the device, non-zero = set), whether it is set on any rank.
 

@@ -18,7 +18,8 @@ import yaml
 
 from alexdist.checkpoint import STATE_FILE, read_state
 from alexdist.config import Recipe
-from alexdist.errors import DataError, run_command
+from alexdist.errors import CheckpointError, DataError, run_command
+from alexdist.manifest import damage
 from alexdist.safety import check_pickles
 from alexdist.weights import plain_weights, save_weights, weights_metadata
 
@@ -50,6 +51,8 @@ def consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         raise DataError(
             f"'{path}' is not an alexdist checkpoint (no {STATE_FILE}); pass a checkpoints/step-* directory"
         )
+    if problem := damage(path):
+        raise CheckpointError(f"checkpoint {path} is damaged ({problem}); export another checkpoint")
     recipe = Recipe.model_validate(yaml.safe_load((path / "config.yaml").read_text()))
     state = read_state(path)
     if is_deepspeed_checkpoint(path):

@@ -43,3 +43,26 @@ def read_jsonl(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path, missing_ok: bool = False) -> None:
+    """fsync every file and directory under `path` (on a network filesystem: what this node wrote). With
+    `missing_ok`, a file that vanishes while the tree is walked (renamed by another process) is passed over."""
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                with open(os.path.join(root, f), "rb") as fh:
+                    os.fsync(fh.fileno())
+            except FileNotFoundError:
+                if not missing_ok:
+                    raise
+        fsync_dir(Path(root))

@@ -15,11 +15,11 @@ import torch
 
 from alexdist import faults
 from alexdist.batches import TrainBatches
-from alexdist.checkpoint import Checkpointer, TrainState, check_space, check_writable, checkpoint_bytes
+from alexdist.checkpoint import Checkpointer, TrainState
 from alexdist.config import Recipe
 from alexdist.data import load_dataset
-from alexdist.distributed import make_accelerator, resolve_strategy
-from alexdist.errors import ConfigError
+from alexdist.distributed import from_main, make_accelerator, resolve_strategy
+from alexdist.errors import ConfigError, SetupError
 from alexdist.guard import DivergenceGuard
 from alexdist.launcher import launched_world_size
 from alexdist.metrics import EpochMeter
@@ -32,6 +32,7 @@ from alexdist.precision import (
     needs_fp32_batchnorm,
     restore_fp32_buffers,
 )
+from alexdist.rundir import RunLock, check_space, check_writable, checkpoint_bytes
 from alexdist.stopping import StopRequest
 from alexdist.tracking import RunLog, wandb_mode
 
@@ -61,12 +62,20 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     info: dict = field(default_factory=dict)
     resumed_from: Path | None = None
+    lock: RunLock | None = None  # rank 0's hold on output_dir
     t_start: float = 0.0  # wall clock at which the run (all attempts together) would have begun
     meter: EpochMeter | None = None  # this epoch's loss/accuracy sums
 
     @property
     def deepspeed(self) -> bool:
         return self.strategy == "deepspeed"
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.lock:
+            self.lock.release()
 
     def snapshot(self, state: TrainState) -> None:
         """Bring `state` up to date for a checkpoint: the epoch's sums so far, agreed over ranks (a collective),
@@ -96,17 +105,39 @@ def peak_lr(recipe: Recipe, effective_batch: int) -> float:
 
 
 def setup(recipe: Recipe) -> Run:
-    """Accelerator, data, model, optimizer, schedule, checkpointer, trackers, and the resume if there is one."""
+    """Accelerator, data, the run directory held, model, optimizer, schedule, checkpointer, trackers, and the
+    resume if there is one."""
     check_writable(recipe.output_dir)  # before any work: an unwritable output_dir would lose it all
     resolve_batch_size(recipe, launched_world_size())
     strategy, zero_stage = resolve_strategy(recipe)
     accelerator = make_accelerator(recipe, strategy, zero_stage, log_with=["wandb"] if wandb_mode(recipe) else None)
     configure_cuda_math(recipe.speed.tf32, recipe.speed.cudnn_benchmark)
-    stop = StopRequest(accelerator, recipe.output_dir)  # SIGTERM / SIGUSR1 / output_dir/STOP
     batches, test_x, test_y = _data(recipe, accelerator)
+    lock = hold_run_dir(accelerator, recipe.output_dir)  # nothing is written into output_dir before this
+    try:
+        run = _build(recipe, accelerator, strategy, zero_stage, batches, test_x, test_y)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def hold_run_dir(accelerator, output_dir: str) -> RunLock | None:
+    """Rank 0 takes output_dir for this run (rundir.RunLock); every rank stops if another run holds it."""
+    lock = RunLock(output_dir) if accelerator.is_main_process else None
+    refused = from_main(accelerator, lock.acquire() if lock else None)
+    if refused:
+        raise SetupError(refused)
+    return lock
+
+
+def _build(recipe: Recipe, accelerator, strategy: str, zero_stage: int | None, batches: TrainBatches,
+           test_x: torch.Tensor, test_y: torch.Tensor) -> Run:
+    stop = StopRequest(accelerator, recipe.output_dir)  # SIGTERM / SIGUSR1 / output_dir/STOP
     total_steps = recipe.train.epochs * batches.steps_per_epoch
     deepspeed = strategy == "deepspeed"
-
     model, optimizer, scheduler, n_params = _model_and_optimizer(recipe, accelerator, batches.effective_batch,
                                                                  total_steps, deepspeed)
     # Dropout masks come from the global RNG: distinct per rank (as with separate GPUs), reproducible per seed.
@@ -130,10 +161,7 @@ def setup(recipe: Recipe) -> Run:
 def _data(recipe: Recipe, accelerator) -> tuple[TrainBatches, torch.Tensor, torch.Tensor]:
     """This rank's training batches and the test set, on the device (speed.data_on_device) or the host."""
     t, device = recipe.train, accelerator.device
-    # Rank 0 decodes the source and writes the cache; the others then read the cache.
-    with accelerator.main_process_first():
-        faults.slow_setup_point()
-        ds = load_dataset(recipe.data)
+    ds = _load_once(recipe, accelerator)
     data_device = device if recipe.speed.data_on_device else torch.device("cpu")
     batches = TrainBatches(
         ds.train_x.to(data_device), ds.train_y.to(data_device), t.batch_size, t.grad_accum,
@@ -147,6 +175,22 @@ def _data(recipe: Recipe, accelerator) -> tuple[TrainBatches, torch.Tensor, torc
             f"{len(ds.train_y)} training images; lower train.batch_size or train.grad_accum"
         )
     return batches, ds.test_x.to(data_device), ds.test_y.to(data_device)
+
+
+def _load_once(recipe: Recipe, accelerator):
+    """The dataset, decoded once per job when the cache is shared (rank 0 writes it, everyone else reads it) and
+    once per node when data.cache_dir is node-local (each node's first process finds no cache and writes its own;
+    the node's other processes then read it)."""
+    ds = None
+    if accelerator.is_main_process:
+        faults.slow_setup_point()
+        ds = load_dataset(recipe.data)
+    accelerator.wait_for_everyone()
+    with accelerator.local_main_process_first():
+        if not accelerator.is_main_process:
+            faults.slow_setup_point()
+            ds = load_dataset(recipe.data)
+    return ds
 
 
 def _model_and_optimizer(recipe: Recipe, accelerator, effective_batch: int, total_steps: int, deepspeed: bool):

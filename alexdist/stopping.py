@@ -3,8 +3,9 @@
 Every rank handles the signals itself (Slurm's `scancel` signals every process of a job). Launchers do not
 all forward signals: `torchrun` / `accelerate launch` do not pass SIGUSR1 on to their workers (pytorch #154849),
 so where only the launcher or a batch shell can be signalled, it writes `output_dir/STOP` instead; that is what
-`slurm/train.sh` does. At every optimizer-step boundary the ranks agree with one all-reduce: if any rank was
-asked, all stop together, so no rank waits forever in a collective for one that left.
+`slurm/train.sh` does; rank 0 alone looks for the file. At every optimizer-step boundary the ranks agree with one
+all-reduce: if any rank was asked, all stop together, so no rank waits forever in a collective for one that
+left.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class StopRequest:
         """(stop, bad): whether any rank has been asked to stop, and whether any rank flagged this step as bad
         (NaN/inf, see guard.py; a device tensor, so nothing syncs before the all-reduce). One all-reduce and
         one host sync for both, the same answer on every rank: call it on all ranks."""
-        if self.reason is None and self.stop_file.exists():
+        # Rank 0 alone looks for the file (a stale listing on another node must not stop that node alone, nor
+        # a STOP removed after a requeue stop the new attempt); the all-reduce tells the others.
+        if self.reason is None and self.acc.is_main_process and self.stop_file.exists():
             self.reason = f"{STOP_FILE} file"
         self._flags[0].fill_(1.0 if self.reason else 0.0)
         self._flags[1].copy_(torch.as_tensor(bad_step))

@@ -130,7 +130,9 @@ class RunLog:
             print(line, flush=True)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        """Write summary.json (atomically), copy it into the W&B summary, close the trackers."""
+        """Write summary.json (atomically), copy it into the W&B summary, close the trackers; then every rank
+        waits for the main process before the process group goes. Without that wait, a rank on another node
+        could exit first (75 after a stop) and `srun --kill-on-bad-exit` would kill rank 0 mid-write."""
         if self.main:
             summary = {**summary, "wall_time_s": round(time.time() - self.t0, 2)}
             atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -138,4 +140,7 @@ class RunLog:
                 run = self.acc.get_tracker("wandb", unwrap=True)
                 run.summary.update({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
             self._metrics.close()
-        self.acc.end_training()
+            for tracker in self.acc.trackers:
+                tracker.finish()
+        self.acc.wait_for_everyone()
+        self.acc.state.destroy_process_group()  # what Accelerate's end_training does after closing the trackers

@@ -25,14 +25,19 @@ from alexdist.launcher import launch_rank
 from alexdist.loop import Ending, end_epoch, finish, reached_end, record_step, stop_here, train_step
 from alexdist.metrics import EpochMeter
 from alexdist.progress import Progress
-from alexdist.run import setup
+from alexdist.run import Run, setup
 from alexdist.stopping import STOPPED_EXIT_CODE
 
 
 def train(recipe: Recipe) -> dict:
     """Train (or continue) the run a recipe describes; returns its summary."""
-    run = setup(recipe)
-    state, log_every = run.state, recipe.train.log_every
+    with setup(recipe) as run:  # holds output_dir until the run ends, however it ends
+        return _loop(run)
+
+
+def _loop(run: Run) -> dict:
+    """Epochs of optimizer steps, each epoch evaluated and checkpointed; then the final weights and summary."""
+    recipe, state, log_every = run.recipe, run.state, run.recipe.train.log_every
     main = run.accelerator.is_main_process
     progress = Progress(main, run.total_steps, run.batches.effective_batch, state.global_step)
     ending = reached_end(run)  # a finished run resumed again ends at once

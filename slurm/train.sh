@@ -15,6 +15,10 @@
 # A plain `scancel` sends SIGTERM to every process: the ranks checkpoint within KillWait and exit.
 #SBATCH --job-name=alexdist
 #SBATCH --ntasks-per-node=1
+# CPUs for all of a node's processes: one launcher task per node starts them. Size it as processes per node x
+# CPU threads each (data lives on the device, so 2-4 per GPU process is plenty: 8 GPUs -> --cpus-per-task=32);
+# the processes' OMP threads are set from it. Memory per node likewise (--mem): ~3 GB per process for CIFAR.
+#SBATCH --cpus-per-task=2
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@120
 #SBATCH --open-mode=append
@@ -47,8 +51,12 @@ if [ "${GPUS:-0}" -gt 0 ] 2>/dev/null; then
   PROCS_PER_NODE=$GPUS
 else
   PROCS_PER_NODE=${ALEXDIST_PROCS_PER_NODE:-2}
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
+# The task's CPUs shared by its processes (at least one thread each). srun must be told: since Slurm 22.05 it
+# no longer inherits --cpus-per-task from sbatch.
+CPUS=${SLURM_CPUS_PER_TASK:-$PROCS_PER_NODE}
+THREADS=$((CPUS / PROCS_PER_NODE))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((THREADS > 0 ? THREADS : 1))}
 NNODES=${SLURM_NNODES:-1}
 NUM_PROCESSES=$((NNODES * PROCS_PER_NODE))
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
@@ -57,7 +65,7 @@ ACCELERATE=${ALEXDIST_ACCELERATE:-accelerate}
 MULTI=(--multi_gpu)
 [ "$NUM_PROCESSES" -gt 1 ] || MULTI=()
 
-echo "alexdist/slurm: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} | $NNODES node(s) x $PROCS_PER_NODE process(es) | head $HEAD:$PORT | output $OUTPUT_DIR"
+echo "alexdist/slurm: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} | $NNODES node(s) x $PROCS_PER_NODE process(es) | $CPUS CPUs per node, $OMP_NUM_THREADS thread(s) per process | head $HEAD:$PORT | output $OUTPUT_DIR"
 
 STARTED=$(date +%s)
 STOPPING=0
@@ -69,7 +77,7 @@ on_usr1() {
 trap on_usr1 USR1
 
 # \$SLURM_NODEID is escaped so that each node's task expands its own rank.
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "exec $ACCELERATE launch ${MULTI[*]} \
+srun --ntasks-per-node=1 --cpus-per-task="$CPUS" --kill-on-bad-exit=1 bash -c "exec $ACCELERATE launch ${MULTI[*]} \
   --num_machines $NNODES --machine_rank \$SLURM_NODEID --main_process_ip $HEAD --main_process_port $PORT \
   --num_processes $NUM_PROCESSES --mixed_precision no --dynamo_backend no \
   -m alexdist.train $(printf '%q ' "$RECIPE" "${OVERRIDES[@]}")" &

@@ -45,6 +45,8 @@ SINCE: dict[str, tuple[str, str, str]] = {
     "accelerate.Accelerator.register_save_state_pre_hook": ("accelerate", "1.0", "accelerator.py 1.0.0"),
     "accelerate.Accelerator.register_load_state_pre_hook": ("accelerate", "1.0", "accelerator.py 1.0.0"),
     "accelerate.utils.DeepSpeedPlugin": ("accelerate", "1.0", "utils/dataclasses.py 1.0.0"),
+    "accelerate.utils.broadcast_object_list": ("accelerate", "1.0", "utils/operations.py 1.0.0"),
+    "accelerate.utils.gather_object": ("accelerate", "1.0", "utils/operations.py 1.0.0"),
     "accelerate.utils.DistributedType": ("accelerate", "1.0", "utils/dataclasses.py 1.0.0"),
     "accelerate.utils.InitProcessGroupKwargs": ("accelerate", "1.0", "backend field in 1.0.0"),
     "accelerate.utils.TorchDynamoPlugin": ("accelerate", "1.0", "utils/dataclasses.py 1.0.0"),

@@ -103,19 +103,30 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
     other_model = copy_of(base, "other-model")
     other_allowed = copy_of(base, "other-model-allowed")
     other_data = copy_of(base, "other-data")
-    trunc_shard = copy_of(base, "truncated-shard")
-    shard = _ckpt(trunc_shard) / "model.safetensors"
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    trunc_opt = copy_of(base, "truncated-optimizer")
-    opt = _ckpt(trunc_opt) / "optimizer.bin"
-    opt.write_bytes(opt.read_bytes()[:100])
+    from alexdist.manifest import MANIFEST, write_manifest
+
+    def truncated(name: str, file: str, keep: int | None, manifest: bool) -> Path:
+        run = copy_of(base, name)
+        f = _ckpt(run) / file
+        f.write_bytes(f.read_bytes()[: keep if keep is not None else f.stat().st_size // 2])
+        if not manifest:  # a checkpoint written before alexdist recorded manifests: nothing to check it against
+            (_ckpt(run) / MANIFEST).unlink()
+        return run
+
+    trunc_shard = truncated("truncated-shard", "model.safetensors", None, manifest=True)
+    trunc_opt = truncated("truncated-optimizer", "optimizer.bin", 100, manifest=True)
+    old_shard = truncated("old-truncated-shard", "model.safetensors", None, manifest=False)
+    old_opt = truncated("old-truncated-optimizer", "optimizer.bin", 100, manifest=False)
     crafted = copy_of(base, "crafted-pickle")
     import torch
 
+    # An attacker who can write a pickle can rewrite the manifest too: the pickle check must still refuse it.
     torch.save({"random_state": Pickled(str(root / "PWNED"))}, _ckpt(crafted) / "random_states_0.pkl")
+    write_manifest(_ckpt(crafted))
     crafted_zero = copy_of(zero, "crafted-zero")
     torch.save({"optimizer_state_dict": Pickled(str(root / "PWNED"))},
                _ckpt(crafted_zero) / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    write_manifest(_ckpt(crafted_zero))
     weights = root / "weights-truncated.safetensors"
     weights.write_bytes((base / "model.safetensors").read_bytes()[:1000])
     zero_moved = copy_of(zero, "zero2-moved")
@@ -181,9 +192,14 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
              "checkpoint.allow_config_change=true", f"output_dir={other_allowed}"], 5, "could not load checkpoint",
              after=_unchanged(other_allowed, snapshot(other_allowed)),
              normalize=lambda m: re.sub(r"\(RuntimeError: .*\); resume", "(RuntimeError: ...); resume", m)),
-        Case("a truncated safetensors shard in a checkpoint", [f"output_dir={trunc_shard}"], 5,
-             "could not load checkpoint"),
-        Case("a truncated optimizer file in a checkpoint", [f"output_dir={trunc_opt}"], 5,
+        Case("the only checkpoint damaged after its save (a truncated shard)", [f"output_dir={trunc_shard}"], 5,
+             "every checkpoint in"),
+        Case("resuming from a damaged checkpoint by path (a truncated optimizer file)",
+             [f"output_dir={trunc_opt}", f"checkpoint.resume={_ckpt(trunc_opt)}"], 5,
+             "optimizer.bin has 100 bytes"),
+        Case("a truncated shard in a checkpoint without a manifest (older alexdist)", [f"output_dir={old_shard}"],
+             5, "could not load checkpoint"),
+        Case("a truncated optimizer file in a checkpoint without a manifest", [f"output_dir={old_opt}"], 5,
              "is not a readable torch file"),
         Case("a crafted pickle in a checkpoint", [f"output_dir={crafted}"], 5, "would import posix.system",
              after=no_pwned),
@@ -274,8 +290,8 @@ def test_docs_errors_md_lists_every_message(outcomes):
 
 
 def test_free_space_is_checked_before_training(tmp_path):
-    from alexdist.checkpoint import check_space
     from alexdist.errors import CheckpointError
+    from alexdist.rundir import check_space
 
     with pytest.raises(CheckpointError, match="MiB free but this run needs about"):
         check_space(tmp_path, 2**60)

@@ -1,19 +1,28 @@
 """`sbatch slurm/train.sh` against a real Slurm cluster (one node, CPU only: 2 processes per node).
 
-Needs a running cluster: `bash slurm/local/start_local_slurm.sh start` (CI does this and sets
-ALEXDIST_REQUIRE_SLURM=1, which turns a missing cluster into a failure instead of a skip).
+Needs a running cluster: `bash slurm/local/start_local_slurm.sh start [--nodes 2]` (CI starts two nodes and sets
+ALEXDIST_REQUIRE_SLURM=2, which turns a missing cluster into a failure instead of a skip). These jobs take one
+node; tests/test_slurm_two_nodes.py runs the two-node ones.
 """
 
-import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, check, comparable_events, launch, read_jsonl, run_env, summary, wait_for_step
+from conftest import (
+    check,
+    comparable_events,
+    job_info,
+    launch,
+    read_jsonl,
+    require_slurm,
+    summary,
+    wait_finished,
+    wait_for_step,
+)
+from conftest import sbatch as _sbatch
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -21,49 +30,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 ARGS = ["recipes/quickstart.yaml", "tracking.wandb=false", "train.log_every=2"]
 
 
-def _slurm_up() -> bool:
-    if not shutil.which("sbatch"):
-        return False
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
-    return "UP" in ping.stdout
-
-
 @pytest.fixture(scope="module", autouse=True)
-def require_slurm():
-    if not _slurm_up():
-        if os.environ.get("ALEXDIST_REQUIRE_SLURM"):
-            pytest.fail("ALEXDIST_REQUIRE_SLURM is set but no Slurm cluster answers (scontrol ping)")
-        pytest.skip("no Slurm cluster; start one with: bash slurm/local/start_local_slurm.sh start")
-
-
-def _env(cache_dir):
-    env = run_env(cache_dir)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the job runs this venv's accelerate
-    return env
+def slurm_cluster():
+    require_slurm(1)
 
 
 def sbatch(run: Path, cache_dir, extra=(), wait=False) -> tuple[str, subprocess.CompletedProcess]:
-    cmd = ["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={run}.slurm.log"] + (["--wait"] if wait else [])
-    proc = subprocess.run(cmd + ["slurm/train.sh", *ARGS, f"output_dir={run}", *extra], env=_env(cache_dir),
-                          capture_output=True, text=True, timeout=600)
-    job = proc.stdout.strip().split(";")[0]
-    return job, proc
-
-
-def job_info(job: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
-    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
-
-
-def wait_finished(job: str, timeout: float = 400) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        info = job_info(job)
-        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
-            return info
-        time.sleep(1)
-    subprocess.run(["scancel", job])
-    raise TimeoutError(f"job {job} did not finish in {timeout} s: {job_info(job)}")
+    return _sbatch(run, cache_dir, [*ARGS, *extra], wait=wait)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,102 @@
+"""One run per run directory, and a damaged checkpoint that does not stop a requeued job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import ROOT, check, error_line, launch, launch_command, run_env, summary, wait_for_step
+from safetensors.torch import load_file
+
+from alexdist.rundir import LOCK_FILE, STALE_S, RunLock, takeover_reason, this_run
+
+
+def _holder(**kw):
+    return {**this_run(), **kw}
+
+
+def test_a_second_run_is_refused_naming_the_holder_and_the_first_keeps_the_directory(tmp_path):
+    first, second = RunLock(tmp_path), RunLock(tmp_path)
+    assert first.acquire() is None
+    second.me = {**second.me, "pid": first.me["pid"] + 1, "slurm_job": "999"}
+    refused = second.acquire()
+    assert refused and f"pid {first.me['pid']}" in refused and "in use by another run" in refused
+    assert "\n" not in refused
+    second.release()  # not the holder: releasing changes nothing
+    assert (tmp_path / LOCK_FILE).is_file()
+    first.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_who_may_take_a_held_directory_over():
+    me = this_run()
+    # The same Slurm job (requeued), even from another host and while the lock is fresh.
+    assert takeover_reason(_holder(host="node9", slurm_job="42"), 1.0, {**me, "slurm_job": "42"})
+    # This host, the holder's process gone (a crash).
+    assert takeover_reason(_holder(pid=2**22 + 12345), 1.0, me) == "its process is gone"
+    # This host, the holder alive: no.
+    assert takeover_reason(_holder(pid=os.getpid()), 1.0, {**me, "pid": os.getpid() + 1}) is None
+    # Another host: only once the lock has not been refreshed for STALE_S (a lost node).
+    assert takeover_reason(_holder(host="node9"), 5.0, me) is None
+    assert takeover_reason(_holder(host="node9"), STALE_S + 1, me)
+    assert takeover_reason(None, 0.0, me)  # a lock file cut short by a crash
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
+    (tmp_path / LOCK_FILE).write_text(json.dumps(_holder(pid=2**22 + 12345)))
+    lock = RunLock(tmp_path)
+    assert lock.acquire() is None
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+@pytest.mark.slow
+def test_a_job_submitted_twice_runs_once(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    args = ["tracking.wandb=false", "train.log_every=1", "train.max_steps=40", f"output_dir={run}"]
+    first = subprocess.Popen(launch_command(args, nproc=2), cwd=ROOT, env=run_env(cache_dir),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run, 3)
+    second = launch(args, cache_dir)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert second.returncode == 4
+    line = error_line(second)
+    assert "in use by another run" in line and f"host {os.uname().nodename}" in line
+    assert summary(run)["steps"] == 40 and not (run / LOCK_FILE).exists()  # released at the end
+    check(launch(args[:-2] + ["train.max_steps=42", f"output_dir={run}"], cache_dir, nproc=2))  # the next run
+
+
+@pytest.mark.slow
+def test_resume_auto_skips_a_damaged_newest_checkpoint_and_ends_as_the_uninterrupted_run(tmp_path, cache_dir):
+    common = ["tracking.wandb=false", "train.log_every=1", "checkpoint.every_steps=2", "checkpoint.keep=2"]
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    check(launch(common + ["train.max_steps=10", f"output_dir={whole}"], cache_dir))
+    check(launch(common + ["train.max_steps=6", f"output_dir={run}"], cache_dir))
+    newest = run / "checkpoints" / "step-0000006"
+    shard = newest / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])  # a disk fault after the save
+    proc = check(launch(common + ["train.max_steps=10", f"output_dir={run}"], cache_dir))
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("alexdist: warning:")]
+    assert len(warning) == 1 and "step-0000006 is damaged (model.safetensors has" in warning[0]
+    assert "resumed from" in proc.stdout and "step-0000004 at step 4" in proc.stdout
+    assert (run / "checkpoints" / ".damaged-step-0000006").is_dir()
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_fresh_lock_is_refreshed_while_held(tmp_path, monkeypatch):
+    import alexdist.rundir as rundir
+
+    monkeypatch.setattr(rundir, "HEARTBEAT_S", 0.05)
+    lock = RunLock(tmp_path)
+    assert lock.acquire() is None
+    path = tmp_path / LOCK_FILE
+    os.utime(path, (time.time() - 1000, time.time() - 1000))
+    time.sleep(0.3)
+    assert time.time() - path.stat().st_mtime < 5  # the holder's thread touched it
+    lock.release()
