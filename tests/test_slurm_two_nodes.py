@@ -101,8 +101,8 @@ def test_usr1_stops_both_nodes_at_one_step_requeues_and_ends_bit_identical(two_n
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
     stop = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "stop"]
     assert len(stop) == 1  # rank 0 logs the step every rank stopped at (the all-reduce makes it one step)
-    ckpt = run / "checkpoints" / f"step-{stop[0]['step']:07d}"
-    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    log = Path(f"{run}.slurm.log").read_text()  # both attempts, appended
+    assert f"step-{stop[0]['step']:07d} at step {stop[0]['step']}" in log and "requeueing job" in log
     assert summary(run)["status"] == "max_steps"
     assert _same_weights(run, whole) and comparable_events(run) == comparable_events(whole)
     print(f"\ntwo nodes: USR1 at step {stop[0]['step']} -> checkpoint, requeue, resume, finish: {wall:.0f} s wall")
