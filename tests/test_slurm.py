@@ -11,19 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    check,
-    comparable_events,
-    job_info,
-    launch,
-    read_jsonl,
-    require_slurm,
-    summary,
-    wait_finished,
-    wait_for_step,
-)
-from conftest import sbatch as _sbatch
+from conftest import check, comparable_events, launch, read_jsonl, summary, wait_for_step
 from safetensors.torch import load_file
+from slurm_jobs import job_info, require_slurm, wait_finished
+from slurm_jobs import sbatch as _sbatch
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 

@@ -17,21 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import (
-    ROOT,
-    check,
-    comparable_events,
-    job_info,
-    launch,
-    read_jsonl,
-    require_slurm,
-    sbatch,
-    slurm_env,
-    summary,
-    wait_finished,
-    wait_for_step,
-)
+from conftest import ROOT, check, comparable_events, launch, read_jsonl, summary, wait_for_step
 from safetensors.torch import load_file
+from slurm_jobs import job_info, require_slurm, sbatch, slurm_env, wait_finished
 
 from alexdist.launcher import free_port
 
