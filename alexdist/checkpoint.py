@@ -3,6 +3,7 @@
 Layout of one checkpoint (`output_dir/checkpoints/step-NNNNNNN/`):
     model.safetensors | model-0000i-of-0000n.safetensors + index   DDP weights (unwrapped names), sharded
     pytorch_model/ + latest                                          DeepSpeed's partitioned files (ZeRO)
+    dcp/                                                             FSDP2: model + optimizer shards (DCP)
     optimizer.bin, scheduler.bin, scaler.pt                          Accelerate's save_state
     random_states_<rank>.pkl                                         every rank's RNG state
     trainer_state.json                                               data position, best, tracker run id, ...
@@ -43,7 +44,9 @@ from alexdist.config import CheckpointConfig, Recipe, dump_yaml, flatten
 from alexdist.distributed import any_rank, from_main, plain_module
 from alexdist.errors import AlexdistError, CheckpointError, DivergedError, SetupError, brief
 from alexdist.fileio import fsync_dir, fsync_tree
+from alexdist.fsdp import DCP_DIR, load_sharded, local, save_sharded
 from alexdist.manifest import damage, write_manifest
+from alexdist.metrics import agree_buffers
 from alexdist.safety import check_pickles
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -127,9 +130,12 @@ class Checkpointer:
     """
 
     def __init__(self, accelerator, recipe: Recipe, model: torch.nn.Module, steps_per_epoch: int,
-                 snapshot: Callable[[TrainState], None] = lambda state: None):
+                 snapshot: Callable[[TrainState], None] = lambda state: None,
+                 sharded_optimizer: torch.optim.Optimizer | None = None):
         self.acc = accelerator
         self.model = model
+        # FSDP: model and optimizer are not Accelerate's; they go through DCP, every rank writing its shards.
+        self.sharded_optimizer = sharded_optimizer
         self.recipe = recipe
         self.cfg = recipe.checkpoint
         self.steps_per_epoch = steps_per_epoch
@@ -216,7 +222,7 @@ class Checkpointer:
                 f"distributed.strategy={state.strategy}, or export the weights (python -m alexdist.export) and start "
                 f"fresh"
             )
-        if strategy == "deepspeed" and state.world_size != world:
+        if strategy == "deepspeed" and state.world_size != world:  # (DCP reshards FSDP checkpoints on load)
             raise SetupError(
                 f"checkpoint {path} holds ZeRO partitions for {state.world_size} processes, this run has {world}; "
                 f"resume with {state.world_size} processes, or convert it to plain weights with `python -m "
@@ -232,6 +238,10 @@ class Checkpointer:
         check_pickles(path)
         try:
             self.acc.load_state(str(path))
+            if self.sharded_optimizer is not None:
+                load_sharded(self.model, self.sharded_optimizer, path / DCP_DIR)
+        except AlexdistError:
+            raise
         except Exception as exc:  # shapes of another model, a truncated shard, a missing file...
             raise CheckpointError(
                 f"could not load checkpoint {path} into this run ({brief(exc)}); resume from "
@@ -264,19 +274,13 @@ class Checkpointer:
         except OSError as exc:
             error = exc
         self._raise_if_failed(error, tmp, step)  # a collective: no rank writes before the directory exists
-        try:
-            faults.kill_point("save.begin", step, out)
-            faults.disk_full_point(step)
-            self.acc.save_state(str(tmp))
-            faults.kill_point("save.state", step, out)
-            if self.acc.is_main_process:
-                (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")  # tmp/: atomic as a whole
-                (tmp / "config.yaml").write_text(dump_yaml(self.recipe))
-            # Every rank (on a network filesystem only the writer's node can flush its files); another rank may
-            # rename one of its files away meanwhile: that one is its writer's to flush.
-            fsync_tree(tmp, missing_ok=True)
-        except OSError as exc:
-            error = exc
+        if self.sharded_optimizer is not None:
+            # FSDP never syncs buffers, and DCP writes a replicated (plain) tensor from whichever rank its
+            # planner picks: the BatchNorm statistics saved must be rank 0's, as DDP saves and evaluation uses.
+            # The other ranks' running statistics are never used before the next such broadcast. (A collective:
+            # here, where every rank arrives.)
+            agree_buffers(self.acc, self.model, deepspeed=False)
+        error = self._write(tmp, state)
         self._raise_if_failed(error, tmp, step)  # also: every rank's files are on disk
         faults.kill_point("save.before_rename", step, out)
         if self.acc.is_main_process:
@@ -287,6 +291,27 @@ class Checkpointer:
             self._rotate()
         self.acc.wait_for_everyone()
         return final
+
+    def _write(self, tmp: Path, state: TrainState) -> OSError | None:
+        """Every file of the checkpoint into `tmp`, this rank's part; the error that stopped it, if any."""
+        step, out = state.global_step, self.recipe.output_dir
+        try:
+            faults.kill_point("save.begin", step, out)
+            if self.sharded_optimizer is not None:  # a collective, first: DCP agrees on failures itself
+                save_sharded(self.model, self.sharded_optimizer, tmp / DCP_DIR)
+                faults.kill_point("save.weights", step, out)
+            faults.disk_full_point(step)
+            self.acc.save_state(str(tmp))
+            faults.kill_point("save.state", step, out)
+            if self.acc.is_main_process:
+                (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")  # tmp/: atomic as a whole
+                (tmp / "config.yaml").write_text(dump_yaml(self.recipe))
+            # Every rank (on a network filesystem only the writer's node can flush its files); another rank may
+            # rename one of its files away meanwhile: that one is its writer's to flush.
+            fsync_tree(tmp, missing_ok=True)
+        except OSError as exc:
+            return exc
+        return None
 
     def _agree(self, ok: bool) -> bool:
         """True on every rank if `ok` holds on every rank (a collective)."""
@@ -328,7 +353,7 @@ class Checkpointer:
         model's own names instead (the same for 1 or N processes, so a checkpoint moves between world sizes)."""
         from accelerate.utils import DistributedType
 
-        if self.acc.distributed_type == DistributedType.DEEPSPEED:
+        if self.acc.distributed_type == DistributedType.DEEPSPEED or self.sharded_optimizer is not None:
             return
         from huggingface_hub import load_torch_model, save_torch_state_dict
 
@@ -366,4 +391,5 @@ def config_changes(checkpoint: Path, recipe: Recipe) -> list[str]:
 
 
 def all_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t.detach()).all()) for t in tensors if t.is_floating_point())
+    """Whether this rank's values are finite (its shard of an FSDP parameter)."""
+    return all(bool(torch.isfinite(local(t).detach()).all()) for t in tensors if t.is_floating_point())

@@ -2,6 +2,8 @@
 
     python -m alexdist.compare runs/*                               # run directories (offline)
     python -m alexdist.compare --wandb ENTITY/PROJECT --group bn    # runs fetched from W&B (online)
+    python -m alexdist.compare --wandb ENTITY/PROJECT --sweep ID     # a W&B sweep's trials (recipes/sweeps/)
+    python -m alexdist.compare runs/bn/sweep-ID/*                   # the same trials from their run directories
     python -m alexdist.compare runs/* --sort images_per_s --csv table.csv --plots plots/
 
 Both sources produce the same RunRecord (flat config, summary, test history) and go through one row-building
@@ -104,8 +106,9 @@ def from_wandb_records(records: list[dict]) -> list[RunRecord]:
     return out
 
 
-def from_wandb_api(path: str, group: str | None = None, tag: str | None = None) -> list[RunRecord]:
-    """RunRecords from W&B's public API (needs the network and a login)."""
+def from_wandb_api(path: str, group: str | None = None, tag: str | None = None,
+                   sweep: str | None = None) -> list[RunRecord]:
+    """RunRecords from W&B's public API (needs the network and a login); `sweep`: that sweep's runs only."""
     import wandb
 
     filters: dict = {}
@@ -113,8 +116,10 @@ def from_wandb_api(path: str, group: str | None = None, tag: str | None = None) 
         filters["group"] = group
     if tag:
         filters["tags"] = {"$in": [tag]}
+    api = wandb.Api()
+    runs = api.sweep(f"{path}/{sweep}").runs if sweep else api.runs(path, filters=filters)
     out = []
-    for run in wandb.Api().runs(path, filters=filters):
+    for run in runs:
         hist = list(run.scan_history(keys=["_step", "epoch", "test/acc", "test/loss", "test/elapsed_s"]))
         summary = {k: v for k, v in dict(run.summary).items() if not k.startswith("_")}
         out.append(_record_from_wandb(dict(run.config), summary, hist, finished=run.state != "running"))
@@ -231,6 +236,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m alexdist.compare"
     ap.add_argument("--wandb", metavar="ENTITY/PROJECT", help="fetch runs from W&B instead (online)")
     ap.add_argument("--group", help="with --wandb: only this group")
     ap.add_argument("--tag", help="with --wandb: only runs with this tag")
+    ap.add_argument("--sweep", metavar="SWEEP_ID", help="with --wandb: the runs of this W&B sweep")
     ap.add_argument("--sort", default="best_test_acc", choices=[k for k, _ in COLUMNS], help="sort column")
     ap.add_argument("--ascending", action="store_true")
     ap.add_argument("--target-acc", type=float, help="accuracy for the time-to-target column (default: each run's)")
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m alexdist.compare"
     args = ap.parse_args(argv)
 
     if args.wandb:
-        records = from_wandb_api(args.wandb, args.group, args.tag)
+        records = from_wandb_api(args.wandb, args.group, args.tag, args.sweep)
     else:
         paths = [Path(p) for pattern in args.runs for p in sorted(glob.glob(pattern))]
         paths = [p for p in paths if (p / "config.yaml").is_file()]

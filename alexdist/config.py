@@ -92,7 +92,8 @@ class ScheduleConfig(_Section):
 class DistributedConfig(_Section):
     # auto: what the launcher says (`accelerate launch --config_file recipes/accelerate/zero2.yaml` -> DeepSpeed),
     # else DDP. An explicit value here that disagrees with the launcher stops the run (both are shown).
-    strategy: Literal["auto", "ddp", "deepspeed"] = "auto"
+    # fsdp: PyTorch's FSDP2 (parameters, gradients and optimizer state sharded; checkpoints reshard on load).
+    strategy: Literal["auto", "ddp", "deepspeed", "fsdp"] = "auto"
     zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state in CPU memory
     # fp16 under DeepSpeed: dynamic loss scaling starting at 2**initial_scale_power, halved on overflow (after

@@ -46,6 +46,13 @@ def resolve_strategy(recipe: Recipe) -> tuple[str, int | None]:
 
 def _resolve(recipe: Recipe) -> tuple[str, int | None]:
     d = recipe.distributed
+    if _env_flag("ACCELERATE_USE_FSDP"):  # `accelerate launch --use_fsdp` or recipes/accelerate/fsdp.yaml
+        if d.strategy not in ("auto", "fsdp"):
+            raise SetupError(
+                f"the launcher config says FSDP but the recipe says distributed.strategy={d.strategy}; drop one of "
+                f"them (distributed.strategy=auto follows the launcher)"
+            )
+        return "fsdp", None
     launcher_ds = _env_flag("ACCELERATE_USE_DEEPSPEED")
     launcher_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     if d.strategy == "ddp" and launcher_ds:
@@ -67,9 +74,31 @@ def _resolve(recipe: Recipe) -> tuple[str, int | None]:
                 f"{recipe.train.grad_accum}; set it in one place (the recipe is the usual one)"
             )
         return "deepspeed", stage
-    if d.strategy == "deepspeed":
-        return "deepspeed", d.zero_stage
+    if d.strategy in ("deepspeed", "fsdp"):
+        return d.strategy, d.zero_stage if d.strategy == "deepspeed" else None
     return "ddp", None
+
+
+def _check_fsdp(recipe: Recipe) -> None:
+    """What FSDP2 here does not do, refused in one line before any work."""
+    if recipe.precision == "fp16":
+        raise SetupError(
+            "precision=fp16 is not supported with distributed.strategy=fsdp (FSDP2 would need a sharded gradient "
+            "scaler); use precision=bf16, or fp16 with the ddp or deepspeed strategy"
+        )
+    if recipe.speed.compile:
+        raise SetupError("speed.compile is not supported with distributed.strategy=fsdp yet; set speed.compile=false "
+                         "or use the ddp strategy")
+    if recipe.distributed.offload_optimizer:
+        raise SetupError("distributed.offload_optimizer is a DeepSpeed (ZeRO-Offload) option; drop it with "
+                         "distributed.strategy=fsdp, or use distributed.strategy=deepspeed")
+
+
+def _take_fsdp_launcher_env() -> None:
+    """FSDP2 is applied by alexdist.fsdp; left in the environment, the launcher's FSDP settings would make
+    Accelerate build its own FSDP plugin (which refuses CPU-only machines) and clip through it."""
+    for key in [k for k in os.environ if k.startswith(("FSDP_", "ACCELERATE_FSDP_"))] + ["ACCELERATE_USE_FSDP"]:
+        os.environ.pop(key, None)
 
 
 def amp_mode(precision: str) -> str:
@@ -151,6 +180,9 @@ def make_accelerator(
     else:
         handlers = [InitProcessGroupKwargs(timeout=timeout)]
     extra = {}
+    if strategy == "fsdp":
+        _check_fsdp(recipe)
+        _take_fsdp_launcher_env()
     if strategy == "deepspeed":
         extra["deepspeed_plugin"] = deepspeed_plugin(recipe, stage)
     else:
@@ -160,8 +192,10 @@ def make_accelerator(
         # For DDP, `cpu=True` is what makes Accelerate treat gloo ranks as MULTI_CPU and wrap the model in DDP;
         # the gloo backend alone forms the group but leaves the model unwrapped (no gradient sync). For DeepSpeed
         # `cpu=True` would silently drop the plugin: there the gloo backend alone is right.
-        cpu=not torch.cuda.is_available() and strategy == "ddp",
-        mixed_precision=amp_mode(recipe.precision),
+        # FSDP: the model is sharded by alexdist.fsdp, never wrapped by Accelerate, so `cpu=True` is harmless.
+        cpu=not torch.cuda.is_available() and strategy in ("ddp", "fsdp"),
+        # FSDP2 casts through its own policy (alexdist.fsdp); Accelerate's autocast stays off.
+        mixed_precision="no" if strategy == "fsdp" else amp_mode(recipe.precision),
         **extra,
         # We size schedules in optimizer steps and step the scheduler once per optimizer step ourselves;
         # Accelerate's default would step it once per process.

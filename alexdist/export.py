@@ -3,7 +3,8 @@
     alexdist export runs/bn/checkpoints/step-0039000 bn.safetensors
 
 DDP checkpoints hold (possibly sharded) safetensors weights; ZeRO-1/2/3 checkpoints hold DeepSpeed's
-partitions, which DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint` merges into fp32 weights.
+partitions, which DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint` merges into fp32 weights; FSDP
+checkpoints hold DCP shards, which DCP reads into the whole model in one process.
 The file is the format of `alexdist.weights`, the same as the final weights a run writes.
 """
 
@@ -16,10 +17,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from alexdist import fsdp
 from alexdist.checkpoint import STATE_FILE, read_state
 from alexdist.config import Recipe
 from alexdist.errors import CheckpointError, DataError, run_command
+from alexdist.fsdp import DCP_DIR
 from alexdist.manifest import damage
+from alexdist.models import build_model, resolve_input_size
 from alexdist.safety import check_pickles
 from alexdist.weights import plain_weights, save_weights, weights_metadata
 
@@ -61,6 +65,12 @@ def consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         check_pickles(path / DS_TAG)  # DeepSpeed unpickles with weights_only=False
 
         weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
+    elif (path / DCP_DIR).is_dir():
+        m = recipe.model
+        model = build_model(m.name, resolve_input_size(m.name, m.input_size), m.dropout, m.width_mult)
+        if recipe.precision == "fp64":
+            model = model.double()
+        weights = fsdp.consolidate(path / DCP_DIR, model)
     else:
         weights = _ddp_weights(path)
     return plain_weights(weights), weights_metadata(recipe, state.global_step, state.test_acc)

@@ -34,7 +34,7 @@ POINTS = {
     "train": "after the optimizer step",
     "eval": "during the evaluation after the step",
     "save.begin": "checkpoint directory created, nothing written",
-    "save.weights": "DDP weight shards written, optimizer state not yet",
+    "save.weights": "DDP weight shards (FSDP: this rank's DCP shards) written, the rest not yet",
     "save.state": "this rank's Accelerate/DeepSpeed files written, trainer state not yet",
     "save.before_rename": "every file written and synced, checkpoint not yet renamed into place",
     "save.after_rename": "checkpoint complete, older ones not yet rotated",

@@ -25,6 +25,7 @@ import torch
 from alexdist.config import Recipe
 from alexdist.distributed import plain_module
 from alexdist.errors import DivergedError
+from alexdist.fsdp import full
 
 # The words of DeepSpeed's DynamicLossScaler when the scale is at its minimum and the step still overflows
 # (deepspeed/runtime/fp16/loss_scaler.py raises a plain Exception inside backward).
@@ -77,7 +78,7 @@ class DivergenceGuard:
                 self._params = list(model.parameters())
             grads = [p.grad for p in self._params if p.grad is not None]
             total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
-        return bad | ~torch.isfinite(total_norm.to(loss.device))
+        return bad | ~torch.isfinite(full(total_norm).to(loss.device))  # FSDP: a DTensor, gathered
 
     def loss_scale(self) -> float | None:
         """The current fp16 loss scale (GradScaler or DeepSpeed), None when there is none. A host sync."""

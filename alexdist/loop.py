@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from alexdist import faults
 from alexdist.batches import to_device
 from alexdist.distributed import plain_module, set_step_timeout
+from alexdist.fsdp import full_state_dict, set_gradient_sync
 from alexdist.guard import deepspeed_min_scale, diverged, nan_like
 from alexdist.metrics import agree_buffers, batch_stats, evaluate_ranks
 from alexdist.precision import loss_input
@@ -58,6 +59,8 @@ def train_step(run: Run, micro: list[tuple[torch.Tensor, torch.Tensor]], step: i
         if faults.poisoned(step):
             xb = nan_like(xb)
         with acc.accumulate(model):
+            if run.fsdp:
+                set_gradient_sync(model, acc.sync_gradients)  # reduce-scatter on the last micro-batch only
             out = model(xb.to(run.in_dtype))
             loss = F.cross_entropy(loss_input(out), yb, label_smoothing=t.label_smoothing)
             _backward(run, loss)  # under DeepSpeed, at the last micro-batch, also the engine's step
@@ -65,11 +68,13 @@ def train_step(run: Run, micro: list[tuple[torch.Tensor, torch.Tensor]], step: i
                 clip = t.grad_clip and not run.deepspeed  # DeepSpeed clips itself
                 norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip) if clip else None
                 stop, bad = run.stop.requested(guard.bad_flag(model, loss, norm))
-            if not (bad and guard.own_skip):  # an fp16 GradScaler must see a bad step to lower its scale
-                opt.step()
-                if acc.sync_gradients and not bad:
-                    run.scheduler.step()  # a no-op under DeepSpeed, whose engine steps it
-            opt.zero_grad(set_to_none=True)
+                # (Accelerate's prepared optimizer would skip non-final micro-batches itself; FSDP's is not
+                # prepared: the same rule, written once for both.)
+                if not (bad and guard.own_skip):  # an fp16 GradScaler must see a bad step to lower its scale
+                    opt.step()
+                    if not bad:
+                        run.scheduler.step()  # a no-op under DeepSpeed, whose engine steps it
+                opt.zero_grad(set_to_none=True)
         sums += batch_stats(loss.detach() * len(yb), loss_input(out.detach()), yb)
     return StepResult(loss, sums, bad, stop)
 
@@ -144,7 +149,7 @@ def evaluate(run: Run) -> tuple[float, float]:
     agree_buffers(run.accelerator, run.model, run.deepspeed)
     faults.kill_point("eval", run.state.global_step, run.recipe.output_dir)
     return evaluate_ranks(run.accelerator, run.model, run.test_x, run.test_y, run.recipe.train.eval_batch_size,
-                          run.input_size, run.in_dtype, run.deepspeed and run.zero_stage == 3,
+                          run.input_size, run.in_dtype, run.sharded_forward,
                           run.recipe.speed.channels_last)
 
 
@@ -158,7 +163,10 @@ def stop_here(run: Run, epoch: int) -> None:
 
 def final_state_dict(run: Run) -> dict[str, torch.Tensor]:
     """The weights to export, on every rank (a collective under ZeRO). Under DeepSpeed fp16/bf16 the module
-    holds 16-bit copies: the parameters come from the fp32 master weights, as `alexdist export` takes them."""
+    holds 16-bit copies: the parameters come from the fp32 master weights, as `alexdist export` takes them.
+    Under FSDP the shards are gathered to rank 0 (the others get an empty dict)."""
+    if run.fsdp:
+        return full_state_dict(run.model)
     if not (run.deepspeed and run.recipe.precision in ("fp16", "bf16")):
         return run.accelerator.get_state_dict(run.model)
     from deepspeed.utils import safe_get_full_fp32_param
@@ -203,8 +211,8 @@ def finish(run: Run, ending: Ending) -> dict:
 
 def rank_checksums(run: Run) -> dict[str, list[float] | None]:
     """Every rank's sum of its parameters and of its buffers: equal values prove the ranks stayed in sync (ZeRO-3
-    ranks hold partitions, not whole parameters, so there is nothing to compare)."""
-    if run.zero_stage == 3:
+    ranks hold partitions, not whole parameters, so there is nothing to compare; nor under FSDP)."""
+    if run.zero_stage == 3 or run.fsdp:
         return {"rank_param_sums": None, "rank_buffer_sums": None}
     module, acc = plain_module(run.accelerator, run.model), run.accelerator
     zero = torch.zeros((), dtype=torch.float64, device=acc.device)

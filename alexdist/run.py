@@ -7,6 +7,7 @@ a checkpoint, if any, is loaded last (it restores every rank's RNG state).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from alexdist.config import Recipe
 from alexdist.data import load_dataset
 from alexdist.distributed import from_main, make_accelerator, resolve_strategy
 from alexdist.errors import ConfigError, SetupError
+from alexdist.fsdp import shard_model
 from alexdist.guard import DivergenceGuard
 from alexdist.launcher import launched_world_size
 from alexdist.metrics import EpochMeter
@@ -70,6 +72,15 @@ class Run:
     def deepspeed(self) -> bool:
         return self.strategy == "deepspeed"
 
+    @property
+    def fsdp(self) -> bool:
+        return self.strategy == "fsdp"
+
+    @property
+    def sharded_forward(self) -> bool:
+        """Whether every forward gathers parameters from the other ranks (a collective): ZeRO-3 and FSDP."""
+        return (self.deepspeed and self.zero_stage == 3) or self.fsdp
+
     def __enter__(self) -> Run:
         return self
 
@@ -82,6 +93,15 @@ class Run:
         and the training time. The one place a TrainState is prepared for saving."""
         state.epoch_sums = self.meter.total(self.accelerator) if state.step_in_epoch else [0.0, 0.0, 0.0]
         state.train_time_s = time.time() - self.t_start
+
+
+def sweep_output_dir(recipe: Recipe) -> None:
+    """A W&B sweep trial (started by `wandb agent`, which sets WANDB_SWEEP_ID and WANDB_RUN_ID) writes to
+    output_dir/sweep-SWEEP/RUN: trials of one sweep share the recipe's output_dir, and with `resume: auto`
+    each would otherwise continue the previous trial's checkpoints."""
+    sweep, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep and run_id and f"sweep-{sweep}" not in Path(recipe.output_dir).parts:
+        recipe.output_dir = str(Path(recipe.output_dir) / f"sweep-{sweep}" / run_id)
 
 
 def resolve_batch_size(recipe: Recipe, world: int) -> None:
@@ -107,6 +127,7 @@ def peak_lr(recipe: Recipe, effective_batch: int) -> float:
 def setup(recipe: Recipe) -> Run:
     """Accelerator, data, the run directory held, model, optimizer, schedule, checkpointer, trackers, and the
     resume if there is one."""
+    sweep_output_dir(recipe)
     check_writable(recipe.output_dir)  # before any work: an unwritable output_dir would lose it all
     resolve_batch_size(recipe, launched_world_size())
     strategy, zero_stage = resolve_strategy(recipe)
@@ -139,7 +160,7 @@ def _build(recipe: Recipe, accelerator, strategy: str, zero_stage: int | None, b
     total_steps = recipe.train.epochs * batches.steps_per_epoch
     deepspeed = strategy == "deepspeed"
     model, optimizer, scheduler, n_params = _model_and_optimizer(recipe, accelerator, batches.effective_batch,
-                                                                 total_steps, deepspeed)
+                                                                 total_steps, strategy)
     # Dropout masks come from the global RNG: distinct per rank (as with separate GPUs), reproducible per seed.
     torch.manual_seed(recipe.train.seed * 1000 + accelerator.process_index + 1)
     run = Run(
@@ -151,7 +172,8 @@ def _build(recipe: Recipe, accelerator, strategy: str, zero_stage: int | None, b
         state=TrainState(effective_batch=batches.effective_batch, world_size=accelerator.num_processes,
                          strategy=strategy, zero_stage=zero_stage),
     )
-    run.ckpt = Checkpointer(accelerator, recipe, model, batches.steps_per_epoch, snapshot=run.snapshot)
+    run.ckpt = Checkpointer(accelerator, recipe, model, batches.steps_per_epoch, snapshot=run.snapshot,
+                            sharded_optimizer=optimizer if run.fsdp else None)
     _resume(run)
     run.t_start = time.time() - run.state.train_time_s
     _start_log(run, n_params)
@@ -193,8 +215,9 @@ def _load_once(recipe: Recipe, accelerator):
     return ds
 
 
-def _model_and_optimizer(recipe: Recipe, accelerator, effective_batch: int, total_steps: int, deepspeed: bool):
+def _model_and_optimizer(recipe: Recipe, accelerator, effective_batch: int, total_steps: int, strategy: str):
     """The model (the same initial weights on every rank and world size), optimizer and schedule, prepared."""
+    deepspeed = strategy == "deepspeed"
     torch.manual_seed(recipe.train.seed)
     m = recipe.model
     model = build_model(m.name, resolve_input_size(m.name, m.input_size), m.dropout, m.width_mult)
@@ -207,8 +230,12 @@ def _model_and_optimizer(recipe: Recipe, accelerator, effective_batch: int, tota
         keep_batchnorm_fp32(model)
     n_params = count_params(model)
     check_space(recipe.output_dir, 2 * checkpoint_bytes(n_params, recipe))
+    if strategy == "fsdp":
+        shard_model(model, recipe.precision)  # before the optimizer: sharding replaces the parameters
     optimizer = make_optimizer(model, recipe, peak_lr(recipe, effective_batch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, recipe.schedule))
+    if strategy == "fsdp":  # Accelerate would wrap the model in DDP and save the optimizer from rank 0 alone
+        return model, optimizer, accelerator.prepare(scheduler), n_params
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if deepspeed and recipe.precision in ("fp16", "bf16"):
         restore_fp32_buffers(model)

@@ -8,8 +8,9 @@ as soon as it finishes, so a call cut short still returns what it measured. Rows
 - a bare PyTorch loop and alexdist (recipes/bn.yaml on synthetic CIFAR-sized images, the same batch and number
   of steps) in fp32 (+TF32), bf16 and fp16, with channels_last and with torch.compile; img/s of the second of
   two epochs (warm-up and compilation fall in the first), peak GPU memory, ratio to the bare loop;
-- DeepSpeed ZeRO-2 in fp16 and bf16; DDP with a real process group (torchrun with one process: its type and
-  backend are shown; Accelerate's non-distributed mode would say NO);
+- DeepSpeed ZeRO-2 in fp16 and bf16; FSDP2 (fully_shard, bf16 policy, DCP checkpoint); DDP with a real
+  process group (torchrun with one process: its type and backend are shown; Accelerate's non-distributed mode
+  would say NO);
 - probes run in-process on alexdist's own loop: host syncs per optimizer step (torch.cuda.set_sync_debug_mode),
   an fp16 overflow (skipped, the schedule not advanced, the scale lowered); and a NaN loss from step 3 on under
   fp16 (skipped, then the divergence stop with exit 6);
@@ -87,6 +88,8 @@ def plan(s: Setting) -> list[Row]:
         # `accelerate launch --num_processes 1` gives Accelerate's non-distributed mode and `--multi_gpu` wants 2
         # processes: torchrun with one process forms a real group (NCCL on a GPU) and DDP wraps the model.
         Row(f"DDP, real process group, {half}", "train", half, launcher="torchrun"),
+        # FSDP2 needs a process group (a group of one still shards, with whole shards, and writes DCP checkpoints).
+        Row(f"FSDP2 {half}, real process group", "train", half, ["distributed.strategy=fsdp"], launcher="torchrun"),
     ]
     for p in s.precisions:
         if p != half:

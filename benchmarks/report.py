@@ -34,8 +34,11 @@ def zero_memory(data: dict) -> str:
     mb = 1 / 2**20
     lines = ["| strategy | params / rank (MiB) | grads / rank (MiB) | optimizer state / rank (MiB) "
              "| total / rank (MiB) "
-             "| checkpoint (MiB) | save (s) | load (s) |", "|---|---|---|---|---|---|---|---|"]
-    for name in ("ddp", "zero1", "zero2", "zero3"):
+             "| checkpoint (MiB) | save (s) | load (s) | resume on another world size |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    # What a checkpoint of each strategy can resume on (tests: test_resume.py, test_zero_equivalence.py, test_fsdp.py).
+    reshard = {"ddp": "yes (whole weights + optimizer)", "fsdp": "yes (DCP reshards, optimizer included)"}
+    for name in ("ddp", "zero1", "zero2", "zero3", "fsdp"):
         if name not in data:
             continue
         r = data[name]
@@ -44,7 +47,8 @@ def zero_memory(data: dict) -> str:
         total = p["params_bytes"] + p["grad_bytes"] + p["optimizer_bytes"]
         lines.append(f"| {name} | {p['params_bytes'] * mb:.1f} | {p['grad_bytes'] * mb:.1f} "
                      f"| {p['optimizer_bytes'] * mb:.1f} "
-                     f"| {total * mb:.1f} | {c['bytes'] * mb:.1f} | {c['save_s']:.2f} | {c['load_s']:.2f} |")
+                     f"| {total * mb:.1f} | {c['bytes'] * mb:.1f} | {c['save_s']:.2f} | {c['load_s']:.2f} "
+                     f"| {reshard.get(name, 'no (export the weights; optimizer state lost)')} |")
     base = next(iter(data.values()))["plain_safetensors"]
     lines.append("")
     lines.append(f"Baseline: one safetensors file of the same weights: {base['bytes'] * mb:.1f} MiB, save "

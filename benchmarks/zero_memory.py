@@ -1,15 +1,16 @@
-"""Per-rank memory of DDP vs DeepSpeed ZeRO-1/2/3, read from the live engines, and checkpoint cost.
+"""Per-rank memory of DDP vs DeepSpeed ZeRO-1/2/3 vs FSDP2, read from the live engines, and checkpoint cost.
 
-    bash benchmarks/zero_memory.sh    # all four strategies on 2 CPU ranks -> benchmarks/results/zero_memory.{json,md}
+    bash benchmarks/zero_memory.sh    # all five strategies on 2 CPU ranks -> benchmarks/results/zero_memory.{json,md}
 
 One invocation measures one strategy (run it under a launcher with 2 processes):
     accelerate launch --multi_gpu --num_processes 2 benchmarks/zero_memory.py --strategy zero2 --out FILE
 
 Bytes are those of the tensors each rank holds after one optimizer step of alexnet_bn (fp32, SGD momentum):
-parameters (ZeRO-3: the rank's partition), gradients (measured after backward, before the step: DDP's .grad,
-ZeRO's reduced partitions), and optimizer state (momentum plus ZeRO's fp32 master partitions). Storage shared
-between tensors is counted once. Checkpoint save/load go through the same Checkpointer as training; the
-baseline is one safetensors file of the model's state dict.
+parameters (ZeRO-3 and FSDP: the rank's partition), gradients (measured after backward, before the step: DDP's
+.grad, ZeRO's reduced partitions, FSDP's sharded gradients), and optimizer state (momentum plus ZeRO's fp32
+master partitions; FSDP's momentum shards). Storage shared between tensors is counted once. Checkpoint
+save/load go through the same Checkpointer as training; the baseline is one safetensors file of the model's
+state dict.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ import torch.nn.functional as F
 
 
 def _bytes(tensors) -> int:
+    from alexdist.fsdp import local
+
     seen, total = set(), 0
     for t in tensors:
+        t = local(t) if torch.is_tensor(t) else t  # an FSDP shard: this rank's part
         if not torch.is_tensor(t) or t.numel() == 0:
             continue
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
@@ -53,7 +57,7 @@ def _dir_bytes(path: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--strategy", choices=["ddp", "zero1", "zero2", "zero3"], required=True)
+    ap.add_argument("--strategy", choices=["ddp", "zero1", "zero2", "zero3", "fsdp"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--workdir", required=True, help="scratch directory shared by the ranks (removed at the end)")
     args = ap.parse_args()
@@ -61,12 +65,15 @@ def main() -> None:
     from alexdist.checkpoint import Checkpointer, TrainState
     from alexdist.config import load_recipe
     from alexdist.distributed import exit_now, make_accelerator, resolve_strategy
+    from alexdist.fsdp import full_state_dict, load_sharded, shard_model
     from alexdist.models import build_model
     from alexdist.optim import make_optimizer
 
     overrides = ["model.name=alexnet_bn", "data.source=synthetic", "tracking.wandb=false", "train.batch_size=16",
                  "model.dropout=0"]
-    if args.strategy != "ddp":
+    if args.strategy == "fsdp":
+        overrides += ["distributed.strategy=fsdp"]
+    elif args.strategy != "ddp":
         overrides += ["distributed.strategy=deepspeed", f"distributed.zero_stage={args.strategy[-1]}"]
     tmpdir = Path(args.workdir)
     recipe = load_recipe("recipes/quickstart.yaml", overrides + [f"output_dir={tmpdir}"])
@@ -74,8 +81,12 @@ def main() -> None:
     acc = make_accelerator(recipe, strategy, stage)
     torch.manual_seed(0)
     model = build_model("alexnet_bn", 32, 0.0)
+    fsdp = strategy == "fsdp"
+    if fsdp:
+        shard_model(model, recipe.precision)  # as alexdist.run does: sharded, not prepared by Accelerate
     optimizer = make_optimizer(model, recipe, 0.01)
-    model, optimizer = acc.prepare(model, optimizer)
+    if not fsdp:
+        model, optimizer = acc.prepare(model, optimizer)
     module = acc.unwrap_model(model)
 
     x = torch.randn(16, 3, 32, 32, device=acc.device)
@@ -116,15 +127,17 @@ def main() -> None:
     row = {"params_bytes": _bytes(params), "grad_bytes": grad_bytes, "optimizer_bytes": _bytes(opt_tensors)}
 
     # Checkpoint cost, through the run's own Checkpointer (atomic rename, per-rank files).
-    ckpt = Checkpointer(acc, recipe, model)
+    ckpt = Checkpointer(acc, recipe, model, steps_per_epoch=1, sharded_optimizer=optimizer if fsdp else None)
     t0 = time.perf_counter()
     path = ckpt.save(TrainState(global_step=1, world_size=acc.num_processes, strategy=strategy, zero_stage=stage))
     save_s = time.perf_counter() - t0
     acc.wait_for_everyone()
     t0 = time.perf_counter()
     acc.load_state(str(path))
+    if fsdp:
+        load_sharded(model, optimizer, path / "dcp")
     load_s = time.perf_counter() - t0
-    state_dict = acc.get_state_dict(model)
+    state_dict = full_state_dict(model) if fsdp else acc.get_state_dict(model)
 
     per_rank = acc.gather(torch.tensor([list(row.values())], dtype=torch.float64, device=acc.device)).tolist()
     if acc.is_main_process:

@@ -53,6 +53,14 @@ ZERO2_FAULTS = [
     ("eval:8:0", 6),
     ("train:13:1", 12),
 ]
+FSDP_FAULTS = [
+    ("save.weights:4:1", 2),  # rank 1's DCP shards written, rank 0's maybe not, nothing else
+    ("save.state:4:0", 2),
+    ("save.before_rename:4:1", 4),  # after every rank reported its files written: complete
+    ("save.after_rename:6:0", 6),
+    ("eval:8:1", 6),
+    ("train:11:0", 10),
+]
 HANG_BOUND_S = 30  # a dead rank must take the whole job down within this (measured: ~1.5 s)
 
 
@@ -114,6 +122,15 @@ def test_zero2_run_killed_at_9_points_finishes_with_the_uninterrupted_parameters
         tmp_path, cache_dir, ZERO2_FAULTS, ["model.name=alexnet_3x3", "augment.crop_padding=0"],
         config_file="recipes/accelerate/zero2.yaml",
     )
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert comparable_events(run) == comparable_events(ref)
+
+
+def test_fsdp_run_killed_at_6_points_finishes_with_the_uninterrupted_parameters(tmp_path, cache_dir):
+    # BatchNorm included: FSDP keeps each rank's statistics, as DDP's rank 0 does, and DCP resumes them exactly.
+    want, got, ref, run = _run_with_faults(tmp_path, cache_dir, FSDP_FAULTS, ["distributed.strategy=fsdp"])
     assert want.keys() == got.keys()
     for k in want:
         assert torch.equal(want[k], got[k]), k

@@ -30,6 +30,16 @@ SINCE: dict[str, tuple[str, str, str]] = {
     "torch.distributed.DistStoreError": ("torch", "2.3", "torch/distributed/__init__.py history"),
     "torch.distributed.distributed_c10d._set_pg_timeout": ("torch", "2.3", "used when set_timeout is absent"),
     "torch.distributed.set_timeout": ("torch", "2.14", "optional: looked up with getattr, fallback above"),
+    # FSDP2 and DCP: public under torch.distributed.fsdp from 2.6 (pytorch#141868, "targeting 2.6"); fully_shard
+    # of a list of modules from 2.5 (pytorch#130949, July 2024); DCP's state_dict helpers from 2.2.
+    "torch.distributed.fsdp.fully_shard": ("torch", "2.6", "pytorch#141868: public torch.distributed.fsdp"),
+    "torch.distributed.fsdp.FSDPModule": ("torch", "2.6", "pytorch#141868"),
+    "torch.distributed.fsdp.MixedPrecisionPolicy": ("torch", "2.6", "pytorch#141868"),
+    "torch.distributed.checkpoint.DefaultLoadPlanner": ("torch", "2.0", "torch.distributed.checkpoint 2.0"),
+    "torch.distributed.checkpoint.state_dict.get_state_dict": ("torch", "2.2", "PyTorch 2.2 release notes (DCP)"),
+    "torch.distributed.checkpoint.state_dict.set_state_dict": ("torch", "2.2", "PyTorch 2.2 release notes (DCP)"),
+    "torch.distributed.checkpoint.state_dict.get_model_state_dict": ("torch", "2.2", "PyTorch 2.2 release notes"),
+    "torch.distributed.checkpoint.state_dict.StateDictOptions": ("torch", "2.2", "PyTorch 2.2 release notes"),
     "torch.utils.flop_counter.FlopCounterMode": ("torch", "2.1", "PyTorch 2.1 release notes"),
     "torch._foreach_copy_": ("torch", "2.1", "PyTorch 2.1 (foreach copy)"),
     "torch.optim.SGD(fused)": ("torch", "2.4", "fused SGD/AdamW on the CPU: PyTorch 2.4 release notes"),
