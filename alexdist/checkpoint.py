@@ -73,6 +73,7 @@ class TrainState:
     train_time_s: float = 0.0
     time_to_target_s: float | None = None  # training time until test accuracy first reached tracking.target_acc
     epoch_to_target: int | None = None
+    target_reached: bool = False  # train.stop_at_acc was reached: the run is over
     images_per_s: list[float] = field(default_factory=list)
 
 

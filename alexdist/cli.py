@@ -7,8 +7,9 @@ commands:
   recipes                            list the shipped recipes (use them by name: alexdist train bn)
   models [--input-size N]            list the models with parameters and FLOPs per image
   compare RUN_DIR... [--plots DIR]   a table (and plots) comparing runs, or W&B runs with --wandb
-  export CHECKPOINT OUT.safetensors  one weights file from DDP shards or ZeRO partitions
-  evaluate WEIGHTS [RECIPE] [k=v]    test loss and accuracy of a checkpoint or a weights file
+  export CHECKPOINT OUT.safetensors  one weights file from DDP shards, ZeRO partitions or FSDP shards
+  evaluate WEIGHTS [RECIPE] [k=v]    test loss, accuracy and per-class results of a checkpoint or weights file
+  predict IMAGE... --weights W       the top classes of image files
 
 options:
   -h, --help     show this message
@@ -27,7 +28,8 @@ from alexdist import __version__
 
 # Each command's `main(argv, prog=...)`, imported only when used (train pulls in torch and Accelerate).
 COMMANDS = {"train": "alexdist.train:main", "recipes": "alexdist.cli:list_recipes", "models": "alexdist.models:main",
-            "compare": "alexdist.compare:main", "export": "alexdist.export:main", "evaluate": "alexdist.evaluate:main"}
+            "compare": "alexdist.compare:main", "export": "alexdist.export:main", "evaluate": "alexdist.evaluate:main",
+            "predict": "alexdist.predict:main"}
 
 
 def list_recipes(argv: list[str] | None = None, prog: str = "alexdist recipes") -> int:

@@ -61,6 +61,9 @@ class TrainConfig(_Section):
     # Evaluation has no backward pass: a larger batch than training's fits and runs faster.
     eval_batch_size: int = Field(default=500, ge=1)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # End the run (checkpoint, final weights, summary status `target_reached`) at the first evaluation whose test
+    # accuracy is at or above this. tracking.target_acc only records when it was reached.
+    stop_at_acc: float | None = Field(default=None, gt=0, le=1)
     seed: int = 0
     # Log the running train loss every N optimizer steps (0 = only at epoch ends).
     log_every: int = Field(default=50, ge=0)
@@ -124,7 +127,13 @@ class CheckpointConfig(_Section):
     allow_config_change: bool = False
 
 
+TRACKERS = ("wandb", "tensorboard", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
 class TrackingConfig(_Section):
+    # Accelerate's trackers to log to, besides metrics.jsonl (always written). W&B also needs tracking.wandb
+    # (the quick off switch); TensorBoard writes to output_dir/tensorboard and works offline.
+    log_with: list[Literal[TRACKERS]] = Field(default_factory=lambda: ["wandb"])
     wandb: bool = True
     # auto: online when an API key is configured, else offline (synced later with `wandb sync`).
     # The WANDB_MODE environment variable, when set, wins.
@@ -165,6 +174,16 @@ class SpeedConfig(_Section):
     cudnn_benchmark: bool = True
 
 
+class EvalConfig(_Section):
+    # Test-time augmentation (airbench's): each evaluation also reports the test loss and accuracy with logits
+    # averaged over the image and its mirror (flip), plus both shifted one pixel (flip_translate): 2 or 6
+    # forward passes per image. The plain figures stay the run's `test` loss/acc; TTA's sit beside them.
+    tta: Literal["none", "flip", "flip_translate"] = "none"
+    # A confusion matrix PNG (output_dir/confusion.png) after every evaluation; per-class accuracies and the
+    # matrix are in metrics.jsonl and W&B either way.
+    confusion_png: bool = True
+
+
 class Recipe(_Section):
     name: str = "recipe"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -177,6 +196,7 @@ class Recipe(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     # no (fp32), fp16/bf16 (mixed precision), fp64 (float64 everywhere: a slow debug precision in which the
     # equivalence of world sizes, accumulation and strategies holds to ~1e-15, whatever the kernels).
     precision: Literal["no", "fp16", "bf16", "fp64"] = "no"

@@ -82,6 +82,19 @@ def cache_path(cfg: DataConfig) -> Path:
     return root / f"{_source_key(cfg)}.safetensors"
 
 
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def class_names(cfg: DataConfig) -> list[str]:
+    """The names of the 10 labels: CIFAR-10's for CIFAR-10 in any layout (label i is CIFAR10_CLASSES[i] in the
+    Hub's parquet files and torchvision's batches alike), the digit for scikit-learn's digits."""
+    if cfg.source == "digits":
+        return [str(i) for i in range(10)]
+    if cfg.source == "synthetic":
+        return [f"class {i}" for i in range(10)]
+    return list(CIFAR10_CLASSES)
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load from the cache, or decode the source and write the cache (atomically, so readers never see half)."""
     from safetensors.torch import load_file, save_file

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
 from alexdist.config import Recipe
 from alexdist.errors import SetupError
@@ -203,7 +203,9 @@ def make_accelerator(
         kwargs_handlers=handlers,
         log_with=log_with or None,
         dynamo_plugin=dynamo_plugin(recipe),  # speed.compile
-        project_dir=recipe.output_dir,
+        # TensorBoard (tracking.log_with) writes under logging_dir.
+        project_config=ProjectConfiguration(project_dir=recipe.output_dir,
+                                            logging_dir=os.path.join(recipe.output_dir, "tensorboard")),
     )
     if strategy == "deepspeed" and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise SetupError("DeepSpeed was requested but Accelerate did not enable it; launch with `accelerate launch`")

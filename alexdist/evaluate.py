@@ -1,7 +1,8 @@
-"""`alexdist evaluate`: test loss and accuracy of a checkpoint or an exported weights file, on one process.
+"""`alexdist evaluate`: test loss, accuracy, per-class accuracy and confusion matrix of a checkpoint or an
+exported weights file, on one process.
 
     alexdist evaluate runs/bn/checkpoints/step-0039000
-    alexdist evaluate bn.safetensors [RECIPE] [key=value ...]
+    alexdist evaluate bn.safetensors [RECIPE] [key=value ...] [--tta flip]
 
 The model comes from the weights' own metadata (or the checkpoint's config.yaml); the data from the same
 place unless a recipe or `data.source=...` says otherwise.
@@ -14,19 +15,19 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from alexdist.batches import eval_batches
 from alexdist.config import load_recipe
-from alexdist.data import load_dataset
+from alexdist.data import class_names, load_dataset
 from alexdist.errors import DataError, run_command
 from alexdist.export import consolidate
+from alexdist.metrics import evaluate_ranks
 from alexdist.models import build_model
 from alexdist.weights import load_weights
 
 
 @torch.no_grad()
-def evaluate_weights(path: str | Path, recipe_path: str | None = None, overrides: list[str] = ()) -> dict:
+def evaluate_weights(path: str | Path, recipe_path: str | None = None, overrides: list[str] = (),
+                     tta: str = "none") -> dict:
     weights, meta = consolidate(path) if Path(path).is_dir() else load_weights(path)
     base = [f"model.name={meta['model']}", f"model.input_size={meta['input_size']}",
             f"model.width_mult={meta.get('width_mult', '1.0')}"]
@@ -44,16 +45,30 @@ def evaluate_weights(path: str | Path, recipe_path: str | None = None, overrides
             f"'{path}' does not fit model {recipe.model.name} (missing {len(missing)}, unexpected {len(unexpected)} "
             f"tensors, e.g. {(missing or unexpected)[0]}); evaluate it with the model it was trained as"
         )
-    model.eval()
     ds = load_dataset(recipe.data)
-    loss = correct = 0.0
-    for xb, yb in eval_batches(ds.test_x, ds.test_y, 0, 1, recipe.train.eval_batch_size, size):
-        out = model(xb).float()
-        loss += F.cross_entropy(out, yb, reduction="sum").item()
-        correct += (out.argmax(1) == yb).sum().item()
-    n = len(ds.test_y)
-    return {"test_loss": loss / n, "test_acc": correct / n, "images": n, "model": recipe.model.name,
-            "step": meta.get("step")}
+    ev = evaluate_ranks(None, model, ds.test_x, ds.test_y, recipe.train.eval_batch_size, size, torch.float32,
+                        tta=tta)
+    classes = json.loads(meta["classes"]) if meta.get("classes") else class_names(recipe.data)
+    out = {"test_loss": ev.loss, "test_acc": ev.acc, "images": len(ds.test_y), "model": recipe.model.name,
+           "step": meta.get("step"), "classes": classes, "per_class_acc": ev.per_class_acc(),
+           "confusion": ev.confusion}
+    if tta != "none":
+        out.update(tta=tta, tta_loss=ev.tta_loss, tta_acc=ev.tta_acc)
+    return out
+
+
+def report(r: dict) -> str:
+    """The result as a user reads it: the totals, then accuracy and the commonest confusion per class."""
+    lines = [f"{r['model']} step {r['step']}: test loss {r['test_loss']:.4f} acc {r['test_acc']:.4f} "
+             f"({r['images']} images)"
+             + (f" | TTA {r['tta']}: loss {r['tta_loss']:.4f} acc {r['tta_acc']:.4f}" if r.get("tta") else "")]
+    width = max(len(c) for c in r["classes"])
+    for i, (name, acc) in enumerate(zip(r["classes"], r["per_class_acc"], strict=True)):
+        row = r["confusion"][i]
+        wrong = max((n, j) for j, n in enumerate(row) if j != i)
+        most = f"  most often taken for {r['classes'][wrong[1]]} ({wrong[0]})" if wrong[0] else ""
+        lines.append(f"  {name:<{width}}  {acc:.4f}  of {sum(row):>5}{most}")
+    return "\n".join(lines)
 
 
 def log_eval_run(result: dict, weights: str, project: str, group: str | None) -> None:
@@ -74,6 +89,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m alexdist.evaluate
     ap.add_argument("weights", help="a checkpoints/step-* directory or an exported .safetensors file")
     ap.add_argument("rest", nargs="*", help="[RECIPE] [key=value ...]")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--tta", choices=["none", "flip", "flip_translate"], default="none",
+                    help="also report test-time augmentation's loss and accuracy (airbench's)")
     ap.add_argument("--wandb-project", metavar="PROJECT",
                     help="also record the result as a W&B run (job_type=eval; WANDB_MODE applies, offline "
                          "without a key)")
@@ -83,14 +100,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m alexdist.evaluate
     overrides = args.rest[1:] if recipe else args.rest
 
     def body() -> int:
-        r = evaluate_weights(args.weights, recipe, overrides)
+        r = evaluate_weights(args.weights, recipe, overrides, args.tta)
         if args.wandb_project:
             log_eval_run(r, args.weights, args.wandb_project, args.wandb_group)
         if args.json:
             print(json.dumps(r))
         else:
-            print(f"{r['model']} step {r['step']}: test loss {r['test_loss']:.4f} acc {r['test_acc']:.4f} "
-                  f"({r['images']} images)")
+            print(report(r))
         return 0
 
     return run_command(body)

@@ -1,6 +1,7 @@
 """`alexdist export`: consolidate a checkpoint into one weights file (safetensors, no pickle).
 
     alexdist export runs/bn/checkpoints/step-0039000 bn.safetensors
+    alexdist export runs/bn/model.safetensors --onnx bn.onnx --hub-dir hub/bn
 
 DDP checkpoints hold (possibly sharded) safetensors weights; ZeRO-1/2/3 checkpoints hold DeepSpeed's
 partitions, which DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint` merges into fp32 weights; FSDP
@@ -25,7 +26,7 @@ from alexdist.fsdp import DCP_DIR
 from alexdist.manifest import damage
 from alexdist.models import build_model, resolve_input_size
 from alexdist.safety import check_pickles
-from alexdist.weights import plain_weights, save_weights, weights_metadata
+from alexdist.weights import load_weights, plain_weights, save_weights, weights_metadata
 
 DS_TAG = "pytorch_model"  # the tag Accelerate's save_state gives DeepSpeed's checkpoint
 
@@ -78,15 +79,32 @@ def consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
 
 def main(argv: list[str] | None = None, prog: str = "python -m alexdist.export") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint", help="a checkpoints/step-* directory")
-    ap.add_argument("out", help="output .safetensors file")
+    ap.add_argument("source", help="a checkpoints/step-* directory, or a weights file (e.g. a run's model.safetensors)")
+    ap.add_argument("out", nargs="?", help="output .safetensors file")
+    ap.add_argument("--onnx", metavar="FILE", help="also write an ONNX model (checked with onnxruntime)")
+    ap.add_argument("--hub-dir", metavar="DIR", help="also write a Hub model folder (weights, config.json, model card)")
     args = ap.parse_args(argv)
+    if not (args.out or args.onnx or args.hub_dir):
+        ap.error("give OUT.safetensors, --onnx FILE or --hub-dir DIR")
 
     def body() -> int:
-        weights, meta = consolidate(args.checkpoint)
-        out = save_weights(args.out, weights, meta)
+        source = Path(args.source)
+        weights, meta = consolidate(source) if source.is_dir() else load_weights(source)
         n = sum(v.numel() for v in weights.values())
-        print(f"alexdist: exported {meta['model']} ({n:,} values, step {meta['step']}) to {out}")
+        if args.out:
+            out = save_weights(args.out, weights, meta)
+            print(f"alexdist: exported {meta['model']} ({n:,} values, step {meta['step']}) to {out}")
+        if args.onnx:
+            from alexdist.onnx_export import export_onnx
+
+            diff = export_onnx(weights, meta, args.onnx)
+            print(f"alexdist: wrote {args.onnx} (onnxruntime vs PyTorch logits: max difference {diff:.1e})")
+        if args.hub_dir:
+            from alexdist.evaluate import evaluate_weights
+            from alexdist.hub import write_hub_dir
+
+            out = write_hub_dir(source, weights, meta, evaluate_weights(source), args.hub_dir)
+            print(f"alexdist: wrote the Hub folder {out} (publish it with: hf upload USER/REPO {out} .)")
         return 0
 
     return run_command(body)

@@ -62,3 +62,15 @@ def launch_command(
     else:
         cmd = [py]
     return [*cmd, "-m", "alexdist.train", *args]
+
+
+def train_command(world: int) -> str:
+    """This training run's command as a user would type it (recorded in summary.json and the model card): the
+    recipe and overrides this process got, under `accelerate launch` with the run's number of processes."""
+    import shlex
+
+    args = sys.argv[1:]
+    if args[:1] == ["train"]:  # `alexdist train ...`
+        args = args[1:]
+    launch = "accelerate launch" + (f" --multi_gpu --num_processes {world}" if world > 1 else "")
+    return f"{launch} -m alexdist.train {shlex.join(args)}"

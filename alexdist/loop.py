@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from alexdist import faults
 from alexdist.batches import to_device
+from alexdist.data import class_names
 from alexdist.distributed import plain_module, set_step_timeout
 from alexdist.fsdp import full_state_dict, set_gradient_sync
 from alexdist.guard import deepspeed_min_scale, diverged, nan_like
-from alexdist.metrics import agree_buffers, batch_stats, evaluate_ranks
+from alexdist.metrics import Evaluation, agree_buffers, batch_stats, evaluate_ranks
 from alexdist.precision import loss_input
 from alexdist.run import Run
 from alexdist.stopping import STOPPED_EXIT_CODE
@@ -29,11 +30,14 @@ class Ending(enum.Enum):
     FINISHED = "finished"  # the schedule's last step (train.epochs) is done
     MAX_STEPS = "max_steps"  # train.max_steps reached; the same command with a larger cap continues it
     STOP_REQUESTED = "stopped"  # a signal or output_dir/STOP: checkpointed, exit 75, resumable
+    TARGET_REACHED = "target_reached"  # an evaluation reached train.stop_at_acc
 
 
 def reached_end(run: Run) -> Ending | None:
-    """FINISHED or MAX_STEPS once this attempt's last step is done, else None."""
+    """FINISHED, TARGET_REACHED or MAX_STEPS once this attempt's last step is done, else None."""
     step = run.state.global_step
+    if run.state.target_reached:
+        return Ending.TARGET_REACHED
     if step >= run.total_steps:
         return Ending.FINISHED
     return Ending.MAX_STEPS if step >= run.stop_step else None
@@ -111,9 +115,10 @@ def record_step(run: Run, result: StepResult, epoch: int) -> None:
         run.meter.add(result.sums)  # a skipped step's NaN loss stays out of the epoch's statistics
 
 
-def end_epoch(run: Run, epoch: int, started: tuple[float, int], stopping: bool) -> None:
+def end_epoch(run: Run, epoch: int, started: tuple[float, int], stopping: bool) -> bool:
     """After the last step of an epoch (or of the run): the epoch's training figures, a test evaluation, the
-    best accuracy so far, and the epoch-end checkpoint. `started`: (time, step in epoch) when this epoch began."""
+    best accuracy so far, and the epoch-end checkpoint. `started`: (time, step in epoch) when this epoch began.
+    True when the evaluation reached train.stop_at_acc (the checkpoint is then written in any case)."""
     acc, state, log, b = run.accelerator, run.state, run.log, run.batches
     epoch_done = state.step_in_epoch == b.steps_per_epoch
     epoch_time = time.time() - started[0]
@@ -124,16 +129,21 @@ def end_epoch(run: Run, epoch: int, started: tuple[float, int], stopping: bool) 
     partial = {} if epoch_done else {"partial_epoch": True}
     log.event("train", state.global_step, epoch + 1, loss=tr_loss / tr_n, acc=tr_correct / tr_n,
               lr=run.scheduler.get_last_lr()[0], images_per_s=ips, epoch_time_s=epoch_time, **partial)
-    test_loss, test_acc = evaluate(run)
+    ev = evaluate(run)
+    test_loss, test_acc = ev.loss, ev.acc
+    tta = {} if ev.tta_acc is None else {"tta_loss": ev.tta_loss, "tta_acc": ev.tta_acc}
     # elapsed_s: training wall time since the run began, summed over resumed attempts.
-    log.event("test", state.global_step, epoch + 1, loss=test_loss, acc=test_acc,
-              elapsed_s=round(time.time() - run.t_start, 3), **partial)
+    log.event("test", state.global_step, epoch + 1, loss=test_loss, acc=test_acc, **tta,
+              elapsed_s=round(time.time() - run.t_start, 3), per_class_acc=ev.per_class_acc(),
+              confusion=ev.confusion, **partial)
+    log.confusion(state.global_step, class_names(run.recipe.data), ev.confusion)
     target = run.recipe.tracking.target_acc
     if target and test_acc >= target and state.time_to_target_s is None:
         state.time_to_target_s, state.epoch_to_target = time.time() - run.t_start, epoch + 1
     log.say(
         f"epoch {epoch + 1:3d} step {state.global_step:6d} | train loss {tr_loss / tr_n:.4f} acc "
-        f"{tr_correct / tr_n:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f} | {ips:,.0f} img/s"
+        f"{tr_correct / tr_n:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}"
+        + (f" (TTA {ev.tta_acc:.4f})" if ev.tta_acc is not None else "") + f" | {ips:,.0f} img/s"
         + ("" if epoch_done else " (stopped mid-epoch)")
     )
     state.test_acc, state.test_loss = test_acc, test_loss
@@ -141,16 +151,21 @@ def end_epoch(run: Run, epoch: int, started: tuple[float, int], stopping: bool) 
         state.best_acc, state.best_epoch = test_acc, epoch + 1
     if epoch_done:
         state.epoch, state.step_in_epoch = epoch + 1, 0
-    run.ckpt.maybe_save(state, epoch_end=epoch_done, stopping=stopping)
+    stop_at = run.recipe.train.stop_at_acc
+    if stop_at and test_acc >= stop_at:
+        state.target_reached = True
+        log.say(f"alexdist: test accuracy {test_acc:.4f} reached train.stop_at_acc={stop_at}: stopping here")
+    run.ckpt.maybe_save(state, epoch_end=epoch_done, stopping=stopping or state.target_reached)
+    return state.target_reached
 
 
-def evaluate(run: Run) -> tuple[float, float]:
-    """Test loss and accuracy of the model as it will be saved: every rank with the same BatchNorm statistics."""
+def evaluate(run: Run) -> Evaluation:
+    """The model as it will be saved, on the test set (every rank with the same BatchNorm statistics)."""
     agree_buffers(run.accelerator, run.model, run.deepspeed)
     faults.kill_point("eval", run.state.global_step, run.recipe.output_dir)
     return evaluate_ranks(run.accelerator, run.model, run.test_x, run.test_y, run.recipe.train.eval_batch_size,
                           run.input_size, run.in_dtype, run.sharded_forward,
-                          run.recipe.speed.channels_last)
+                          run.recipe.speed.channels_last, run.recipe.eval.tta)
 
 
 def stop_here(run: Run, epoch: int) -> None:

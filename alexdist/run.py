@@ -23,7 +23,7 @@ from alexdist.distributed import from_main, make_accelerator, resolve_strategy
 from alexdist.errors import ConfigError, SetupError
 from alexdist.fsdp import shard_model
 from alexdist.guard import DivergenceGuard
-from alexdist.launcher import launched_world_size
+from alexdist.launcher import launched_world_size, train_command
 from alexdist.metrics import EpochMeter
 from alexdist.models import build_model, count_params, resolve_input_size
 from alexdist.optim import lr_factor, make_optimizer
@@ -36,7 +36,7 @@ from alexdist.precision import (
 )
 from alexdist.rundir import RunLock, check_space, check_writable, checkpoint_bytes
 from alexdist.stopping import StopRequest
-from alexdist.tracking import RunLog, wandb_mode
+from alexdist.tracking import RunLog, trackers
 
 
 @dataclass
@@ -131,7 +131,7 @@ def setup(recipe: Recipe) -> Run:
     check_writable(recipe.output_dir)  # before any work: an unwritable output_dir would lose it all
     resolve_batch_size(recipe, launched_world_size())
     strategy, zero_stage = resolve_strategy(recipe)
-    accelerator = make_accelerator(recipe, strategy, zero_stage, log_with=["wandb"] if wandb_mode(recipe) else None)
+    accelerator = make_accelerator(recipe, strategy, zero_stage, log_with=trackers(recipe))
     configure_cuda_math(recipe.speed.tf32, recipe.speed.cudnn_benchmark)
     batches, test_x, test_y = _data(recipe, accelerator)
     lock = hold_run_dir(accelerator, recipe.output_dir)  # nothing is written into output_dir before this
@@ -275,6 +275,7 @@ def _start_log(run: Run, n_params: int) -> None:
         "steps_per_epoch": b.steps_per_epoch, "total_steps": run.total_steps, "stop_step": run.stop_step,
         "peak_lr": peak_lr(r, b.effective_batch), "params": n_params, "input_size": run.input_size,
         "device": str(acc.device), "distributed_type": str(acc.distributed_type), "backend": _backend(),
+        "command": train_command(acc.num_processes),
         "resumed_from": str(resumed) if resumed else None, "resumed_at_step": state.global_step,
     }
     run.log = RunLog(acc, r)

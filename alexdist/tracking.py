@@ -20,7 +20,34 @@ from alexdist.fileio import atomic_write_text, read_jsonl
 
 def wandb_mode(recipe: Recipe) -> str | None:
     """The W&B mode this run uses, or None for no W&B at all."""
-    return resolve_wandb_mode(recipe.tracking.wandb_mode) if recipe.tracking.wandb else None
+    t = recipe.tracking
+    return resolve_wandb_mode(t.wandb_mode) if t.wandb and "wandb" in t.log_with else None
+
+
+# The package each of Accelerate's trackers needs.
+_TRACKER_PACKAGE = {"tensorboard": "tensorboard", "comet_ml": "comet_ml", "aim": "aim", "mlflow": "mlflow",
+                    "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio",
+                    "wandb": "wandb"}
+
+
+def trackers(recipe: Recipe) -> list[str]:
+    """Accelerate's `log_with` for this run: tracking.log_with, W&B only when wandb_mode says so; a tracker
+    whose package is missing stops the run before any work (Accelerate would drop it with a log line)."""
+    import importlib.util
+
+    from alexdist.errors import SetupError
+
+    wanted = [t for t in dict.fromkeys(recipe.tracking.log_with) if t != "wandb" or wandb_mode(recipe)]
+    for t in wanted:
+        if importlib.util.find_spec(_TRACKER_PACKAGE[t]) is None:
+            raise SetupError(f"tracking.log_with has {t}, which needs its package: pip install {_TRACKER_PACKAGE[t]} "
+                             f"(or drop it from tracking.log_with)")
+    return wanted
+
+
+def _plain_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config for trackers that take scalars only (TensorBoard's hparams): lists and None as JSON text."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in config.items()}
 
 
 def resolve_wandb_mode(setting: str = "auto") -> str | None:
@@ -70,6 +97,7 @@ class RunLog:
         self.dir = Path(recipe.output_dir)
         self.main = accelerator.is_main_process
         self.mode = wandb_mode(recipe)
+        self.trackers = trackers(recipe)
         self.t0 = time.time()
         self._metrics = None
 
@@ -88,8 +116,17 @@ class RunLog:
             _truncate_after(metrics, resume_step)
         # A fresh start (no checkpoint to resume) redoes everything: what an earlier attempt logged goes.
         self._metrics = open(metrics, "a" if resume_step is not None else "w", buffering=1)  # noqa: SIM115 (open for the run)
+        if self.trackers:
+            run_id = self._start_trackers(info, run_id)
+        self.event("start", resume_step or 0, 0, **info)
+        return run_id
+
+    def _start_trackers(self, info: dict[str, Any], run_id: str | None) -> str | None:
+        """Accelerate's trackers, each with the flattened recipe as its config; the W&B run id."""
+        t = self.recipe.tracking
+        config = {**flatten(self.recipe.to_dict()), **{f"run.{k}": v for k, v in info.items()}}
+        init_kwargs = {}
         if self.mode:
-            t = self.recipe.tracking
             os.environ["WANDB_MODE"] = self.mode
             os.environ.setdefault("WANDB_SILENT", "true")
             auto_tags = [self.recipe.model.name, info.get("strategy", "ddp"), f"precision-{self.recipe.precision}",
@@ -105,14 +142,11 @@ class RunLog:
             }
             if run_id:
                 wandb_kwargs.update(id=run_id, resume="allow")
-            self.acc.init_trackers(
-                t.project,
-                config={**flatten(self.recipe.to_dict()), **{f"run.{k}": v for k, v in info.items()}},
-                init_kwargs={"wandb": wandb_kwargs},
-            )
-            run_id = self.acc.get_tracker("wandb", unwrap=True).id
-        self.event("start", resume_step or 0, 0, **info)
-        return run_id
+            init_kwargs["wandb"] = wandb_kwargs
+        self.acc.init_trackers(t.project, init_kwargs=init_kwargs)
+        for tracker in self.acc.trackers:
+            tracker.store_init_configuration(config if tracker.name == "wandb" else _plain_config(config))
+        return self.acc.get_tracker("wandb", unwrap=True).id if self.mode else run_id
 
     def event(self, event: str, step: int, epoch: int, **values: Any) -> None:
         """Append one event to metrics.jsonl and send its numbers to the trackers as `<event>/<key>`."""
@@ -120,9 +154,30 @@ class RunLog:
             return
         rec = {"event": event, "step": step, "epoch": epoch, "time": round(time.time() - self.t0, 3), **values}
         self._metrics.write(json.dumps(rec) + "\n")
-        if self.mode and event != "start":
+        if self.trackers and event != "start":
             nums = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
             self.acc.log({**nums, "epoch": epoch}, step=step)
+
+    def confusion(self, step: int, classes: list[str], matrix: list[list[int]]) -> None:
+        """An evaluation's confusion matrix: output_dir/confusion.png (eval.confusion_png) and, in W&B, a per-class
+        accuracy table and W&B's confusion-matrix plot."""
+        if not self.main:
+            return
+        if self.recipe.eval.confusion_png:
+            from alexdist.figures import confusion_png
+
+            confusion_png(self.dir / "confusion.png", classes, matrix, f"{self.recipe.name}, step {step}")
+        if self.mode:
+            import wandb
+
+            k = len(classes)
+            acc = [[classes[i], matrix[i][i] / max(1, sum(matrix[i]))] for i in range(k)]
+            truth = [i for i in range(k) for j in range(k) for _ in range(matrix[i][j])]
+            preds = [j for i in range(k) for j in range(k) for _ in range(matrix[i][j])]
+            self.acc.get_tracker("wandb").log(  # W&B's own objects: for W&B only
+                {"test/per_class_acc": wandb.Table(columns=["class", "accuracy"], data=acc),
+                 "test/confusion": wandb.plot.confusion_matrix(y_true=truth, preds=preds, class_names=classes)},
+                step=step)
 
     def say(self, line: str) -> None:
         """Print a line once per job (Accelerate's `print` prints once per node)."""

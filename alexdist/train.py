@@ -64,7 +64,9 @@ def _loop(run: Run) -> dict:
         if ending is Ending.STOP_REQUESTED:
             stop_here(run, epoch)
             break
-        end_epoch(run, epoch, started, stopping=ending is not None)
+        if end_epoch(run, epoch, started, stopping=ending is not None):
+            ending = Ending.TARGET_REACHED
+            break
     return finish(run, ending or reached_end(run) or Ending.FINISHED)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from alexdist.config import Recipe
+from alexdist.data import class_names
 from alexdist.errors import DataError
 from alexdist.fileio import atomic_path
 from alexdist.models import resolve_input_size
@@ -26,6 +27,7 @@ def weights_metadata(recipe: Recipe, step: int, test_acc: float | None = None) -
         "dropout": str(recipe.model.dropout),
         "data_source": recipe.data.source,
         "data": json.dumps(recipe.data.model_dump(exclude={"cache_dir"})),
+        "classes": json.dumps(class_names(recipe.data)),
         "step": str(step),
         "test_acc": "" if test_acc is None else repr(test_acc),
     }

@@ -60,6 +60,7 @@ SINCE: dict[str, tuple[str, str, str]] = {
     "accelerate.utils.DistributedType": ("accelerate", "1.0", "utils/dataclasses.py 1.0.0"),
     "accelerate.utils.InitProcessGroupKwargs": ("accelerate", "1.0", "backend field in 1.0.0"),
     "accelerate.utils.TorchDynamoPlugin": ("accelerate", "1.0", "utils/dataclasses.py 1.0.0"),
+    "accelerate.utils.ProjectConfiguration": ("accelerate", "1.0", "utils/dataclasses.py 1.0.0 (logging_dir)"),
     # DeepSpeed (sdists 0.14.0, 0.15.0, 0.19.1 and 0.19.2 read)
     "deepspeed.utils.safe_get_full_fp32_param": ("deepspeed", "0.14", "utils/__init__.py 0.14.0"),
     "deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint": (
