@@ -71,6 +71,19 @@ class TrainConfig(_Section):
     # over the last good checkpoint. High enough for fp16's first steps, where the loss scaler skips while it
     # finds its scale (DeepSpeed halves it every `fp16_hysteresis` overflows, from 2**16).
     max_bad_steps: int = Field(default=50, ge=1)
+    # An exponential moving average of the weights (alexdist/ema.py), e.g. 0.999: every evaluation also reports
+    # the EMA's test loss and accuracy, and every checkpoint holds it. timm's warm-up unless ema_warmup=false.
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    ema_warmup: bool = True
+    # The EMA is the run's model: its accuracy picks the best checkpoint and is the summary's, and the final
+    # weights (and `alexdist export` of a checkpoint) are the EMA's.
+    ema_eval: bool = False
+
+    @model_validator(mode="after")
+    def _ema_eval_needs_ema(self) -> TrainConfig:
+        if self.ema_eval and self.ema_decay is None:
+            raise ValueError("train.ema_eval=true needs train.ema_decay (e.g. 0.999)")
+        return self
 
 
 class OptimConfig(_Section):

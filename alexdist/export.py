@@ -74,7 +74,22 @@ def consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         weights = fsdp.consolidate(path / DCP_DIR, model)
     else:
         weights = _ddp_weights(path)
+    if recipe.train.ema_eval and (path / EMA_FILE).is_file():
+        weights = _with_ema(path, weights, recipe)
     return plain_weights(weights), weights_metadata(recipe, state.global_step, state.test_acc)
+
+
+EMA_FILE = "custom_checkpoint_0.pkl"  # Accelerate's name for the first object registered for checkpointing
+
+
+def _with_ema(path: Path, weights: dict[str, torch.Tensor], recipe: Recipe) -> dict[str, torch.Tensor]:
+    """A train.ema_eval run's model is its EMA: the checkpoint's EMA parameters in place of the weights'."""
+    check_pickles(path)
+    ema = torch.load(path / EMA_FILE, map_location="cpu", weights_only=True)
+    m = recipe.model
+    names = [n for n, _ in build_model(m.name, resolve_input_size(m.name, m.input_size), m.dropout,
+                                       m.width_mult).named_parameters()]
+    return {**weights, **dict(zip(names, ema["params"], strict=True))}
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m alexdist.export") -> int:

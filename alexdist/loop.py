@@ -113,6 +113,8 @@ def record_step(run: Run, result: StepResult, epoch: int) -> None:
     else:
         run.guard.update(state.global_step, False)
         run.meter.add(result.sums)  # a skipped step's NaN loss stays out of the epoch's statistics
+        if run.ema:
+            run.ema.update()
 
 
 def end_epoch(run: Run, epoch: int, started: tuple[float, int], stopping: bool) -> bool:
@@ -130,10 +132,16 @@ def end_epoch(run: Run, epoch: int, started: tuple[float, int], stopping: bool) 
     log.event("train", state.global_step, epoch + 1, loss=tr_loss / tr_n, acc=tr_correct / tr_n,
               lr=run.scheduler.get_last_lr()[0], images_per_s=ips, epoch_time_s=epoch_time, **partial)
     ev = evaluate(run)
+    extra = {} if ev.tta_acc is None else {"tta_loss": ev.tta_loss, "tta_acc": ev.tta_acc}
     test_loss, test_acc = ev.loss, ev.acc
-    tta = {} if ev.tta_acc is None else {"tta_loss": ev.tta_loss, "tta_acc": ev.tta_acc}
+    if run.ema:
+        with run.ema.swapped():
+            ema = evaluate(run, tta="none")
+        extra.update(ema_loss=ema.loss, ema_acc=ema.acc)
+        if run.recipe.train.ema_eval:  # the EMA is the run's model: its accuracy picks the best checkpoint
+            test_loss, test_acc = ema.loss, ema.acc
     # elapsed_s: training wall time since the run began, summed over resumed attempts.
-    log.event("test", state.global_step, epoch + 1, loss=test_loss, acc=test_acc, **tta,
+    log.event("test", state.global_step, epoch + 1, loss=ev.loss, acc=ev.acc, **extra,
               elapsed_s=round(time.time() - run.t_start, 3), per_class_acc=ev.per_class_acc(),
               confusion=ev.confusion, **partial)
     log.confusion(state.global_step, class_names(run.recipe.data), ev.confusion)
@@ -142,8 +150,9 @@ def end_epoch(run: Run, epoch: int, started: tuple[float, int], stopping: bool) 
         state.time_to_target_s, state.epoch_to_target = time.time() - run.t_start, epoch + 1
     log.say(
         f"epoch {epoch + 1:3d} step {state.global_step:6d} | train loss {tr_loss / tr_n:.4f} acc "
-        f"{tr_correct / tr_n:.4f} | test loss {test_loss:.4f} acc {test_acc:.4f}"
-        + (f" (TTA {ev.tta_acc:.4f})" if ev.tta_acc is not None else "") + f" | {ips:,.0f} img/s"
+        f"{tr_correct / tr_n:.4f} | test loss {ev.loss:.4f} acc {ev.acc:.4f}"
+        + (f" (TTA {ev.tta_acc:.4f})" if ev.tta_acc is not None else "")
+        + (f" | EMA {extra['ema_acc']:.4f}" if run.ema else "") + f" | {ips:,.0f} img/s"
         + ("" if epoch_done else " (stopped mid-epoch)")
     )
     state.test_acc, state.test_loss = test_acc, test_loss
@@ -159,13 +168,14 @@ def end_epoch(run: Run, epoch: int, started: tuple[float, int], stopping: bool) 
     return state.target_reached
 
 
-def evaluate(run: Run) -> Evaluation:
-    """The model as it will be saved, on the test set (every rank with the same BatchNorm statistics)."""
+def evaluate(run: Run, tta: str | None = None) -> Evaluation:
+    """The model as it will be saved, on the test set (every rank with the same BatchNorm statistics);
+    `tta` overrides eval.tta."""
     agree_buffers(run.accelerator, run.model, run.deepspeed)
     faults.kill_point("eval", run.state.global_step, run.recipe.output_dir)
     return evaluate_ranks(run.accelerator, run.model, run.test_x, run.test_y, run.recipe.train.eval_batch_size,
                           run.input_size, run.in_dtype, run.sharded_forward,
-                          run.recipe.speed.channels_last, run.recipe.eval.tta)
+                          run.recipe.speed.channels_last, tta or run.recipe.eval.tta)
 
 
 def stop_here(run: Run, epoch: int) -> None:
@@ -179,7 +189,9 @@ def stop_here(run: Run, epoch: int) -> None:
 def final_state_dict(run: Run) -> dict[str, torch.Tensor]:
     """The weights to export, on every rank (a collective under ZeRO). Under DeepSpeed fp16/bf16 the module
     holds 16-bit copies: the parameters come from the fp32 master weights, as `alexdist export` takes them.
-    Under FSDP the shards are gathered to rank 0 (the others get an empty dict)."""
+    Under FSDP the shards are gathered to rank 0 (the others get an empty dict); with train.ema_eval, the EMA."""
+    if run.ema and run.recipe.train.ema_eval:
+        return run.ema.weights()
     if run.fsdp:
         return full_state_dict(run.model)
     if not (run.deepspeed and run.recipe.precision in ("fp16", "bf16")):

@@ -19,7 +19,8 @@ from alexdist.batches import TrainBatches
 from alexdist.checkpoint import Checkpointer, TrainState
 from alexdist.config import Recipe
 from alexdist.data import load_dataset
-from alexdist.distributed import from_main, make_accelerator, resolve_strategy
+from alexdist.distributed import from_main, make_accelerator, plain_module, resolve_strategy
+from alexdist.ema import ModelEMA
 from alexdist.errors import ConfigError, SetupError
 from alexdist.fsdp import shard_model
 from alexdist.guard import DivergenceGuard
@@ -67,6 +68,7 @@ class Run:
     lock: RunLock | None = None  # rank 0's hold on output_dir
     t_start: float = 0.0  # wall clock at which the run (all attempts together) would have begun
     meter: EpochMeter | None = None  # this epoch's loss/accuracy sums
+    ema: ModelEMA | None = None  # train.ema_decay
 
     @property
     def deepspeed(self) -> bool:
@@ -174,10 +176,25 @@ def _build(recipe: Recipe, accelerator, strategy: str, zero_stage: int | None, b
     )
     run.ckpt = Checkpointer(accelerator, recipe, model, batches.steps_per_epoch, snapshot=run.snapshot,
                             sharded_optimizer=optimizer if run.fsdp else None)
+    run.ema = _ema(run)  # before the resume, which restores it
     _resume(run)
     run.t_start = time.time() - run.state.train_time_s
     _start_log(run, n_params)
     return run
+
+
+def _ema(run: Run) -> ModelEMA | None:
+    """train.ema_decay's average, registered for checkpointing; refused where ranks hold shards of the weights."""
+    t = run.recipe.train
+    if t.ema_decay is None:
+        return None
+    if run.sharded_forward:
+        what = "ZeRO-3" if run.deepspeed else "FSDP"
+        raise SetupError(f"train.ema_decay is not supported with {what}, whose ranks hold shards of the weights; "
+                         f"use DDP or ZeRO-1/2, or drop train.ema_decay")
+    ema = ModelEMA(plain_module(run.accelerator, run.model), t.ema_decay, t.ema_warmup)
+    run.accelerator.register_for_checkpointing(ema)  # custom_checkpoint_0.pkl in every checkpoint
+    return ema
 
 
 def _data(recipe: Recipe, accelerator) -> tuple[TrainBatches, torch.Tensor, torch.Tensor]:

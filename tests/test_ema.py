@@ -1,0 +1,76 @@
+"""train.ema_decay: an EMA of the weights evaluated beside the model, in every checkpoint, exactly resumable,
+the run's model with train.ema_eval; refused where ranks hold shards of the weights."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, check, comparable_events, error_line, launch, read_jsonl, summary
+from safetensors.torch import load_file
+
+from alexdist.ema import ModelEMA
+
+EMA = ["train.ema_decay=0.9", "train.ema_eval=true", "train.epochs=2", "tracking.wandb=false"]
+
+
+def test_the_average_follows_timms_warmup_and_swapping_restores_the_weights():
+    net = torch.nn.Linear(3, 2)
+    ema = ModelEMA(net, decay=0.9)
+    start = [p.detach().clone() for p in net.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update()  # t=0: decay min(0.9, 1/10) = 0.1, so the average moves 90 % of the way
+    for e, s in zip(ema.params, start, strict=True):
+        assert torch.allclose(e, s + 0.9)
+    assert ema.decay_now() == pytest.approx(min(0.9, 2 / 11))
+    live = [p.detach().clone() for p in net.parameters()]
+    with ema.swapped() as module:
+        assert all(torch.equal(p, e) for p, e in zip(module.parameters(), ema.params, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), live, strict=True))
+    other = ModelEMA(torch.nn.Linear(3, 2), decay=0.9)
+    other.load_state_dict(ema.state_dict())
+    assert other.updates == 1 and all(torch.equal(a, b) for a, b in zip(other.params, ema.params, strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [[], ["distributed.strategy=deepspeed", "distributed.zero_stage=2"]],
+                         ids=["ddp", "zero2"])
+def test_a_stopped_and_resumed_ema_run_is_bit_identical_and_its_final_weights_are_the_ema(
+        strategy, tmp_path, cache_dir):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    check(launch(EMA + strategy + [f"output_dir={ref}"], cache_dir, nproc=2))
+    check(launch(EMA + strategy + ["train.max_steps=13", f"output_dir={run}"], cache_dir, nproc=2))
+    check(launch(EMA + strategy + [f"output_dir={run}"], cache_dir, nproc=2))
+    assert summary(run)["resumed_at_step"] == 13
+    want, got = load_file(str(ref / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    stats = ("running_mean", "running_var")
+    assert all(torch.equal(want[k], got[k]) for k in want if not k.endswith(stats))  # the EMA: bit for bit
+    if strategy:  # ZeRO averages BatchNorm statistics over ranks at each evaluation: last bits (README)
+        assert all(torch.allclose(want[k], got[k], rtol=1e-5, atol=1e-6) for k in want if k.endswith(stats))
+        trained = [e for e in comparable_events(ref) if e["event"] == "train"]
+        assert trained and trained == [e for e in comparable_events(run) if e["event"] == "train"]  # identical
+    else:
+        assert all(torch.equal(want[k], got[k]) for k in want)
+        assert comparable_events(run) == comparable_events(ref)
+    tests = [e for e in read_jsonl(ref / "metrics.jsonl") if e["event"] == "test"]
+    assert all("ema_acc" in e and "ema_loss" in e for e in tests)
+    assert summary(ref)["final_test_acc"] == tests[-1]["ema_acc"]  # ema_eval: the EMA is the run's model
+    last = sorted((ref / "checkpoints").glob("step-*"))[-1]
+    if not strategy:  # DDP checkpoints hold the live weights: the final weights (the EMA) differ from them
+        live = load_file(str(last / "model.safetensors"))
+        assert any(not torch.equal(live[k], want[k]) for k in want if not k.endswith("num_batches_tracked"))
+    out = tmp_path / "export.safetensors"
+    subprocess.run([sys.executable, "-m", "alexdist.export", str(last), str(out)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    exported = load_file(str(out))
+    assert all(torch.equal(exported[k], want[k]) for k in want)  # export of an ema_eval checkpoint: the EMA
+
+
+@pytest.mark.slow
+def test_ema_is_refused_in_one_line_where_ranks_hold_shards(tmp_path, cache_dir):
+    for name, extra in [("FSDP", ["distributed.strategy=fsdp"]),
+                        ("ZeRO-3", ["distributed.strategy=deepspeed", "distributed.zero_stage=3"])]:
+        proc = launch(EMA + extra + [f"output_dir={tmp_path / name}"], cache_dir, nproc=2)
+        assert f"train.ema_decay is not supported with {name}" in error_line(proc)
