@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from alexdist import faults
+from alexdist import faults, universal
 from alexdist.config import CheckpointConfig, Recipe, dump_yaml, flatten
 from alexdist.distributed import any_rank, from_main, plain_module
 from alexdist.errors import AlexdistError, CheckpointError, DivergedError, SetupError, brief
@@ -223,12 +223,10 @@ class Checkpointer:
                 f"distributed.strategy={state.strategy}, or export the weights (python -m alexdist.export) and start "
                 f"fresh"
             )
-        if strategy == "deepspeed" and state.world_size != world:  # (DCP reshards FSDP checkpoints on load)
-            raise SetupError(
-                f"checkpoint {path} holds ZeRO partitions for {state.world_size} processes, this run has {world}; "
-                f"resume with {state.world_size} processes, or convert it to plain weights with `python -m "
-                f"alexdist.export {path} OUT.safetensors` (the optimizer state does not carry over)"
-            )
+        # Another world size: DCP reshards FSDP checkpoints itself; ZeRO-1/2 go through a universal copy.
+        moved = strategy == "deepspeed" and state.world_size != world
+        if moved and (refused := universal.refusal(path, state.world_size, world, state.zero_stage or 0)):
+            raise refused
         changed = config_changes(path, self.recipe)
         if changed and not self.cfg.allow_config_change:
             raise CheckpointError(
@@ -237,6 +235,9 @@ class Checkpointer:
                 f"if the change is on purpose"
             )
         check_pickles(path)
+        if moved:
+            self._load_universal(path)
+            return state
         try:
             self.acc.load_state(str(path))
             if self.sharded_optimizer is not None:
@@ -249,6 +250,24 @@ class Checkpointer:
                 f"another checkpoint (checkpoint.resume=PATH) or start fresh in another output_dir"
             ) from None
         return state
+
+    def _load_universal(self, path: Path) -> None:
+        """A ZeRO-1/2 checkpoint from another world size: rank 0 converts it, every rank loads the copy."""
+        error = None
+        if self.acc.is_main_process:
+            try:
+                universal.convert(path)
+            except CheckpointError as exc:
+                error = exc
+        if error := from_main(self.acc, error):
+            raise error
+        copy = universal.scratch_dir(path)
+        try:
+            universal.load(self.acc, self.model, copy)
+        finally:
+            self.acc.wait_for_everyone()
+            if self.acc.is_main_process:
+                shutil.rmtree(copy, ignore_errors=True)
 
     # -- save ---------------------------------------------------------------------------------------------
     def save(self, state: TrainState) -> Path | None:
@@ -269,8 +288,9 @@ class Checkpointer:
         try:
             if self.acc.is_main_process:
                 self.root.mkdir(parents=True, exist_ok=True)
-                for stale in [*self.root.glob(".tmp-step-*"), *self.root.glob(".del-step-*")]:
-                    shutil.rmtree(stale, ignore_errors=True)  # left by a crash during an earlier save
+                for stale in [*self.root.glob(".tmp-step-*"), *self.root.glob(".del-step-*"),
+                              *self.root.glob(".universal-step-*")]:
+                    shutil.rmtree(stale, ignore_errors=True)  # left by a crash during an earlier save or load
                 tmp.mkdir()
         except OSError as exc:
             error = exc

@@ -37,7 +37,8 @@ def zero_memory(data: dict) -> str:
              "| checkpoint (MiB) | save (s) | load (s) | resume on another world size |",
              "|---|---|---|---|---|---|---|---|---|"]
     # What a checkpoint of each strategy can resume on (tests: test_resume.py, test_zero_equivalence.py, test_fsdp.py).
-    reshard = {"ddp": "yes (whole weights + optimizer)", "fsdp": "yes (DCP reshards, optimizer included)"}
+    reshard = {"ddp": "yes (whole weights + optimizer)", "fsdp": "yes (DCP reshards, optimizer included)",
+               "zero1": "yes (universal checkpoint)", "zero2": "yes (universal checkpoint)"}
     for name in ("ddp", "zero1", "zero2", "zero3", "fsdp"):
         if name not in data:
             continue

@@ -65,10 +65,10 @@ def _base_run(root: Path, cache_dir: Path) -> Path:
     return run
 
 
-def _zero_run(root: Path, cache_dir: Path) -> Path:
-    run = root / "zero2"
+def _zero_run(root: Path, cache_dir: Path, stage: int = 2) -> Path:
+    run = root / f"zero{stage}"
     check(launch(BASE + ["train.max_steps=2", f"output_dir={run}"], cache_dir, nproc=2,
-                 config_file="recipes/accelerate/zero2.yaml"))
+                 config_file=f"recipes/accelerate/zero{stage}.yaml"))
     return run
 
 
@@ -129,7 +129,7 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
     write_manifest(_ckpt(crafted_zero))
     weights = root / "weights-truncated.safetensors"
     weights.write_bytes((base / "model.safetensors").read_bytes()[:1000])
-    zero_moved = copy_of(zero, "zero2-moved")
+    zero3_moved = _zero_run(root, cache_dir, stage=3)
     from alexdist.config import DataConfig
     from alexdist.data import cache_path, load_dataset
 
@@ -208,9 +208,10 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
              5, "would import posix.system", module="alexdist.export", after=no_pwned),
         Case("a truncated weights file (evaluate)", [str(weights)], 3, "is not a readable safetensors file",
              module="alexdist.evaluate"),
-        Case("a ZeRO checkpoint on another world size", ["distributed.strategy=deepspeed",
-             f"output_dir={zero_moved}"], 4, "holds ZeRO partitions for 2 processes, this run has 1",
-             after=_unchanged(zero_moved, snapshot(zero_moved))),
+        Case("a ZeRO-3 checkpoint on another world size", ["distributed.strategy=deepspeed",
+             "distributed.zero_stage=3", f"output_dir={zero3_moved}"], 4,
+             "holds ZeRO-3 partitions for 2 processes, this run has 1",
+             after=_unchanged(zero3_moved, snapshot(zero3_moved))),
         Case("NaN loss that does not go away", ["checkpoint.every_steps=2", "train.max_bad_steps=3",
              f"output_dir={diverge}"], 6, "for 3 optimizer steps in a row (steps 5-7",
              env={"ALEXDIST_FAULT": "nan:5-"}, after=after_diverge),
