@@ -42,6 +42,7 @@ SINCE: dict[str, tuple[str, str, str]] = {
     "torch.distributed.checkpoint.state_dict.StateDictOptions": ("torch", "2.2", "PyTorch 2.2 release notes"),
     "torch.utils.flop_counter.FlopCounterMode": ("torch", "2.1", "PyTorch 2.1 release notes"),
     "torch._foreach_copy_": ("torch", "2.1", "PyTorch 2.1 (foreach copy)"),
+    "torch._foreach_lerp_": ("torch", "2.0", "foreach lerp, used by torch.optim's Adam since 2.0"),
     "torch.optim.SGD(fused)": ("torch", "2.4", "fused SGD/AdamW on the CPU: PyTorch 2.4 release notes"),
     "torch.optim.lr_scheduler.LRScheduler": ("torch", "2.0", "renamed from _LRScheduler in 2.0"),
     "torch.optim.lr_scheduler.LambdaLR": ("torch", "1.0", "torch.optim"),
@@ -60,12 +61,15 @@ SINCE: dict[str, tuple[str, str, str]] = {
     "accelerate.utils.DistributedType": ("accelerate", "1.0", "utils/dataclasses.py 1.0.0"),
     "accelerate.utils.InitProcessGroupKwargs": ("accelerate", "1.0", "backend field in 1.0.0"),
     "accelerate.utils.TorchDynamoPlugin": ("accelerate", "1.0", "utils/dataclasses.py 1.0.0"),
+    "accelerate.Accelerator.register_for_checkpointing": ("accelerate", "1.0", "accelerator.py 1.0.0"),
     "accelerate.utils.ProjectConfiguration": ("accelerate", "1.0", "utils/dataclasses.py 1.0.0 (logging_dir)"),
     # DeepSpeed (sdists 0.14.0, 0.15.0, 0.19.1 and 0.19.2 read)
     "deepspeed.utils.safe_get_full_fp32_param": ("deepspeed", "0.14", "utils/__init__.py 0.14.0"),
     "deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint": (
         "deepspeed", "0.14", "utils/zero_to_fp32.py 0.14.0 (tag=)"),
     "deepspeed.DynamicLossScaler minimum-scale message": ("deepspeed", "0.14", "runtime/fp16/loss_scaler.py 0.14.0"),
+    "deepspeed.checkpoint.ds_to_universal --inject_missing_state": (
+        "deepspeed", "0.15", "sdist 0.15.0 read (DeepSpeed #5608); its loader reads any <state>.pt per parameter"),
     # huggingface_hub (wheels 0.24 ... 0.34 read)
     "huggingface_hub.save_torch_state_dict": ("huggingface_hub", "0.24", "serialization/_torch.py 0.24.0"),
     "huggingface_hub.load_torch_model": ("huggingface_hub", "0.27", "not in 0.26.0, in 0.27.0"),
@@ -84,6 +88,7 @@ SINCE: dict[str, tuple[str, str, str]] = {
 
 # Listed by hand: the AST scan cannot see these (a kwarg through **kw, a command in a message, an exception text).
 NOT_IN_SOURCE_SCAN = {"torch.optim.SGD(fused)", "deepspeed.DynamicLossScaler minimum-scale message",
+                      "deepspeed.checkpoint.ds_to_universal --inject_missing_state",
                       "hf download (the command our messages name)", "torch.distributed.set_timeout"}
 WATCHED_TORCH = ("torch.nn.utils.", "torch.serialization.", "torch.distributed.", "torch.utils.", "torch._",
                  "torch.optim.lr_scheduler.", "torch.backends.")
