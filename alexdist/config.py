@@ -185,6 +185,16 @@ class SpeedConfig(_Section):
     # CUDA only. cuDNN times its convolution algorithms on the first batch of each shape and keeps the fastest
     # (fixed 32 px shapes: a one-time cost; not bit-reproducible across runs).
     cudnn_benchmark: bool = True
+    # [start, end]: a torch.profiler trace of optimizer steps start..end (1-based, inclusive) on rank 0, written
+    # to output_dir/profile/ (Chrome trace format, which TensorBoard's profiler plugin reads too).
+    profile_steps: list[int] | None = None
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _two_steps(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 2 or not 1 <= v[0] <= v[1]):
+            raise ValueError("speed.profile_steps is [start, end] with 1 <= start <= end, e.g. [10, 12]")
+        return v
 
 
 class EvalConfig(_Section):

@@ -18,6 +18,7 @@ from alexdist.fsdp import full_state_dict, set_gradient_sync
 from alexdist.guard import deepspeed_min_scale, diverged, nan_like
 from alexdist.metrics import Evaluation, agree_buffers, batch_stats, evaluate_ranks
 from alexdist.precision import loss_input
+from alexdist.profiling import peak_memory_bytes
 from alexdist.run import Run
 from alexdist.stopping import STOPPED_EXIT_CODE
 from alexdist.tracking import git_commit
@@ -57,6 +58,7 @@ def train_step(run: Run, micro: list[tuple[torch.Tensor, torch.Tensor]], step: i
     acc, model, opt, guard, t = run.accelerator, run.model, run.optimizer, run.guard, run.recipe.train
     sums = torch.zeros(3, dtype=torch.float64, device=acc.device)
     stop = bad = False
+    run.profiler.before_step(step)
     guard.remember_buffers(model)
     for xb, yb in micro:
         xb, yb = to_device(xb, acc.device, run.recipe.speed.channels_last), to_device(yb, acc.device)
@@ -98,6 +100,7 @@ def record_step(run: Run, result: StepResult, epoch: int) -> None:
     state, out = run.state, run.recipe.output_dir
     state.global_step += 1
     state.step_in_epoch += 1
+    run.profiler.after_step(state.global_step)
     state.test_acc = state.test_loss = None  # measured at an earlier step
     if state.global_step == run.info["resumed_at_step"] + 1:  # this attempt's first step: setup is over
         set_step_timeout(run.recipe.distributed.timeout_s)
@@ -227,6 +230,9 @@ def finish(run: Run, ending: Ending) -> dict:
         "images_per_s": sum(state.images_per_s) / max(1, len(state.images_per_s)),
         "train_time_s": round(state.train_time_s, 2), "git_commit": git_commit(), **rank_checksums(run),
         "peak_memory_bytes": torch.cuda.max_memory_allocated(acc.device) if acc.device.type == "cuda" else None,
+        # Every rank's peak: CUDA's peak allocation on GPUs, the peak resident set size on CPUs.
+        "peak_memory_bytes_per_rank": [int(v) for v in acc.gather(torch.tensor(
+            [peak_memory_bytes(acc.device)], dtype=torch.int64, device=acc.device)).tolist()],
         "wandb_run_id": state.wandb_run_id,
     }
     run.log.finish(summary)

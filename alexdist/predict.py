@@ -34,7 +34,7 @@ def read_image(path: str | Path) -> torch.Tensor:
             return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(TRAIN_SIZE, TRAIN_SIZE, 3) \
                 .permute(2, 0, 1).contiguous()
     except FileNotFoundError:
-        raise DataError(f"image '{path}' does not exist") from None
+        raise DataError(f"image '{path}' does not exist; give the path of a PNG or JPEG file") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"'{path}' is not a readable image ({type(exc).__name__}); give a PNG or JPEG file") from None
 

@@ -16,7 +16,7 @@ import torch
 
 from alexdist import faults
 from alexdist.batches import TrainBatches
-from alexdist.checkpoint import Checkpointer, TrainState
+from alexdist.checkpoint import Checkpointer, TrainState, read_state
 from alexdist.config import Recipe
 from alexdist.data import load_dataset
 from alexdist.distributed import from_main, make_accelerator, plain_module, resolve_strategy
@@ -35,6 +35,7 @@ from alexdist.precision import (
     needs_fp32_batchnorm,
     restore_fp32_buffers,
 )
+from alexdist.profiling import StepProfiler
 from alexdist.rundir import RunLock, check_space, check_writable, checkpoint_bytes
 from alexdist.stopping import StopRequest
 from alexdist.tracking import RunLog, trackers
@@ -69,6 +70,7 @@ class Run:
     t_start: float = 0.0  # wall clock at which the run (all attempts together) would have begun
     meter: EpochMeter | None = None  # this epoch's loss/accuracy sums
     ema: ModelEMA | None = None  # train.ema_decay
+    profiler: StepProfiler | None = None  # speed.profile_steps
 
     @property
     def deepspeed(self) -> bool:
@@ -177,6 +179,7 @@ def _build(recipe: Recipe, accelerator, strategy: str, zero_stage: int | None, b
     run.ckpt = Checkpointer(accelerator, recipe, model, batches.steps_per_epoch, snapshot=run.snapshot,
                             sharded_optimizer=optimizer if run.fsdp else None)
     run.ema = _ema(run)  # before the resume, which restores it
+    run.profiler = StepProfiler(recipe.speed.profile_steps, recipe.output_dir, accelerator.is_main_process)
     _resume(run)
     run.t_start = time.time() - run.state.train_time_s
     _start_log(run, n_params)
@@ -264,14 +267,14 @@ def _resume(run: Run) -> None:
     path = run.ckpt.resume_path()
     if path is None:
         return
-    state = run.ckpt.load(path, run.strategy, run.accelerator.num_processes)
-    effective = run.batches.effective_batch
-    if state.effective_batch != effective:
+    saved, effective = read_state(path).effective_batch, run.batches.effective_batch
+    if saved != effective:  # checked before loading anything (or converting a ZeRO checkpoint)
         raise ConfigError(
-            f"{path} was trained with an effective batch of {state.effective_batch}, this run has {effective} "
-            f"({run.accelerator.num_processes} processes); set train.global_batch={state.effective_batch} to "
+            f"{path} was trained with an effective batch of {saved}, this run has {effective} "
+            f"({run.accelerator.num_processes} processes); set train.global_batch={saved} to "
             f"keep the data position and schedule"
         )
+    state = run.ckpt.load(path, run.strategy, run.accelerator.num_processes)
     state.world_size = run.accelerator.num_processes
     run.state, run.resumed_from = state, path
 

@@ -130,6 +130,7 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
     weights = root / "weights-truncated.safetensors"
     weights.write_bytes((base / "model.safetensors").read_bytes()[:1000])
     zero3_moved = _zero_run(root, cache_dir, stage=3)
+    zero_batch = copy_of(zero, "zero2-other-batch")
     from alexdist.config import DataConfig
     from alexdist.data import cache_path, load_dataset
 
@@ -209,9 +210,21 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
         Case("a truncated weights file (evaluate)", [str(weights)], 3, "is not a readable safetensors file",
              module="alexdist.evaluate"),
         Case("a ZeRO-3 checkpoint on another world size", ["distributed.strategy=deepspeed",
-             "distributed.zero_stage=3", f"output_dir={zero3_moved}"], 4,
+             "distributed.zero_stage=3", "train.global_batch=64", f"output_dir={zero3_moved}"], 4,
              "holds ZeRO-3 partitions for 2 processes, this run has 1",
              after=_unchanged(zero3_moved, snapshot(zero3_moved))),
+        Case("a ZeRO checkpoint on another world size with another effective batch",
+             ["distributed.strategy=deepspeed", f"output_dir={zero_batch}"], 2,
+             "was trained with an effective batch of", after=_unchanged(zero_batch, snapshot(zero_batch))),
+        Case("EMA with ZeRO-3", ["distributed.strategy=deepspeed", "distributed.zero_stage=3",
+             "train.ema_decay=0.99", f"output_dir={root / 'ema-zero3'}"], 4,
+             "train.ema_decay is not supported with ZeRO-3", nproc=2),
+        Case("a tracker that is not installed", ["tracking.log_with=[mlflow]", f"output_dir={root / 'tracker'}"],
+             4, "pip install mlflow"),
+        Case("a missing image (predict)", [str(root / "no-such.png"), "--weights", str(base / "model.safetensors")],
+             3, "does not exist", module="alexdist.predict"),
+        Case("ONNX export of a file that is not a weights file", [str(weights), "--onnx", str(root / "x.onnx")], 3,
+             "is not a readable safetensors file", module="alexdist.export"),
         Case("NaN loss that does not go away", ["checkpoint.every_steps=2", "train.max_bad_steps=3",
              f"output_dir={diverge}"], 6, "for 3 optimizer steps in a row (steps 5-7",
              env={"ALEXDIST_FAULT": "nan:5-"}, after=after_diverge),
