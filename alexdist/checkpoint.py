@@ -74,6 +74,7 @@ class TrainState:
     time_to_target_s: float | None = None  # training time until test accuracy first reached tracking.target_acc
     epoch_to_target: int | None = None
     target_reached: bool = False  # train.stop_at_acc was reached: the run is over
+    classes: list[str] = field(default_factory=list)  # the data's class names (the model's head size)
     images_per_s: list[float] = field(default_factory=list)
 
 

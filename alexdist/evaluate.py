@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from alexdist.config import load_recipe
-from alexdist.data import class_names, load_dataset
+from alexdist.data import load_dataset
 from alexdist.errors import DataError, run_command
 from alexdist.export import consolidate
 from alexdist.metrics import evaluate_ranks
 from alexdist.models import build_model
-from alexdist.weights import load_weights
+from alexdist.weights import classes_of, load_weights
 
 
 @torch.no_grad()
@@ -38,7 +38,8 @@ def evaluate_weights(path: str | Path, recipe_path: str | None = None, overrides
             base.append(f"data.source={json.dumps(meta['data_source'])}")
     recipe = load_recipe(recipe_path, base + list(overrides))
     size = int(meta["input_size"])
-    model = build_model(recipe.model.name, size, 0.0, recipe.model.width_mult)
+    classes = classes_of(meta)
+    model = build_model(recipe.model.name, size, 0.0, recipe.model.width_mult, num_classes=len(classes))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise DataError(
@@ -46,9 +47,11 @@ def evaluate_weights(path: str | Path, recipe_path: str | None = None, overrides
             f"tensors, e.g. {(missing or unexpected)[0]}); evaluate it with the model it was trained as"
         )
     ds = load_dataset(recipe.data)
+    if len(ds.classes) != len(classes):
+        raise DataError(f"'{path}' was trained on {len(classes)} classes, data.source={recipe.data.source} has "
+                        f"{len(ds.classes)}; evaluate it on the data it was trained for")
     ev = evaluate_ranks(None, model, ds.test_x, ds.test_y, recipe.train.eval_batch_size, size, torch.float32,
-                        tta=tta)
-    classes = json.loads(meta["classes"]) if meta.get("classes") else class_names(recipe.data)
+                        tta=tta, num_classes=len(classes))
     out = {"test_loss": ev.loss, "test_acc": ev.acc, "images": len(ds.test_y), "model": recipe.model.name,
            "step": meta.get("step"), "classes": classes, "per_class_acc": ev.per_class_acc(),
            "confusion": ev.confusion}

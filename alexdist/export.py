@@ -21,6 +21,7 @@ import yaml
 from alexdist import fsdp
 from alexdist.checkpoint import STATE_FILE, read_state
 from alexdist.config import Recipe
+from alexdist.data import CIFAR10_CLASSES
 from alexdist.errors import CheckpointError, DataError, run_command
 from alexdist.fsdp import DCP_DIR
 from alexdist.manifest import damage
@@ -60,6 +61,7 @@ def consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         raise CheckpointError(f"checkpoint {path} is damaged ({problem}); export another checkpoint")
     recipe = Recipe.model_validate(yaml.safe_load((path / "config.yaml").read_text()))
     state = read_state(path)
+    classes = state.classes or list(CIFAR10_CLASSES)  # checkpoints from before class names were recorded
     if is_deepspeed_checkpoint(path):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -68,27 +70,28 @@ def consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         weights = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
     elif (path / DCP_DIR).is_dir():
         m = recipe.model
-        model = build_model(m.name, resolve_input_size(m.name, m.input_size), m.dropout, m.width_mult)
+        model = build_model(m.name, resolve_input_size(m.name, m.input_size), m.dropout, m.width_mult, len(classes))
         if recipe.precision == "fp64":
             model = model.double()
         weights = fsdp.consolidate(path / DCP_DIR, model)
     else:
         weights = _ddp_weights(path)
     if recipe.train.ema_eval and (path / EMA_FILE).is_file():
-        weights = _with_ema(path, weights, recipe)
-    return plain_weights(weights), weights_metadata(recipe, state.global_step, state.test_acc)
+        weights = _with_ema(path, weights, recipe, len(classes))
+    return plain_weights(weights), weights_metadata(recipe, state.global_step, state.test_acc, classes)
 
 
 EMA_FILE = "custom_checkpoint_0.pkl"  # Accelerate's name for the first object registered for checkpointing
 
 
-def _with_ema(path: Path, weights: dict[str, torch.Tensor], recipe: Recipe) -> dict[str, torch.Tensor]:
+def _with_ema(path: Path, weights: dict[str, torch.Tensor], recipe: Recipe, num_classes: int
+              ) -> dict[str, torch.Tensor]:
     """A train.ema_eval run's model is its EMA: the checkpoint's EMA parameters in place of the weights'."""
     check_pickles(path)
     ema = torch.load(path / EMA_FILE, map_location="cpu", weights_only=True)
     m = recipe.model
     names = [n for n, _ in build_model(m.name, resolve_input_size(m.name, m.input_size), m.dropout,
-                                       m.width_mult).named_parameters()]
+                                       m.width_mult, num_classes).named_parameters()]
     return {**weights, **dict(zip(names, ema["params"], strict=True))}
 
 

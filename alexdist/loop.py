@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from alexdist import faults
 from alexdist.batches import to_device
-from alexdist.data import class_names
 from alexdist.distributed import plain_module, set_step_timeout
 from alexdist.fsdp import full_state_dict, set_gradient_sync
 from alexdist.guard import deepspeed_min_scale, diverged, nan_like
@@ -147,7 +146,7 @@ def end_epoch(run: Run, epoch: int, started: tuple[float, int], stopping: bool) 
     log.event("test", state.global_step, epoch + 1, loss=ev.loss, acc=ev.acc, **extra,
               elapsed_s=round(time.time() - run.t_start, 3), per_class_acc=ev.per_class_acc(),
               confusion=ev.confusion, **partial)
-    log.confusion(state.global_step, class_names(run.recipe.data), ev.confusion)
+    log.confusion(state.global_step, run.classes, ev.confusion)
     target = run.recipe.tracking.target_acc
     if target and test_acc >= target and state.time_to_target_s is None:
         state.time_to_target_s, state.epoch_to_target = time.time() - run.t_start, epoch + 1
@@ -178,7 +177,7 @@ def evaluate(run: Run, tta: str | None = None) -> Evaluation:
     faults.kill_point("eval", run.state.global_step, run.recipe.output_dir)
     return evaluate_ranks(run.accelerator, run.model, run.test_x, run.test_y, run.recipe.train.eval_batch_size,
                           run.input_size, run.in_dtype, run.sharded_forward,
-                          run.recipe.speed.channels_last, tta or run.recipe.eval.tta)
+                          run.recipe.speed.channels_last, tta or run.recipe.eval.tta, len(run.classes))
 
 
 def stop_here(run: Run, epoch: int) -> None:
@@ -217,7 +216,7 @@ def finish(run: Run, ending: Ending) -> dict:
     if ending is not Ending.STOP_REQUESTED:
         weights = final_state_dict(run)
         if acc.is_main_process:
-            meta = weights_metadata(recipe, state.global_step, state.test_acc)
+            meta = weights_metadata(recipe, state.global_step, state.test_acc, run.classes)
             save_weights(f"{recipe.output_dir}/model.safetensors", weights, meta)
     summary = {
         "status": ending.value, "recipe": recipe.name, "model": recipe.model.name, "precision": recipe.precision,

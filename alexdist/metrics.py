@@ -96,7 +96,8 @@ def tta_logits(net, x: torch.Tensor, mode: str) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_ranks(accelerator, model, x, y, batch_size: int, input_size: int, in_dtype: torch.dtype,
-                   sharded: bool = False, channels_last: bool = False, tta: str = "none") -> Evaluation:
+                   sharded: bool = False, channels_last: bool = False, tta: str = "none",
+                   num_classes: int = NUM_CLASSES) -> Evaluation:
     """Every test image exactly once, summed across ranks (`accelerator=None`: this one process does it all).
 
     Batches are built one at a time (the 227 px model's whole upsampled test set would take ~6 GB at once).
@@ -109,7 +110,7 @@ def evaluate_ranks(accelerator, model, x, y, batch_size: int, input_size: int, i
     net = model if sharded or accelerator is None else plain_module(accelerator, model)
     was_training = net.training
     net.eval()
-    k = NUM_CLASSES
+    k = num_classes
     sums = torch.zeros(5 + k * k, dtype=torch.float64, device=device)  # loss, correct, n, tta loss, tta correct, cm
     n_own = math.ceil(len(eval_shard(len(y), rank, world)) / batch_size)
     n_forward = math.ceil(len(eval_shard(len(y), 0, world)) / batch_size) if sharded else n_own

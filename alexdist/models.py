@@ -29,7 +29,7 @@ def _w(c: int, mult: float) -> int:
     return max(8, round(c * mult))
 
 
-def _classifier(in_features: int, hidden: int, dropout: float) -> nn.Sequential:
+def _classifier(in_features: int, hidden: int, dropout: float, num_classes: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Flatten(),
         nn.Dropout(dropout),
@@ -38,12 +38,13 @@ def _classifier(in_features: int, hidden: int, dropout: float) -> nn.Sequential:
         nn.Dropout(dropout),
         nn.Linear(hidden, hidden),
         nn.ReLU(inplace=True),
-        nn.Linear(hidden, NUM_CLASSES),
+        nn.Linear(hidden, num_classes),
     )
 
 
 class AlexNet(nn.Module):
-    def __init__(self, input_size: int = 227, dropout: float = 0.5, width_mult: float = 1.0):
+    def __init__(self, input_size: int = 227, dropout: float = 0.5, width_mult: float = 1.0,
+                 num_classes: int = NUM_CLASSES):
         super().__init__()
         c1, c2, c3, c4, c5 = (_w(c, width_mult) for c in (96, 256, 384, 384, 256))
         stride, pad = (4, 0) if input_size >= 128 else (1, 5)
@@ -65,7 +66,7 @@ class AlexNet(nn.Module):
             nn.MaxPool2d(3, 2),
         )
         self.pool = nn.AdaptiveAvgPool2d(6)  # identity at 227 px (6x6 maps), as in torchvision
-        self.classifier = _classifier(c5 * 36, _w(4096, width_mult), dropout)
+        self.classifier = _classifier(c5 * 36, _w(4096, width_mult), dropout, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)))
@@ -78,7 +79,8 @@ def _conv3x3(cin: int, cout: int, bn: bool) -> list[nn.Module]:
 
 
 class AlexNet3x3(nn.Module):
-    def __init__(self, input_size: int = 32, dropout: float = 0.5, width_mult: float = 1.0):
+    def __init__(self, input_size: int = 32, dropout: float = 0.5, width_mult: float = 1.0,
+                 num_classes: int = NUM_CLASSES):
         super().__init__()
         widths = [_w(c, width_mult) for c in (64, 256, 384, 384, 256)]
         layers: list[nn.Module] = []
@@ -89,14 +91,15 @@ class AlexNet3x3(nn.Module):
             cin = c
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(3)
-        self.classifier = _classifier(cin * 9, _w(2048, width_mult), dropout)
+        self.classifier = _classifier(cin * 9, _w(2048, width_mult), dropout, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)))
 
 
 class AlexNetBN(nn.Module):
-    def __init__(self, input_size: int = 32, dropout: float = 0.5, width_mult: float = 1.0):
+    def __init__(self, input_size: int = 32, dropout: float = 0.5, width_mult: float = 1.0,
+                 num_classes: int = NUM_CLASSES):
         super().__init__()
         blocks = [(64, 2), (128, 2), (256, 2), (512, 3), (512, 3)]
         layers: list[nn.Module] = []
@@ -109,7 +112,7 @@ class AlexNetBN(nn.Module):
             layers.append(nn.MaxPool2d(3, 2, padding=1))
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = _classifier(cin, _w(512, width_mult), dropout)
+        self.classifier = _classifier(cin, _w(512, width_mult), dropout, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)))
@@ -143,11 +146,13 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build_model(name: str, input_size: int | None = None, dropout: float = 0.5, width_mult: float = 1.0) -> nn.Module:
-    """Build a registered model; `input_size=None` uses the model's default (227 for alexnet, else 32)."""
+def build_model(name: str, input_size: int | None = None, dropout: float = 0.5, width_mult: float = 1.0,
+                num_classes: int = NUM_CLASSES) -> nn.Module:
+    """Build a registered model; `input_size=None` uses the model's default (227 for alexnet, else 32); the head
+    has one output per class of the data (10 for CIFAR-10)."""
     spec = MODELS[name]
     size = input_size or spec.default_input_size
-    model = spec.cls(input_size=size, dropout=dropout, width_mult=width_mult)
+    model = spec.cls(input_size=size, dropout=dropout, width_mult=width_mult, num_classes=num_classes)
     init_weights(model)
     return model
 

@@ -14,14 +14,7 @@ import torch
 
 from alexdist.errors import SetupError
 from alexdist.fileio import atomic_path
-from alexdist.models import build_model
-
-
-def model_from_weights(weights: dict[str, torch.Tensor], meta: dict[str, str]) -> torch.nn.Module:
-    """The model a weights file describes (its metadata), with those weights, in eval mode."""
-    model = build_model(meta["model"], int(meta["input_size"]), 0.0, float(meta.get("width_mult", "1.0")))
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
-    return model.eval()
+from alexdist.weights import model_for
 
 
 def export_onnx(weights: dict[str, torch.Tensor], meta: dict[str, str], out: str | Path) -> float:
@@ -33,7 +26,7 @@ def export_onnx(weights: dict[str, torch.Tensor], meta: dict[str, str], out: str
         raise SetupError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'alexdist[onnx]'")
     import onnxruntime
 
-    model = model_from_weights(weights, meta)
+    model = model_for(meta, weights)
     size = int(meta["input_size"])
     example = torch.randn(2, 3, size, size)
     out = Path(out)

@@ -16,10 +16,8 @@ from pathlib import Path
 import torch
 
 from alexdist.batches import normalize
-from alexdist.data import CIFAR10_CLASSES
 from alexdist.errors import DataError, run_command
-from alexdist.models import build_model
-from alexdist.weights import load_weights
+from alexdist.weights import classes_of, load_weights, model_for
 
 TRAIN_SIZE = 32  # every dataset alexdist trains on is stored as 32x32 images
 
@@ -44,10 +42,7 @@ def predict(images: list[str], weights_path: str, top_k: int = 3) -> list[dict]:
     """For each image: its top-k classes with softmax probabilities, most probable first."""
     weights, meta = load_weights(weights_path)
     size = int(meta["input_size"])
-    model = build_model(meta["model"], size, 0.0, float(meta.get("width_mult", "1.0")))
-    model.load_state_dict(weights)
-    model.eval()
-    classes = json.loads(meta["classes"]) if meta.get("classes") else CIFAR10_CLASSES
+    model, classes = model_for(meta, weights), classes_of(meta)
     x = torch.stack([read_image(p) for p in images])  # every file read before any work: one bad file, one line
     probs = torch.softmax(model(normalize(x, size)).float(), dim=1)
     k = min(top_k, len(classes))

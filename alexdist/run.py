@@ -69,6 +69,7 @@ class Run:
     lock: RunLock | None = None  # rank 0's hold on output_dir
     t_start: float = 0.0  # wall clock at which the run (all attempts together) would have begun
     meter: EpochMeter | None = None  # this epoch's loss/accuracy sums
+    classes: list[str] = field(default_factory=list)  # the data's class names; the head has one output each
     ema: ModelEMA | None = None  # train.ema_decay
     profiler: StepProfiler | None = None  # speed.profile_steps
 
@@ -137,10 +138,10 @@ def setup(recipe: Recipe) -> Run:
     strategy, zero_stage = resolve_strategy(recipe)
     accelerator = make_accelerator(recipe, strategy, zero_stage, log_with=trackers(recipe))
     configure_cuda_math(recipe.speed.tf32, recipe.speed.cudnn_benchmark)
-    batches, test_x, test_y = _data(recipe, accelerator)
+    batches, test_x, test_y, classes = _data(recipe, accelerator)
     lock = hold_run_dir(accelerator, recipe.output_dir)  # nothing is written into output_dir before this
     try:
-        run = _build(recipe, accelerator, strategy, zero_stage, batches, test_x, test_y)
+        run = _build(recipe, accelerator, strategy, zero_stage, batches, test_x, test_y, classes)
     except BaseException:
         if lock:
             lock.release()
@@ -159,12 +160,12 @@ def hold_run_dir(accelerator, output_dir: str) -> RunLock | None:
 
 
 def _build(recipe: Recipe, accelerator, strategy: str, zero_stage: int | None, batches: TrainBatches,
-           test_x: torch.Tensor, test_y: torch.Tensor) -> Run:
+           test_x: torch.Tensor, test_y: torch.Tensor, classes: list[str]) -> Run:
     stop = StopRequest(accelerator, recipe.output_dir)  # SIGTERM / SIGUSR1 / output_dir/STOP
     total_steps = recipe.train.epochs * batches.steps_per_epoch
     deepspeed = strategy == "deepspeed"
     model, optimizer, scheduler, n_params = _model_and_optimizer(recipe, accelerator, batches.effective_batch,
-                                                                 total_steps, strategy)
+                                                                 total_steps, strategy, len(classes))
     # Dropout masks come from the global RNG: distinct per rank (as with separate GPUs), reproducible per seed.
     torch.manual_seed(recipe.train.seed * 1000 + accelerator.process_index + 1)
     run = Run(
@@ -174,7 +175,8 @@ def _build(recipe: Recipe, accelerator, strategy: str, zero_stage: int | None, b
         total_steps, min(total_steps, recipe.train.max_steps or total_steps), stop,
         DivergenceGuard(accelerator, optimizer, recipe, deepspeed),
         state=TrainState(effective_batch=batches.effective_batch, world_size=accelerator.num_processes,
-                         strategy=strategy, zero_stage=zero_stage),
+                         strategy=strategy, zero_stage=zero_stage, classes=classes),
+        classes=classes,
     )
     run.ckpt = Checkpointer(accelerator, recipe, model, batches.steps_per_epoch, snapshot=run.snapshot,
                             sharded_optimizer=optimizer if run.fsdp else None)
@@ -200,8 +202,9 @@ def _ema(run: Run) -> ModelEMA | None:
     return ema
 
 
-def _data(recipe: Recipe, accelerator) -> tuple[TrainBatches, torch.Tensor, torch.Tensor]:
-    """This rank's training batches and the test set, on the device (speed.data_on_device) or the host."""
+def _data(recipe: Recipe, accelerator) -> tuple[TrainBatches, torch.Tensor, torch.Tensor, list[str]]:
+    """This rank's training batches, the test set (on the device, speed.data_on_device, or the host) and the
+    class names."""
     t, device = recipe.train, accelerator.device
     ds = _load_once(recipe, accelerator)
     data_device = device if recipe.speed.data_on_device else torch.device("cpu")
@@ -216,7 +219,7 @@ def _data(recipe: Recipe, accelerator) -> tuple[TrainBatches, torch.Tensor, torc
             f"{accelerator.num_processes} processes x train.grad_accum {t.grad_accum}) is larger than the "
             f"{len(ds.train_y)} training images; lower train.batch_size or train.grad_accum"
         )
-    return batches, ds.test_x.to(data_device), ds.test_y.to(data_device)
+    return batches, ds.test_x.to(data_device), ds.test_y.to(data_device), ds.classes
 
 
 def _load_once(recipe: Recipe, accelerator):
@@ -235,12 +238,13 @@ def _load_once(recipe: Recipe, accelerator):
     return ds
 
 
-def _model_and_optimizer(recipe: Recipe, accelerator, effective_batch: int, total_steps: int, strategy: str):
+def _model_and_optimizer(recipe: Recipe, accelerator, effective_batch: int, total_steps: int, strategy: str,
+                         num_classes: int):
     """The model (the same initial weights on every rank and world size), optimizer and schedule, prepared."""
     deepspeed = strategy == "deepspeed"
     torch.manual_seed(recipe.train.seed)
     m = recipe.model
-    model = build_model(m.name, resolve_input_size(m.name, m.input_size), m.dropout, m.width_mult)
+    model = build_model(m.name, resolve_input_size(m.name, m.input_size), m.dropout, m.width_mult, num_classes)
     model = model.to(accelerator.device)
     if recipe.precision == "fp64":
         model = model.double()

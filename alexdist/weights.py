@@ -12,13 +12,12 @@ from pathlib import Path
 import torch
 
 from alexdist.config import Recipe
-from alexdist.data import class_names
 from alexdist.errors import DataError
 from alexdist.fileio import atomic_path
 from alexdist.models import resolve_input_size
 
 
-def weights_metadata(recipe: Recipe, step: int, test_acc: float | None = None) -> dict[str, str]:
+def weights_metadata(recipe: Recipe, step: int, test_acc: float | None, classes: list[str]) -> dict[str, str]:
     """The metadata header (safetensors metadata values are strings)."""
     return {
         "model": recipe.model.name,
@@ -27,7 +26,7 @@ def weights_metadata(recipe: Recipe, step: int, test_acc: float | None = None) -
         "dropout": str(recipe.model.dropout),
         "data_source": recipe.data.source,
         "data": json.dumps(recipe.data.model_dump(exclude={"cache_dir"})),
-        "classes": json.dumps(class_names(recipe.data)),
+        "classes": json.dumps(classes),
         "step": str(step),
         "test_acc": "" if test_acc is None else repr(test_acc),
     }
@@ -70,3 +69,22 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     if "model" not in meta:
         raise DataError(f"'{path}' has no 'model' metadata; export it with `alexdist export`")
     return weights, meta
+
+
+def classes_of(meta: dict[str, str]) -> list[str]:
+    """The class names a weights file was trained on (files written before names were recorded: CIFAR-10's)."""
+    from alexdist.data import CIFAR10_CLASSES
+
+    return json.loads(meta["classes"]) if meta.get("classes") else list(CIFAR10_CLASSES)
+
+
+def model_for(meta: dict[str, str], weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The model a weights file's metadata describes (head sized by its classes), with `weights` if given, in
+    eval mode."""
+    from alexdist.models import build_model
+
+    model = build_model(meta["model"], int(meta["input_size"]), 0.0, float(meta.get("width_mult", "1.0")),
+                        num_classes=len(classes_of(meta)))
+    if weights is not None:
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
+    return model.eval()

@@ -118,8 +118,7 @@ def test_export_writes_an_onnx_model_and_a_hub_folder_that_match_the_run(run, tm
     from alexdist.batches import normalize
     from alexdist.config import load_recipe
     from alexdist.data import load_dataset
-    from alexdist.onnx_export import model_from_weights
-    from alexdist.weights import load_weights
+    from alexdist.weights import load_weights, model_for
 
     onnx, hub = tmp_path / "model.onnx", tmp_path / "hub"
     proc = subprocess.run([sys.executable, "-m", "alexdist.cli", "export", str(run / "model.safetensors"), "--onnx",
@@ -129,7 +128,8 @@ def test_export_writes_an_onnx_model_and_a_hub_folder_that_match_the_run(run, tm
     monkeypatch.setenv("ALEXDIST_CACHE", str(cache_dir))
     ds = load_dataset(load_recipe("quickstart").data)
     x = normalize(ds.test_x[:64], 32)
-    model = model_from_weights(*load_weights(run / "model.safetensors"))
+    weights, meta = load_weights(run / "model.safetensors")
+    model = model_for(meta, weights)
     with torch.no_grad():
         want = model(x).numpy()
     session = onnxruntime.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
