@@ -237,7 +237,7 @@ class Checkpointer:
             )
         check_pickles(path)
         if moved:
-            self._load_universal(path)
+            universal.load_on_this_world_size(self.acc, self.model, path)
             return state
         try:
             self.acc.load_state(str(path))
@@ -251,24 +251,6 @@ class Checkpointer:
                 f"another checkpoint (checkpoint.resume=PATH) or start fresh in another output_dir"
             ) from None
         return state
-
-    def _load_universal(self, path: Path) -> None:
-        """A ZeRO-1/2 checkpoint from another world size: rank 0 converts it, every rank loads the copy."""
-        error = None
-        if self.acc.is_main_process:
-            try:
-                universal.convert(path)
-            except CheckpointError as exc:
-                error = exc
-        if error := from_main(self.acc, error):
-            raise error
-        copy = universal.scratch_dir(path)
-        try:
-            universal.load(self.acc, self.model, copy)
-        finally:
-            self.acc.wait_for_everyone()
-            if self.acc.is_main_process:
-                shutil.rmtree(copy, ignore_errors=True)
 
     # -- save ---------------------------------------------------------------------------------------------
     def save(self, state: TrainState) -> Path | None:

@@ -107,3 +107,24 @@ def load(accelerator, engine, universal: Path) -> None:
                               f"checkpoint's number of processes, or export its weights") from None
     finally:
         engine._config.load_universal_checkpoint = False  # later saves are ordinary ZeRO checkpoints
+
+
+def load_on_this_world_size(accelerator, engine, path: Path) -> None:
+    """Every rank: rank 0 converts checkpoint `path`, every rank loads the copy, rank 0 removes it."""
+    from alexdist.distributed import from_main
+
+    error = None
+    if accelerator.is_main_process:
+        try:
+            convert(path)
+        except CheckpointError as exc:
+            error = exc
+    if error := from_main(accelerator, error):
+        raise error
+    copy = scratch_dir(path)
+    try:
+        load(accelerator, engine, copy)
+    finally:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(copy, ignore_errors=True)
