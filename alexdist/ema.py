@@ -9,6 +9,12 @@ model's running statistics (agreed across ranks before every evaluation), which 
 every rank and exactly resumable without saving per-rank statistics. The average is kept in fp32 on the device.
 
 DDP and ZeRO-1/2 (every rank holds whole parameters); ZeRO-3 and FSDP shard them and are refused.
+
+Why not torch.optim.swa_utils.AveragedModel (timm's ModelEmaV3 is the same idea): it keeps a deep copy of the
+module and evaluates that copy, with buffers either averaged per rank or frozen at the copy's; here the EMA
+is swapped into the live module for the evaluation, so it runs through exactly the path the model does (the
+unwrapped DDP module, Accelerate's autocast, channels_last, the DeepSpeed engine's module) with the statistics
+agreed across ranks, and the checkpointed state is the averaged parameters alone.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub import ModelCardData
 
 from alexdist import __version__
 from alexdist.batches import CIFAR_MEAN, CIFAR_STD
@@ -64,15 +65,14 @@ def write_hub_dir(source: str | Path, weights: dict[str, torch.Tensor], meta: di
 def model_card(config: dict, evaluation: dict, recipe: dict, command: str | None) -> str:
     source = config["data"].get("source", "")
     hub_data = "/" in source and not Path(source).exists()  # a Hub dataset id, e.g. uoft-cs/cifar10
-    front = {"library_name": "alexdist", "pipeline_tag": "image-classification",
-             "tags": ["image-classification", config["architecture"], "alexdist"], "metrics": ["accuracy"]}
-    if hub_data:
-        front["datasets"] = [source]
+    front = ModelCardData(library_name="alexdist", pipeline_tag="image-classification", metrics=["accuracy"],
+                          tags=["image-classification", config["architecture"], "alexdist"],
+                          datasets=[source] if hub_data else None)
     rows = "\n".join(f"| {c} | {a:.4f} | {sum(evaluation['confusion'][i])} |"
                      for i, (c, a) in enumerate(zip(evaluation["classes"], evaluation["per_class_acc"], strict=True)))
     recipe_yaml = yaml.safe_dump(recipe, sort_keys=False).strip() if recipe else "(not found beside the weights)"
     return f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
+{front.to_yaml()}
 ---
 
 # {config['architecture']} ({config['parameters']:,} parameters), trained with alexdist

@@ -14,33 +14,29 @@ import torch
 
 from alexdist.errors import DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
 
 def read_image_folder(root: Path):
+    """Train and test splits, listed by torchvision's own ImageFolder helpers (`find_classes`, `make_dataset`),
+    with the train split's class indices for both; decoded and checked here (32x32, any mode)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
     from alexdist.data import Dataset
 
-    train = root / "train"
-    classes = sorted(d.name for d in train.iterdir() if d.is_dir())
+    classes, class_to_idx = find_classes(root / "train")
     out = []
     for split in ("train", "test"):
         folder = root / split
         if not folder.is_dir():
             raise DataError(f"'{root}' has no '{split}' folder; an image folder needs train/CLASS/* and test/CLASS/*")
-        extra = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in classes)
+        extra = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in class_to_idx)
         if extra:
             raise DataError(f"'{folder}' has class folders the train split lacks ({', '.join(extra)}); every test "
                             f"class must be a train class")
-        images, labels = [], []
-        for label, name in enumerate(classes):
-            files = sorted(f for f in (folder / name).glob("*") if f.suffix.lower() in IMAGE_SUFFIXES) \
-                if (folder / name).is_dir() else []
-            images += [_read(f) for f in files]
-            labels += [label] * len(files)
-        if not images:
+        samples = make_dataset(folder, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        if not samples:
             raise DataError(f"'{folder}' holds no images (.png, .jpg, ...) in its class folders")
-        out += [torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
-                torch.tensor(labels, dtype=torch.int64)]
+        out += [torch.from_numpy(np.stack([_read(Path(f)) for f, _ in samples])).permute(0, 3, 1, 2).contiguous(),
+                torch.tensor([label for _, label in samples], dtype=torch.int64)]
     return Dataset(*out, classes)
 
 

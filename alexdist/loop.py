@@ -213,6 +213,8 @@ def finish(run: Run, ending: Ending) -> dict:
     trackers closed."""
     acc, state, recipe = run.accelerator, run.state, run.recipe
     state.train_time_s = time.time() - run.t_start
+    peaks = [int(v) for v in acc.gather(torch.tensor([peak_memory_bytes(acc.device)], dtype=torch.int64,
+                                                     device=acc.device)).tolist()]
     if ending is not Ending.STOP_REQUESTED:
         weights = final_state_dict(run)
         if acc.is_main_process:
@@ -228,10 +230,10 @@ def finish(run: Run, ending: Ending) -> dict:
         "epoch_to_target": state.epoch_to_target,
         "images_per_s": sum(state.images_per_s) / max(1, len(state.images_per_s)),
         "train_time_s": round(state.train_time_s, 2), "git_commit": git_commit(), **rank_checksums(run),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(acc.device) if acc.device.type == "cuda" else None,
-        # Every rank's peak: CUDA's peak allocation on GPUs, the peak resident set size on CPUs.
-        "peak_memory_bytes_per_rank": [int(v) for v in acc.gather(torch.tensor(
-            [peak_memory_bytes(acc.device)], dtype=torch.int64, device=acc.device)).tolist()],
+        # Every rank's peak: CUDA's peak allocation on GPUs, the peak resident set size on CPUs; and this rank's
+        # on a GPU (the GPU check reads it).
+        "peak_memory_bytes_per_rank": peaks,
+        "peak_memory_bytes": peaks[acc.process_index] if acc.device.type == "cuda" else None,
         "wandb_run_id": state.wandb_run_id,
     }
     run.log.finish(summary)

@@ -144,7 +144,10 @@ def test_export_writes_an_onnx_model_and_a_hub_folder_that_match_the_run(run, tm
     assert config["architecture"] == "alexnet_bn" and config["classes"] == [str(i) for i in range(10)]
     assert config["test_accuracy"] == logged["acc"]
     card = (hub / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: alexdist\n") and "pipeline_tag: image-classification" in card
+    import yaml
+
+    front = yaml.safe_load(card.split("---\n")[1])  # the Hub's YAML front matter
+    assert front["library_name"] == "alexdist" and front["pipeline_tag"] == "image-classification"
     assert card.count("\n| ") == 11  # the per-class table: header + 10 classes
     assert summary(run)["command"] in card and "-m alexdist.train" in summary(run)["command"]
     assert "train.stop_at_acc=0.8" in card  # the overrides it was trained with
