@@ -73,6 +73,7 @@ SINCE: dict[str, tuple[str, str, str]] = {
     # huggingface_hub (wheels 0.24 ... 0.34 read)
     "huggingface_hub.save_torch_state_dict": ("huggingface_hub", "0.24", "serialization/_torch.py 0.24.0"),
     "huggingface_hub.load_torch_model": ("huggingface_hub", "0.27", "not in 0.26.0, in 0.27.0"),
+    "huggingface_hub.ModelCardData": ("huggingface_hub", "0.10", "repocard_data.py, huggingface_hub 0.10"),
     "hf download (the command our messages name)": ("huggingface_hub", "0.34", "entry point not in 0.33.0, in 0.34.0"),
     # safetensors, pydantic
     "safetensors.safe_open": ("safetensors", "0.3", "safetensors 0.3 (metadata)"),
