@@ -27,23 +27,8 @@ import sys
 from alexdist import __version__
 
 # Each command's `main(argv, prog=...)`, imported only when used (train pulls in torch and Accelerate).
-COMMANDS = {"train": "alexdist.train:main", "recipes": "alexdist.cli:list_recipes", "models": "alexdist.models:main",
-            "compare": "alexdist.compare:main", "export": "alexdist.export:main", "evaluate": "alexdist.evaluate:main",
-            "predict": "alexdist.predict:main"}
-
-
-def list_recipes(argv: list[str] | None = None, prog: str = "alexdist recipes") -> int:
-    """`alexdist recipes`: the shipped recipes, with the model, data and what each reproduces."""
-    import argparse
-
-    from alexdist.config import load_recipe, recipe_summary, shipped_recipes
-
-    argparse.ArgumentParser(prog=prog, description=list_recipes.__doc__.split(": ", 1)[1]).parse_args(argv)
-    for name, path in shipped_recipes().items():
-        r = load_recipe(path)
-        print(f"{name:<11} {r.model.name:<12} {r.data.source:<15} {recipe_summary(path)}")
-    print(f"\n(files in {path.parent}; run one with: alexdist train NAME, or accelerate launch -m alexdist.train NAME)")
-    return 0
+COMMANDS = {name: f"alexdist.commands.{name}:main"
+            for name in ("train", "recipes", "models", "compare", "export", "evaluate", "predict")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     module, func = COMMANDS[name].split(":")
     code = getattr(importlib.import_module(module), func)(argv[1:], prog=f"alexdist {name}")
     if name == "train":
-        from alexdist.distributed import exit_now
+        from alexdist.distributed.collectives import exit_now
 
         exit_now(code)  # see exit_now: gloo may abort at interpreter teardown
     return code

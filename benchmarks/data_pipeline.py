@@ -25,8 +25,8 @@ N, BATCH = 10_000, 256
 
 
 def alexdist_ips(x: torch.Tensor, y: torch.Tensor, size: int) -> float:
-    from alexdist.batches import TrainBatches
     from alexdist.config import AugmentConfig
+    from alexdist.data.batches import TrainBatches
 
     tb = TrainBatches(x, y, BATCH, 1, 0, 1, 0, AugmentConfig(), size)
     t0 = time.perf_counter()
@@ -53,7 +53,7 @@ class _PILDataset(torch.utils.data.Dataset):
 def torchvision_ips(x: np.ndarray, y: np.ndarray, size: int) -> float:
     from torchvision import transforms as T
 
-    from alexdist.batches import CIFAR_MEAN, CIFAR_STD
+    from alexdist.data.batches import CIFAR_MEAN, CIFAR_STD
 
     steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
     if size != 32:

@@ -35,7 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alexdist.launcher import launch_command  # noqa: E402 (after the sys.path line)
+from alexdist.distributed.launcher import free_port, launch_command  # noqa: E402 (after the sys.path line)
+from alexdist.distributed.processes import run_bounded  # noqa: E402
 
 ZERO2 = "recipes/accelerate/zero2.yaml"
 
@@ -68,6 +69,7 @@ class Row:
     needs_cuda: bool = False
     env: dict[str, str] = field(default_factory=dict)
     expect_exit: int = 0
+    needs_deepspeed: bool = False
 
 
 def plan(s: Setting) -> list[Row]:
@@ -75,21 +77,32 @@ def plan(s: Setting) -> list[Row]:
     cuda = s.device == "cuda"
     fast = ["speed.channels_last=true", "speed.compile=true"] if cuda else ["speed.channels_last=true"]
     half = "bf16" if cuda else "no"
+    fsdp = ["distributed.strategy=fsdp"]
     rows = [
         Row("ceiling: matmul throughput of this device", "ceiling", half),
         Row(f"bare loop {half}", "bare", half), Row(f"alexdist {half}", "train", half),
         Row("headline: one CIFAR-sized epoch, fastest setting", "headline", half, fast),
-        Row("host syncs per step", "probe:syncs", half, needs_cuda=True),
-        Row("fp16 overflow skipped", "probe:overflow", "fp16", needs_cuda=True),
+        # Host syncs per optimizer step and per evaluation, each strategy in a real process group of one.
+        Row("host syncs, DDP", "probe:syncs", half, ["distributed.strategy=ddp"], launcher="torchrun"),
+        Row("host syncs, FSDP2", "probe:syncs", half, fsdp, launcher="torchrun"),
+        Row("host syncs, ZeRO-2", "probe:syncs", half, ["distributed.strategy=deepspeed"], launcher="torchrun",
+            needs_deepspeed=True),
+        Row("fp16 overflow at step 1: skipped, momentum zero, then trains", "probe:overflow_first", "fp16",
+            needs_cuda=True),
+        Row("fp16 overflow after a step: skipped, scale lowered", "probe:overflow", "fp16", needs_cuda=True),
         Row("NaN loss from step 3: skipped, then exit 6", "train", "fp16" if cuda else "no",
             ["train.max_bad_steps=3"], launcher="python", env={"ALEXDIST_FAULT": "nan:3-"}, expect_exit=6),
-        Row("ZeRO-2 fp16", "train", "fp16", config_file=ZERO2, needs_cuda=True),
-        Row(f"ZeRO-2 {half}", "train", half, config_file=ZERO2),
+        Row("ZeRO-2 AdamW: 2 CPU ranks -> 1 device, universal checkpoint", "probe:universal", half,
+            launcher="torchrun", needs_deepspeed=True),
+        Row("ZeRO-2 fp16", "train", "fp16", config_file=ZERO2, needs_cuda=True, needs_deepspeed=True),
+        Row(f"ZeRO-2 {half}", "train", half, config_file=ZERO2, needs_deepspeed=True),
         # `accelerate launch --num_processes 1` gives Accelerate's non-distributed mode and `--multi_gpu` wants 2
         # processes: torchrun with one process forms a real group (NCCL on a GPU) and DDP wraps the model.
         Row(f"DDP, real process group, {half}", "train", half, launcher="torchrun"),
         # FSDP2 needs a process group (a group of one still shards, with whole shards, and writes DCP checkpoints).
-        Row(f"FSDP2 {half}, real process group", "train", half, ["distributed.strategy=fsdp"], launcher="torchrun"),
+        Row(f"FSDP2 {half}, real process group", "train", half, fsdp, launcher="torchrun"),
+        Row(f"FSDP2 {half} channels_last (contiguous parameters)", "train", half,
+            fsdp + ["speed.channels_last=true"], launcher="torchrun"),
     ]
     for p in s.precisions:
         if p != half:
@@ -115,8 +128,13 @@ def error_line(stderr: str) -> str:
     return (exc[-1] if exc else lines[-1] if lines else "no output")[:300]
 
 
+# The bn recipe with SGD (its LARS has no fused kernel and no DeepSpeed path): the check measures the framework
+# against a bare loop with the same fused SGD, and runs every strategy.
+SGD = ["optim.name=sgd", "optim.lr=0.1", "optim.lr_scaling=none"]
+
+
 def _recipe_args(s: Setting, row: Row, out: Path, epoch_images: int | None = None, test_images: int = 0) -> list[str]:
-    return ["bn", "data.source=synthetic", f"data.synthetic_train={epoch_images or s.batch * s.steps}",
+    return ["bn", *SGD, "data.source=synthetic", f"data.synthetic_train={epoch_images or s.batch * s.steps}",
             f"data.synthetic_test={test_images or 4 * s.batch}", "train.epochs=2", f"train.batch_size={s.batch}",
             f"model.width_mult={s.width}", f"precision={row.precision}", "checkpoint.epoch_end=false",
             "train.log_every=0", "tracking.wandb=false", f"output_dir={out}", *row.options]
@@ -127,8 +145,7 @@ def run_train(s: Setting, row: Row, env: dict, timeout: int, headline: bool = Fa
         out = Path(tmp) / "run"
         args = _recipe_args(s, row, out, s.epoch_images if headline else None, s.test_images if headline else 0)
         cmd = launch_command(args, 1, row.launcher, row.config_file)
-        proc = subprocess.run(cmd, cwd=ROOT, env={**env, **row.env}, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        proc = run_bounded(cmd, timeout, cwd=ROOT, env={**env, **row.env})
         result = {"exit": proc.returncode}
         if proc.returncode != row.expect_exit:
             return {**result, "error": error_line(proc.stderr)}
@@ -154,7 +171,7 @@ def bare(s: Setting, precision: str) -> dict:
     import torch.nn.functional as F
 
     from alexdist.models import build_model
-    from alexdist.optim import kernel_kwargs
+    from alexdist.training.optim import kernel_kwargs
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # alexdist's default
     torch.backends.cudnn.benchmark = True
@@ -185,10 +202,13 @@ def bare(s: Setting, precision: str) -> dict:
 
 
 def run_child(s: Setting, row: Row, env: dict, timeout: int) -> dict:
-    """A bare loop or a probe, in a process of its own (a crash or a hang stays in its row)."""
-    cmd = [sys.executable, __file__, "--child", row.kind, "--precision", row.precision,
-           *(["--cpu"] if s.device == "cpu" else [])]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    """A bare loop or a probe, in a process of its own (a crash or a hang stays in its row); under torchrun with
+    one process when the row asks for a real process group."""
+    args = [__file__, "--child", row.kind, "--precision", row.precision, *(["--cpu"] if s.device == "cpu" else []),
+            *[f"--option={o}" for o in row.options]]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+              str(free_port())] if row.launcher == "torchrun" else [sys.executable]
+    proc = run_bounded([*launch, *args], timeout, cwd=ROOT, env=env)
     if proc.returncode != 0:
         return {"exit": proc.returncode, "error": error_line(proc.stderr)}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -226,50 +246,51 @@ def training_tflop(s: Setting, images: int) -> float:
 
 # -- the probes (in-process on alexdist's own loop) ---------------------------------------------------------
 
-def _probe_run(s: Setting, precision: str, tmp: str):
+def _probe_run(s: Setting, precision: str, tmp: str, options: list[str] = (), out: str | None = None):
     from alexdist.config import load_recipe
-    from alexdist.metrics import EpochMeter
-    from alexdist.run import setup
+    from alexdist.training.evaluation import EpochMeter
+    from alexdist.training.setup import setup
 
     os.environ["ALEXDIST_CACHE"] = tmp
-    recipe = load_recipe("bn", ["data.source=synthetic", f"data.synthetic_train={s.batch * 16}",
+    recipe = load_recipe("bn", [*SGD, "data.source=synthetic", f"data.synthetic_train={s.batch * 16}",
                                 f"data.synthetic_test={s.batch}", f"train.batch_size={s.batch}",
                                 f"model.width_mult={s.width}", f"precision={precision}", "tracking.wandb=false",
-                                "train.log_every=0", f"output_dir={tmp}/run"])
+                                "train.log_every=0", f"output_dir={out or tmp + '/run'}", *options])
     run = setup(recipe)
     run.meter = EpochMeter(run.accelerator.device)
     return run
 
 
-def probe_syncs(s: Setting, precision: str) -> dict:
-    """Host syncs per optimizer step, counted by CUDA's own sync debug mode, after 3 warm-up steps."""
-    import warnings
+def _steps(run, batches, n: int) -> None:
+    from alexdist.training.loop import record_step, train_step
 
-    import torch
+    for _ in range(n):
+        record_step(run, train_step(run, next(batches), run.state.global_step + 1), 0)
 
-    from alexdist.loop import record_step, train_step
+
+def probe_syncs(s: Setting, precision: str, options: list[str]) -> dict:
+    """Host syncs per optimizer step and per evaluation, after 3 warm-up steps: CUDA's sync debug mode on a GPU,
+    the CPU counter in the dry run (benchmarks/host_syncs.py)."""
+    from host_syncs import count_syncs
+
+    from alexdist.training.loop import evaluate
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = _probe_run(s, precision, tmp)
+        run = _probe_run(s, precision, tmp, options)
         batches = run.batches.epoch(0)
-        for _ in range(3):
-            record_step(run, train_step(run, next(batches), run.state.global_step + 1), 0)
+        _steps(run, batches, 3)
         steps = 8
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            for _ in range(steps):
-                record_step(run, train_step(run, next(batches), run.state.global_step + 1), 0)
-            torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
-        return {"ok": len(syncs) <= steps, "syncs_per_step": len(syncs) / steps, "first": syncs[:2]}
+        syncs = count_syncs(lambda: _steps(run, batches, steps))
+        ev = count_syncs(lambda: evaluate(run))
+        return {"ok": True, "strategy": run.strategy, "syncs_per_step": len(syncs) / steps,
+                "syncs_per_evaluation": len(ev), "first": syncs[:3]}
 
 
-def probe_overflow(s: Setting, precision: str = "fp16") -> dict:
+def probe_overflow(s: Setting, precision: str = "fp16", options: list[str] = ()) -> dict:
     """An fp16 step whose scaled gradients overflow: skipped, the schedule not advanced, the scale halved."""
     import torch
 
-    from alexdist.loop import record_step, train_step
+    from alexdist.training.loop import record_step, train_step
 
     with tempfile.TemporaryDirectory() as tmp:
         run = _probe_run(s, "fp16", tmp)
@@ -286,6 +307,70 @@ def probe_overflow(s: Setting, precision: str = "fp16") -> dict:
                   "scale lowered": run.accelerator.scaler.get_scale() < 2.0**60,
                   "fused optimizer": bool(run.optimizer.optimizer.defaults.get("fused"))}
         return {"ok": all(checks.values()), **checks}
+
+
+def probe_overflow_first(s: Setting, precision: str = "fp16", options: list[str] = ()) -> dict:
+    """fp16's first step overflows (the fused SGD kernel is handed found_inf before any momentum exists): the
+    momentum must start at zero, not from uninitialised memory, and the next steps must train normally."""
+    import torch
+
+    from alexdist.training.loop import record_step, train_step
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _probe_run(s, "fp16", tmp)
+        batches = run.batches.epoch(0)
+        run.accelerator.scaler.update(new_scale=2.0**60)
+        result = train_step(run, next(batches), 1)
+        record_step(run, result, 0)
+        opt = run.optimizer.optimizer
+        momentum = [opt.state[p].get("momentum_buffer") for g in opt.param_groups for p in g["params"]]
+        zero = all(m is not None and not m.any() for m in momentum)
+        run.accelerator.scaler.update(new_scale=2.0**10)
+        _steps(run, batches, 3)
+        finite = all(torch.isfinite(p).all() for p in run.model.parameters())
+        finite_m = all(torch.isfinite(opt.state[p]["momentum_buffer"]).all() for g in opt.param_groups
+                       for p in g["params"])
+        checks = {"first step skipped": bool(result.bad), "momentum zero after the skip": zero,
+                  "weights finite after 3 more steps": bool(finite), "momentum finite": bool(finite_m),
+                  "fused optimizer": bool(opt.defaults.get("fused"))}
+        return {"ok": all(checks.values()), **checks}
+
+
+def probe_universal(s: Setting, precision: str, options: list[str] = ()) -> dict:
+    """ZeRO-2 with AdamW saved by 2 CPU ranks, resumed on this one device through the universal checkpoint:
+    every `step` tensor of a fused/capturable optimizer must be on its parameter's device (the fused CUDA Adam
+    reads it through a device pointer), and training must go on with finite losses."""
+    import torch
+
+    from alexdist.training.loop import record_step, train_step
+
+    common = ["optim.name=adamw", "optim.lr=1e-3", "distributed.strategy=deepspeed", "distributed.zero_stage=2",
+              f"train.global_batch={2 * s.batch}", "checkpoint.every_steps=2",
+              f"data.synthetic_train={s.batch * 16}", f"data.synthetic_test={s.batch}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/run"
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ALEXDIST_CACHE": tmp}
+        env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        args = _recipe_args(s, Row("u", "train", "no", common + ["train.max_steps=2"]), Path(out))
+        saved = run_bounded(launch_command(args, 2, "accelerate"), 300, cwd=ROOT, env=env)
+        if saved.returncode:
+            return {"ok": False, "error": "2-rank save: " + error_line(saved.stderr)}
+        run = _probe_run(s, precision, tmp, common + ["train.epochs=2", "train.log_every=0"], out=out)
+        opt = run.optimizer.optimizer.optimizer  # Accelerate's wrapper -> ZeRO's optimizer -> torch's AdamW
+        placed = [(str(st["step"].device), str(p.device), str(st["step"].dtype))
+                  for g in opt.param_groups if g.get("fused") or g.get("capturable")
+                  for p in g["params"] for st in [opt.state[p]] if "step" in st]
+        batches = run.batches.epoch(run.state.epoch, start_step=run.state.step_in_epoch)
+        losses = []
+        for _ in range(2):
+            result = train_step(run, next(batches), run.state.global_step + 1)
+            record_step(run, result, run.state.epoch)
+            losses.append(float(result.loss))
+        checks = {"resumed at step 2": run.state.global_step == 4 and run.resumed_from is not None,
+                  "step tensors on their parameter's device": all(a == b for a, b, _ in placed),
+                  "step tensors float32": all(d == "torch.float32" for _, _, d in placed),
+                  "losses finite": all(torch.isfinite(torch.tensor(losses)))}
+        return {"ok": all(checks.values()), **checks, "fused_groups": len(placed), "losses": losses}
 
 
 # -- the table ---------------------------------------------------------------------------------------------
@@ -326,14 +411,22 @@ def main() -> int:
     ap.add_argument("--row-timeout", type=int, default=120)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="no", help=argparse.SUPPRESS)
+    ap.add_argument("--option", action="append", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--only", help="run only the rows whose name contains this (a rerun of one row)")
+    ap.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed rows (DeepSpeed not installed)")
     args = ap.parse_args()
     import torch
 
     s = CPU if args.cpu else GPU
     if args.child:
-        children = {"bare": bare, "probe:syncs": probe_syncs, "probe:overflow": probe_overflow, "ceiling": ceiling}
-        fn = children[args.child]
-        print(json.dumps(fn(s, args.precision)))
+        probes = {"probe:syncs": probe_syncs, "probe:overflow": probe_overflow, "probe:universal": probe_universal,
+                  "probe:overflow_first": probe_overflow_first}
+        if args.child in probes:
+            result = probes[args.child](s, args.precision, args.option)
+        else:
+            result = {"bare": bare, "ceiling": ceiling}[args.child](s, args.precision)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result), flush=True)
         return 0
     if not args.cpu and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; use --cpu for a dry run", file=sys.stderr)
@@ -353,10 +446,12 @@ def main() -> int:
             "on CUDA). Ratio: alexdist / bare loop in the same precision.", "",
             "| row | result | ratio to bare | peak GiB | loss | notes |", "|---|---|---|---|---|---|"]
     lines, records, bare_ips, t_start, peak = [], [], {}, time.time(), None
-    for row in plan(s):
+    for row in [r for r in plan(s) if not args.only or args.only in r.name]:
         left = args.budget - (time.time() - t_start)
         if row.needs_cuda and s.device != "cuda":
             r = {"skipped": "needs CUDA"}
+        elif row.needs_deepspeed and args.no_deepspeed:
+            r = {"skipped": "DeepSpeed not installed (no wheel carried)"}
         elif left < 20:
             r = {"skipped": f"out of time (budget {args.budget} s)"}
         else:
@@ -386,4 +481,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from alexdist.distributed.collectives import exit_now
+
+    exit_now(main())  # a probe's gloo group can abort at interpreter exit (pytorch#190489)

@@ -2,29 +2,29 @@
 # The GPU check in one call (see benchmarks/gpu_check.py): rows written to $OUT/gpu_check.{md,jsonl} as they finish.
 #
 #   bash benchmarks/gpu_wheels.sh           # here, once: the wheels the GPU machine lacks -> .whl/ (git-ignored)
-#   bash benchmarks/gpu_check.sh            # there, with .whl carried: ~7 minutes, each row capped at 120 s
+#   bash benchmarks/gpu_check.sh            # there, with .whl carried: ~8 minutes, each row capped at 120 s
 #   bash benchmarks/gpu_check.sh --cpu      # a dry run on a CPU: tiny runs, CUDA-only rows skipped (CI runs it)
 #
-# The GPU machine has torch and accelerate but not pydantic, hjson or deepspeed: they come from .whl/, installed
-# without an index into /tmp/site. Whatever is already importable there is not shadowed by an older wheel.
+# The device call (README "GPU check"): command `bash benchmarks/gpu_check.sh`, carry [".whl"], timeout_s 560.
+# First, in seconds: benchmarks/gpu_deps.py decides package by package whether the image's copy will do (at or
+# above its floor) or a carried wheel is needed, installs only those into /tmp/site, and stops with exit 2 and
+# one line when something needed is in neither place. Without DeepSpeed only the DeepSpeed rows are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
 PY=${PY:-python3}
+WHEELS=${WHEELS:-.whl}
 DRY=0
 [ "${1:-}" = "--cpu" ] && DRY=1
 if [ $DRY = 1 ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
-if [ $DRY = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then  # the wheels are for the GPU machine's Python 3.12
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+mkdir -p "$OUT"
+EXTRA=()
+if [ $DRY = 0 ]; then
+  rm -rf /tmp/site && mkdir -p /tmp/site
+  ds=$("$PY" benchmarks/gpu_deps.py "$WHEELS" /tmp/site 2> >(tee "$OUT/packages.txt" >&2)) || exit 2
+  [ "$ds" = "deepspeed: skip" ] && EXTRA+=(--no-deepspeed)
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
-mkdir -p "$OUT"
-"$PY" - <<'PY'
-import importlib.util
-need = ("torch", "accelerate", "pydantic", "safetensors", "yaml", "tqdm", "deepspeed", "hjson")
-missing = [m for m in need if importlib.util.find_spec(m) is None]
-print("gpu_check: missing", missing or "nothing")
-PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee "$OUT/nvidia-smi.txt" || true
-exec "$PY" benchmarks/gpu_check.py --out "$OUT" "$@"
+exec "$PY" benchmarks/gpu_check.py --out "$OUT" "${EXTRA[@]}" "$@"

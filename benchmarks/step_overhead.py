@@ -41,7 +41,7 @@ def bare(precision: str, width: float, batch: int, steps: int) -> tuple[float, f
     torch.manual_seed(0)
     model = build_model("alexnet_bn", 32, dropout=0.2, width_mult=width)
     # The same optimizer kernel as alexdist picks (fused on this CPU), so the two sides do the same work.
-    from alexdist.optim import kernel_kwargs
+    from alexdist.training.optim import kernel_kwargs
 
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
                           **kernel_kwargs("auto", "cpu"))

@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from alexdist.distributed.launcher import launch_command
 from alexdist.fileio import read_jsonl
-from alexdist.launcher import launch_command
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

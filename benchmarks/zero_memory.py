@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 
 def _bytes(tensors) -> int:
-    from alexdist.fsdp import local
+    from alexdist.distributed.collectives import local
 
     seen, total = set(), 0
     for t in tensors:
@@ -62,12 +62,14 @@ def main() -> None:
     ap.add_argument("--workdir", required=True, help="scratch directory shared by the ranks (removed at the end)")
     args = ap.parse_args()
 
-    from alexdist.checkpoint import Checkpointer, TrainState
+    from alexdist.checkpoint.checkpointer import Checkpointer
+    from alexdist.checkpoint.state import TrainState
     from alexdist.config import load_recipe
-    from alexdist.distributed import exit_now, make_accelerator, resolve_strategy
-    from alexdist.fsdp import full_state_dict, load_sharded, shard_model
+    from alexdist.distributed.accelerator import make_accelerator
+    from alexdist.distributed.collectives import exit_now
+    from alexdist.distributed.strategy import resolve_strategy
     from alexdist.models import build_model
-    from alexdist.optim import make_optimizer
+    from alexdist.training.optim import make_optimizer
 
     overrides = ["model.name=alexnet_bn", "data.source=synthetic", "tracking.wandb=false", "train.batch_size=16",
                  "model.dropout=0"]
@@ -77,16 +79,13 @@ def main() -> None:
         overrides += ["distributed.strategy=deepspeed", f"distributed.zero_stage={args.strategy[-1]}"]
     tmpdir = Path(args.workdir)
     recipe = load_recipe("recipes/quickstart.yaml", overrides + [f"output_dir={tmpdir}"])
-    strategy, stage = resolve_strategy(recipe)
-    acc = make_accelerator(recipe, strategy, stage)
+    strategy = resolve_strategy(recipe)
+    acc = make_accelerator(recipe, strategy)
     torch.manual_seed(0)
-    model = build_model("alexnet_bn", 32, 0.0)
-    fsdp = strategy == "fsdp"
-    if fsdp:
-        shard_model(model, recipe.precision)  # as alexdist.run does: sharded, not prepared by Accelerate
+    model = strategy.shard(build_model("alexnet_bn", 32, 0.0).to(acc.device), recipe)  # as training/setup.py
     optimizer = make_optimizer(model, recipe, 0.01)
-    if not fsdp:
-        model, optimizer = acc.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model, optimizer, _ = strategy.prepare(acc, model, optimizer, scheduler, recipe)
     module = acc.unwrap_model(model)
 
     x = torch.randn(16, 3, 32, 32, device=acc.device)
@@ -127,17 +126,16 @@ def main() -> None:
     row = {"params_bytes": _bytes(params), "grad_bytes": grad_bytes, "optimizer_bytes": _bytes(opt_tensors)}
 
     # Checkpoint cost, through the run's own Checkpointer (atomic rename, per-rank files).
-    ckpt = Checkpointer(acc, recipe, model, steps_per_epoch=1, sharded_optimizer=optimizer if fsdp else None)
+    ckpt = Checkpointer(acc, recipe, strategy, model, optimizer, steps_per_epoch=1)
     t0 = time.perf_counter()
-    path = ckpt.save(TrainState(global_step=1, world_size=acc.num_processes, strategy=strategy, zero_stage=stage))
+    path = ckpt.save(TrainState(global_step=1, world_size=acc.num_processes, strategy=strategy.name,
+                                zero_stage=strategy.zero_stage))
     save_s = time.perf_counter() - t0
     acc.wait_for_everyone()
     t0 = time.perf_counter()
-    acc.load_state(str(path))
-    if fsdp:
-        load_sharded(model, optimizer, path / "dcp")
+    strategy.load_checkpoint(acc, model, optimizer, path, acc.num_processes)
     load_s = time.perf_counter() - t0
-    state_dict = full_state_dict(model) if fsdp else acc.get_state_dict(model)
+    state_dict = strategy.final_weights(acc, model, recipe.precision)
 
     per_rank = acc.gather(torch.tensor([list(row.values())], dtype=torch.float64, device=acc.device)).tolist()
     if acc.is_main_process:

@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from alexdist.fsdp import full, set_gradient_sync, shard_model
+from alexdist.distributed.collectives import full
+from alexdist.distributed.fsdp import FSDP2Strategy, shard_model
 from alexdist.models import build_model
 
 dist.init_process_group("gloo")
@@ -25,7 +26,7 @@ x = torch.randn(2, 8, 3, 32, 32, generator=g, dtype=torch.float64)
 y = torch.randint(0, 10, (2, 8), generator=g)
 report = {"sharded": all(hasattr(p, "device_mesh") for p in model.parameters()), "grads_after_micro": []}
 for micro in range(2):
-    set_gradient_sync(model, micro == 1)
+    FSDP2Strategy().set_gradient_sync(model, micro == 1)
     half = slice(rank * 4, rank * 4 + 4)
     (F.cross_entropy(model(x[micro, half]), y[micro, half]) / 2).backward()
     report["grads_after_micro"].append(any(p.grad is not None for p in model.parameters()))

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from alexdist.batches import (
+from alexdist.config import AugmentConfig
+from alexdist.data.batches import (
     TrainBatches,
     augment,
     epoch_augment_params,
@@ -9,7 +10,6 @@ from alexdist.batches import (
     eval_shard,
     normalize,
 )
-from alexdist.config import AugmentConfig
 
 N = 103  # not a multiple of any effective batch below
 

@@ -4,7 +4,8 @@ recipe changes make a checkpoint another run's."""
 import pytest
 import yaml
 
-from alexdist.checkpoint import config_changes, keep_after_rotation, save_due
+from alexdist.checkpoint.policy import keep_after_rotation, save_due
+from alexdist.checkpoint.state import config_changes
 from alexdist.config import CheckpointConfig, load_recipe
 
 

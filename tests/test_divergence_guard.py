@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from alexdist.config import Recipe
-from alexdist.guard import DivergenceGuard, deepspeed_min_scale, diverged
+from alexdist.distributed.strategy import strategy_named
+from alexdist.training.divergence import DivergenceGuard, diverged
 
 
 def _guard(max_bad=3, deepspeed=False, precision="no"):
     recipe = Recipe.model_validate({"train": {"max_bad_steps": max_bad}, "precision": precision})
-    acc = SimpleNamespace(scaler=None, unwrap_model=lambda m, **kw: m)
+    accelerator = SimpleNamespace(scaler=None, unwrap_model=lambda m, **kw: m)
     optimizer = SimpleNamespace(step_was_skipped=False)
-    return DivergenceGuard(acc, optimizer, recipe, deepspeed)
+    return DivergenceGuard(accelerator, optimizer, recipe, strategy_named("deepspeed" if deepspeed else "ddp"))
 
 
 def test_bad_steps_in_a_row_stop_the_run_with_their_span_and_a_good_step_resets_the_count():
@@ -62,15 +63,15 @@ def test_under_deepspeed_the_engines_overflow_flag_decides():
 
 
 def test_deepspeeds_minimum_loss_scale_exception_becomes_the_divergence_error():
-    pytest.importorskip("deepspeed")
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
     scaler = DynamicLossScaler(init_scale=1.0, scale_window=1000, min_scale=1.0, delayed_shift=1,
                                consecutive_hysteresis=False, raise_error_at_min_scale=True)
     with pytest.raises(Exception) as raised:  # DeepSpeed's own words, from DeepSpeed's own code
         scaler.update_scale(overflow=True)
-    assert deepspeed_min_scale(raised.value)
-    assert not deepspeed_min_scale(RuntimeError("CUDA out of memory"))
+    deepspeed = strategy_named("deepspeed")
+    assert "fp16_min_loss_scale" in deepspeed.backward_failure(raised.value)
+    assert deepspeed.backward_failure(RuntimeError("CUDA out of memory")) is None
     err = diverged("why", "runs/x/checkpoints/step-0000040")
     assert err.exit_code == 6 and "step-0000040" in str(err) and "\n" not in str(err)
 
@@ -78,16 +79,16 @@ def test_deepspeeds_minimum_loss_scale_exception_becomes_the_divergence_error():
 def test_the_backward_of_a_deepspeed_run_at_its_minimum_scale_ends_in_the_divergence_error():
     """loop._backward: DeepSpeed raises its plain Exception inside Accelerate's backward, on every rank."""
     from alexdist.errors import DivergedError
-    from alexdist.loop import _backward
+    from alexdist.training.loop import _backward
 
     def backward(loss):
         raise Exception("Current loss scale already at minimum - cannot decrease scale anymore. Exiting run.")
 
-    run = SimpleNamespace(accelerator=SimpleNamespace(backward=backward), deepspeed=True,
-                          ckpt=SimpleNamespace(latest=lambda: "runs/x/checkpoints/step-0000040"))
+    run = SimpleNamespace(accelerator=SimpleNamespace(backward=backward), strategy=strategy_named("deepspeed"),
+                          checkpointer=SimpleNamespace(latest=lambda: "runs/x/checkpoints/step-0000040"))
     with pytest.raises(DivergedError, match="fp16_min_loss_scale and the step still overflowed.*step-0000040"):
         _backward(run, torch.tensor(1.0))
-    run.deepspeed = False  # the same words from anything else are not ours to reinterpret
+    run.strategy = strategy_named("ddp")  # the same words from anything else are not ours to reinterpret
     with pytest.raises(Exception, match="already at minimum") as other:
         _backward(run, torch.tensor(1.0))
     assert not isinstance(other.value, DivergedError)

@@ -26,13 +26,57 @@ BASE = ["data.source=synthetic", "data.synthetic_train=256", "data.synthetic_tes
         "train.epochs=2", "tracking.wandb=false", "model.width_mult=0.25"]
 
 
+TITLES = [  # the cases of _cases, in order: each is a test of its own
+    'malformed YAML',
+    'unknown key',
+    'unknown section',
+    'wrong type',
+    'negative learning rate',
+    'zero batch size',
+    'accumulation that does not divide the global batch',
+    'unknown model name',
+    'a dashed override (jsonargparse/Lightning habit)',
+    'a fractional minimum fp16 loss scale',
+    'an unknown shipped recipe name',
+    'missing dataset path',
+    'a folder in neither known layout',
+    'a corrupt parquet file',
+    'a truncated dataset cache (not an error: rebuilt)',
+    'fp16 without a GPU',
+    'float64 under DeepSpeed',
+    'LARS under DeepSpeed',
+    'a dataset too large for memory at its image size',
+    'output_dir that cannot be written',
+    'disk full while saving a checkpoint',
+    'resume with another model',
+    'resume with other data',
+    'a checkpoint of another model, change allowed on purpose',
+    'the only checkpoint damaged after its save (a truncated shard)',
+    'resuming from a damaged checkpoint by path (a truncated optimizer file)',
+    'a truncated shard in a checkpoint without a manifest (older alexdist)',
+    'a truncated optimizer file in a checkpoint without a manifest',
+    'a crafted pickle in a checkpoint',
+    'a crafted pickle in a ZeRO checkpoint (export)',
+    'a truncated weights file (evaluate)',
+    'a directory that is neither a checkpoint nor a run (export)',
+    'a ZeRO-3 checkpoint on another world size',
+    'a ZeRO checkpoint on another world size with another effective batch',
+    'EMA with ZeRO-3',
+    'a tracker that is not installed',
+    'a missing image (predict)',
+    'ONNX export of a file that is not a weights file',
+    'NaN loss that does not go away',
+    'a rank that dies',
+]
+
+
 @dataclass
 class Case:
     title: str
-    args: list[str]  # alexdist.train overrides (or a full argv for `module`)
+    args: list[str]  # alexdist.train overrides (or the arguments of the `module` command)
     exit_code: int
     expect: str  # a fragment the message must contain
-    module: str = "alexdist.train"
+    module: str = "train"  # or the `alexdist` command it runs (export, evaluate, predict)
     nproc: int = 1
     env: dict[str, str] = field(default_factory=dict)
     recipe: str | None = None  # None: a copy of recipes/quickstart.yaml is not needed; BASE overrides suffice
@@ -103,7 +147,7 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
     other_model = copy_of(base, "other-model")
     other_allowed = copy_of(base, "other-model-allowed")
     other_data = copy_of(base, "other-data")
-    from alexdist.manifest import MANIFEST, write_manifest
+    from alexdist.checkpoint.manifest import MANIFEST, write_manifest
 
     def truncated(name: str, file: str, keep: int | None, manifest: bool) -> Path:
         run = copy_of(base, name)
@@ -132,7 +176,7 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
     zero3_moved = _zero_run(root, cache_dir, stage=3)
     zero_batch = copy_of(zero, "zero2-other-batch")
     from alexdist.config import DataConfig
-    from alexdist.data import cache_path, load_dataset
+    from alexdist.data.cache import cache_path, load_dataset
 
     trunc_cache = DataConfig(source="synthetic", synthetic_train=256, synthetic_test=64, cache_dir=str(root / "cache"))
     load_dataset(trunc_cache)
@@ -181,6 +225,12 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
         Case("fp16 without a GPU", ["precision=fp16"], 4, "precision=fp16 needs a GPU"),
         Case("float64 under DeepSpeed", ["precision=fp64", "distributed.strategy=deepspeed"], 4,
              "precision=fp64 is not supported by DeepSpeed"),
+        Case("LARS under DeepSpeed", ["optim.name=lars", "distributed.strategy=deepspeed"], 4,
+             "optim.name=lars is not supported by DeepSpeed"),
+        Case("a dataset too large for memory at its image size", ["data.synthetic_train=100000",
+             "data.image_size=512", f"output_dir={root / 'too-large'}"], 3, "lower data.image_size",
+             normalize=lambda m: re.sub(r"about [0-9.]+ GiB .* than the [0-9.]+ GiB", "about <n> GiB in memory "
+                                        "(decoded, plus the training copies), more than the <m> GiB", m)),
         Case("output_dir that cannot be written", [f"output_dir={a_file}/run"], 5, "is not writable"),
         Case("disk full while saving a checkpoint", ["checkpoint.every_steps=2", "train.max_steps=6",
              f"output_dir={full}"], 5, "No space left on device", env={"ALEXDIST_FAULT": "enospc:4"},
@@ -206,9 +256,11 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
              after=no_pwned),
         Case("a crafted pickle in a ZeRO checkpoint (export)",
              [str(_ckpt(crafted_zero)), str(root / "out.safetensors")],
-             5, "would import posix.system", module="alexdist.export", after=no_pwned),
+             5, "would import posix.system", module="export", after=no_pwned),
         Case("a truncated weights file (evaluate)", [str(weights)], 3, "is not a readable safetensors file",
-             module="alexdist.evaluate"),
+             module="evaluate"),
+        Case("a directory that is neither a checkpoint nor a run (export)", [str(neither), str(root / "x.st")], 3,
+             "is neither a checkpoint nor a run directory", module="export"),
         Case("a ZeRO-3 checkpoint on another world size", ["distributed.strategy=deepspeed",
              "distributed.zero_stage=3", "train.global_batch=64", f"output_dir={zero3_moved}"], 4,
              "holds ZeRO-3 partitions for 2 processes, this run has 1",
@@ -222,9 +274,9 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
         Case("a tracker that is not installed", ["tracking.log_with=[mlflow]", f"output_dir={root / 'tracker'}"],
              4, "pip install mlflow"),
         Case("a missing image (predict)", [str(root / "no-such.png"), "--weights", str(base / "model.safetensors")],
-             3, "does not exist", module="alexdist.predict"),
+             3, "does not exist", module="predict"),
         Case("ONNX export of a file that is not a weights file", [str(weights), "--onnx", str(root / "x.onnx")], 3,
-             "is not a readable safetensors file", module="alexdist.export"),
+             "is not a readable safetensors file", module="export"),
         Case("NaN loss that does not go away", ["checkpoint.every_steps=2", "train.max_bad_steps=3",
              f"output_dir={diverge}"], 6, "for 3 optimizer steps in a row (steps 5-7",
              env={"ALEXDIST_FAULT": "nan:5-"}, after=after_diverge),
@@ -235,14 +287,14 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
 
 def _run(case: Case, cache_dir: Path) -> subprocess.CompletedProcess:
     env = run_env(cache_dir, **case.env)
-    if case.module == "alexdist.train":
+    if case.module == "train":
         overrides = case.args if case.recipe else BASE + case.args
         recipe = case.recipe or "recipes/quickstart.yaml"
         cmd = launch_command(overrides, case.nproc, recipe=recipe)
         if case.nproc == 1 and "distributed.strategy=deepspeed" in case.args:
             cmd = launch_command(overrides, 1, launcher="torchrun", recipe=recipe)
     else:
-        cmd = [sys.executable, "-m", case.module, *case.args]
+        cmd = [sys.executable, "-m", "alexdist", case.module, *case.args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -250,9 +302,10 @@ def _run(case: Case, cache_dir: Path) -> subprocess.CompletedProcess:
 def outcomes(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("errors")
     cases = _cases(root, _base_run(root, cache_dir), _zero_run(root, cache_dir), cache_dir)
+    assert [c.title for c in cases] == TITLES
     with ThreadPoolExecutor(2) as pool:
         procs = list(pool.map(lambda c: _run(c, cache_dir), cases))
-    return root, list(zip(cases, procs, strict=False))
+    return root, list(zip(cases, procs, strict=True))
 
 
 def _message(proc: subprocess.CompletedProcess, prefix: str = "alexdist: error: ") -> str:
@@ -261,17 +314,18 @@ def _message(proc: subprocess.CompletedProcess, prefix: str = "alexdist: error: 
     return lines[0].removeprefix("alexdist: error: ")
 
 
-def test_every_bad_input_gets_one_line_an_exit_code_and_damages_nothing(outcomes):
+@pytest.mark.parametrize("title", TITLES)
+def test_a_bad_input_gets_one_line_an_exit_code_and_damages_nothing(outcomes, title):
     root, results = outcomes
-    for case, proc in results:
-        msg = _message(proc, case.prefix)
-        # Single-process runs exit with the error's own code; a launcher reports a failed worker as 1.
-        code = case.exit_code if case.nproc == 1 and "distributed.strategy=deepspeed" not in case.args else 1
-        assert proc.returncode == code, (case.title, proc.returncode, msg)
-        assert case.expect in msg, (case.title, msg)
-        assert "Traceback" not in proc.stderr or case.nproc > 1 or "deepspeed" in " ".join(case.args), case.title
-        if case.after:
-            case.after(root)
+    case, proc = next((c, p) for c, p in results if c.title == title)
+    msg = _message(proc, case.prefix)
+    # Single-process runs exit with the error's own code; a launcher reports a failed worker as 1.
+    code = case.exit_code if case.nproc == 1 and "distributed.strategy=deepspeed" not in case.args else 1
+    assert proc.returncode == code, (proc.returncode, msg)
+    assert case.expect in msg, msg
+    assert "Traceback" not in proc.stderr or case.nproc > 1 or "deepspeed" in " ".join(case.args)
+    if case.after:
+        case.after(root)
 
 
 def _render(root: Path, results) -> str:
@@ -304,8 +358,8 @@ def test_docs_errors_md_lists_every_message(outcomes):
 
 
 def test_free_space_is_checked_before_training(tmp_path):
+    from alexdist.checkpoint.run_dir import check_space
     from alexdist.errors import CheckpointError
-    from alexdist.rundir import check_space
 
     with pytest.raises(CheckpointError, match="MiB free but this run needs about"):
         check_space(tmp_path, 2**60)

@@ -15,7 +15,7 @@ import torch
 from conftest import build_run, one_step
 
 
-def _fp16_accelerator_on_cpu(recipe, strategy, stage, log_with=None):
+def _fp16_accelerator_on_cpu(recipe, strategy, log_with=None):
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True, mixed_precision="fp16", gradient_accumulation_steps=recipe.train.grad_accum,
@@ -27,7 +27,7 @@ def _fp16_accelerator_on_cpu(recipe, strategy, stage, log_with=None):
 
 @pytest.fixture
 def run(tmp_path, monkeypatch, fresh_accelerate_state):
-    monkeypatch.setattr("alexdist.run.make_accelerator", _fp16_accelerator_on_cpu)
+    monkeypatch.setattr("alexdist.training.setup.make_accelerator", _fp16_accelerator_on_cpu)
     return build_run(tmp_path, monkeypatch, [
         "model.name=alexnet_3x3", "data.source=synthetic", "data.synthetic_train=256", "data.synthetic_test=32",
         "train.batch_size=16", "precision=fp16", "train.max_bad_steps=5"])
@@ -44,6 +44,9 @@ def test_an_overflowing_fp16_step_is_skipped_seen_and_does_not_advance_the_sched
     result = one_step(run, batches)
     assert result.bad and run.guard.in_row == 1
     assert all(torch.equal(a, p) for a, p in zip(before, run.model.parameters(), strict=True))  # skipped
+    # The fused kernel skipped the very first step: momentum starts at zero, not from never-written memory.
+    inner = run.optimizer.optimizer
+    assert all(not inner.state[p]["momentum_buffer"].any() for p in run.model.parameters())
     assert run.scheduler.get_last_lr()[0] == lr_before and run.scheduler.scheduler.last_epoch == 0  # not advanced
     assert run.accelerator.scaler.get_scale() == scale_before / 2  # the scaler saw the overflow
 

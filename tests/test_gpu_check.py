@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT
@@ -40,3 +41,73 @@ def test_the_dry_run_writes_every_row_of_the_plan(tmp_path):
     assert table.count("\n| ") == len(plan) + 1  # header + one line per row
     headline = next(r for r in records if r["row"].startswith("headline"))
     assert headline["epoch_s"] > 0 and headline["achieved_tflop_per_s"] > 0
+
+
+def test_a_row_past_its_time_leaves_no_process_behind_not_even_workers_in_their_own_sessions(tmp_path):
+    """torchrun starts each worker in a session of its own: killing the launcher's process group would miss them."""
+    import psutil
+
+    from alexdist.distributed.processes import run_bounded
+
+    pids = tmp_path / "pids"
+    script = (f"import subprocess, time\n"
+              f"kids = [subprocess.Popen(['sleep', '300'], start_new_session=True) for _ in range(2)]\n"
+              f"open({str(pids)!r}, 'w').write(' '.join(str(k.pid) for k in kids))\n"
+              f"time.sleep(300)\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_bounded([sys.executable, "-c", script], timeout=3)
+    workers = [int(p) for p in pids.read_text().split()]
+    assert len(workers) == 2
+    time.sleep(0.5)
+    alive = [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"workers left running: {alive}"
+
+
+def test_without_its_wheels_the_check_stops_at_once_with_one_line(tmp_path):
+    """A Python with nothing installed (like the GPU image without pydantic and deepspeed) and no .whl/."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    env = {**os.environ, "PY": str(tmp_path / "bare" / "bin" / "python"), "WHEELS": str(tmp_path / "none"),
+           "OUT": str(tmp_path / "out")}
+    t0 = time.time()
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert time.time() - t0 < 10
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("gpu_check: missing torch (needs >=2.6)") and "pydantic" in last
+    assert "bash benchmarks/gpu_wheels.sh" in last and '".whl"' in last
+
+
+def _wheel(folder, name: str, version: str, requires: list[str] = ()) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl", "w") as z:
+        meta = "".join(f"Requires-Dist: {r}\n" for r in requires)
+        z.writestr(f"{name.replace('-', '_')}-{version}.dist-info/METADATA",
+                   f"Name: {name}\nVersion: {version}\n{meta}")
+
+
+def test_wheels_are_used_only_where_the_image_lacks_a_package_or_has_it_below_its_floor(tmp_path):
+    import gpu_deps
+
+    for name, version, req in [("pydantic", "2.14.4", ["pydantic-core==2.50.5", "typing-extensions>=4.14.1"]),
+                               ("pydantic-core", "2.50.5", []), ("typing-extensions", "4.16.0", []),
+                               ("timm", "1.0.31", []), ("deepspeed", "0.19.8", ["hjson"]), ("hjson", "3.1.0", [])]:
+        _wheel(tmp_path, name, version, req)
+    image = {"torch": "2.11.0", "accelerate": "1.15.0", "typing-extensions": "4.17.0", "timm": "1.0.9",
+             "annotated-types": "0.7.0", "typing-inspection": "0.4.2", "pyyaml": "6.0", "safetensors": "0.8.0",
+             "tqdm": "4.67", "huggingface-hub": "1.33.0", "numpy": "2.5.2", "matplotlib": "3.10",
+             "msgpack": "1.1", "ninja": "1.13", "py-cpuinfo": "9.0"}
+    install, lines, missing, ds_ok = gpu_deps.plan(tmp_path, have=image.get, requires=lambda n: [])
+    used = sorted(p.name.split("-")[0] for p in install)
+    # pydantic and its exact pydantic-core: absent from the image; timm: the image's 1.0.9 is below the floor.
+    assert used == ["deepspeed", "hjson", "pydantic", "pydantic_core", "timm"]
+    assert "gpu_check: typing-extensions 4.17.0 from the image" in lines  # newer than the wheel: not shadowed
+    assert "gpu_check: timm 1.0.31 from timm-1.0.31-py3-none-any.whl, the image has 1.0.9" in lines
+    assert not missing and ds_ok
+    del image["torch"]
+    for f in tmp_path.glob("deepspeed-*"):
+        f.unlink()
+    _, lines, missing, ds_ok = gpu_deps.plan(tmp_path, have=image.get, requires=lambda n: [])
+    assert missing == ["torch (needs >=2.6)"] and not ds_ok  # torch stops the check; DeepSpeed only skips rows
+    assert "gpu_check: deepspeed missing (needs >=0.15): the DeepSpeed rows are skipped" in lines

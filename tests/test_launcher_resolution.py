@@ -4,7 +4,8 @@ of the environment `accelerate launch` sets and the recipe)."""
 import pytest
 
 from alexdist.config import Recipe
-from alexdist.distributed import _check_launcher_precision, amp_mode, resolve_strategy
+from alexdist.distributed.accelerator import _check_launcher_precision, amp_mode
+from alexdist.distributed.strategy import resolve_strategy
 from alexdist.errors import SetupError
 
 DS = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
@@ -23,7 +24,8 @@ def _recipe(**distributed):
 
 def test_auto_with_a_silent_launcher_is_ddp():
     r = _recipe()
-    assert resolve_strategy(r) == ("ddp", None)
+    s = resolve_strategy(r)
+    assert (s.name, s.zero_stage) == ("ddp", None)
     assert r.distributed.strategy == "ddp"  # the resolved value is what config.yaml and W&B record
 
 
@@ -31,13 +33,15 @@ def test_auto_follows_a_deepspeed_launcher_config_and_records_its_stage(monkeypa
     for k, v in {**DS, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}.items():
         monkeypatch.setenv(k, v)
     r = _recipe()
-    assert resolve_strategy(r) == ("deepspeed", 3)
+    s = resolve_strategy(r)
+    assert (s.name, s.zero_stage, s.describe()) == ("deepspeed", 3, "deepspeed ZeRO-3")
     assert r.distributed.strategy == "deepspeed" and r.distributed.zero_stage == 3
     assert r.distributed.offload_optimizer is True
 
 
 def test_recipe_deepspeed_without_a_launcher_config_uses_the_recipe_stage():
-    assert resolve_strategy(_recipe(strategy="deepspeed", zero_stage=1)) == ("deepspeed", 1)
+    s = resolve_strategy(_recipe(strategy="deepspeed", zero_stage=1))
+    assert (s.name, s.zero_stage) == ("deepspeed", 1)
 
 
 def test_an_explicit_recipe_value_that_disagrees_with_the_launcher_stops_with_both_values(monkeypatch):

@@ -48,7 +48,7 @@ def test_flops_grow_with_input_size_and_width():
 
 
 def test_model_listing_command_reports_params_and_flops(capsys):
-    from alexdist.models import main
+    from alexdist.commands.models import main
 
     assert main([]) == 0
     out = capsys.readouterr().out

@@ -1,20 +1,14 @@
-"""Numerics training relies on (alexdist/precision.py), unit level: the dtype each precision computes in,
+"""Numerics training relies on (training/precision.py, models.FP32BatchNorm2d and each strategy's dtype), unit
+level: the dtype each precision computes in,
 BatchNorm statistics kept in fp32 whatever DeepSpeed version cast them, the loss's input dtype, CUDA's math
 switches."""
 
 import pytest
 import torch
 
-from alexdist.models import build_model
-from alexdist.precision import (
-    FP32BatchNorm2d,
-    compute_dtype,
-    configure_cuda_math,
-    keep_batchnorm_fp32,
-    loss_input,
-    needs_fp32_batchnorm,
-    restore_fp32_buffers,
-)
+from alexdist.distributed.strategy import strategy_named
+from alexdist.models import FP32BatchNorm2d, build_model, keep_batchnorm_fp32, restore_fp32_buffers
+from alexdist.training.precision import configure_cuda_math, loss_input
 
 
 @pytest.mark.parametrize("precision, deepspeed, dtype", [
@@ -23,14 +17,15 @@ from alexdist.precision import (
     ("fp64", False, torch.float64),
 ])
 def test_inputs_are_cast_only_where_no_autocast_does_it(precision, deepspeed, dtype):
-    assert compute_dtype(precision, deepspeed) == dtype
+    assert strategy_named("deepspeed" if deepspeed else "ddp").compute_dtype(precision) == dtype
 
 
 def test_fp32_batchnorm_under_deepspeed_half_precision_always_and_under_autocast_on_request():
-    assert needs_fp32_batchnorm("bf16", deepspeed=True, requested=False)
-    assert not needs_fp32_batchnorm("bf16", deepspeed=False, requested=False)
-    assert needs_fp32_batchnorm("fp16", deepspeed=False, requested=True)
-    assert not needs_fp32_batchnorm("no", deepspeed=True, requested=True)
+    deepspeed, ddp = strategy_named("deepspeed"), strategy_named("ddp")
+    assert deepspeed.fp32_batchnorm("bf16", requested=False)
+    assert not ddp.fp32_batchnorm("bf16", requested=False)
+    assert ddp.fp32_batchnorm("fp16", requested=True)
+    assert not deepspeed.fp32_batchnorm("no", requested=True)
 
 
 def test_statistics_cast_to_16_bit_by_an_old_deepspeed_are_restored_and_the_model_runs():

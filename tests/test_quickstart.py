@@ -59,7 +59,7 @@ def test_ranks_evaluate_with_the_batchnorm_statistics_that_are_saved(quickstart)
     out, _proc = quickstart
     s = summary(out)
     assert s["rank_buffer_sums"][0] == s["rank_buffer_sums"][1]
-    p = subprocess.run([sys.executable, "-m", "alexdist.evaluate", str(out / "model.safetensors"), "--json"],
+    p = subprocess.run([sys.executable, "-m", "alexdist", "evaluate", str(out / "model.safetensors"), "--json"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1])["test_acc"] == s["final_test_acc"]

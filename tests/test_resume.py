@@ -1,5 +1,5 @@
-"""A run continues exactly where it stopped: DDP bit for bit (weights, BN statistics, RNG, data position, W&B
-run), ZeRO-2 within fp32 rounding, and checkpoint rotation keeps what resume needs.
+"""A run continues exactly where it stopped: DDP and ZeRO-2 bit for bit (weights, BN statistics, RNG, data
+position, W&B run), and checkpoint rotation keeps what resume needs.
 
 Every run goes through a real launcher with 2 CPU ranks (gloo), as a user would start it."""
 
@@ -30,33 +30,22 @@ def test_ddp_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path, cache_di
     assert comparable_events(pieces) == comparable_events(whole)  # same losses, accuracies and lr at every logged step
 
 
-def test_zero2_resume_matches_the_uninterrupted_run(tmp_path, cache_dir):
-    """ZeRO-2 resumes its fp32 master weights, optimizer partitions, RNG and data position exactly: the parameters
-    and every training loss are bit-identical. BatchNorm statistics are not part of ZeRO's partitions: each rank
-    keeps its own and they are averaged before each evaluation, so the resumed run (whose ranks start from the
-    saved average) agrees only up to the rounding of those averages. They never feed back into training
-    (training uses batch statistics), so that rounding does not grow: a few fp32 ulps."""
+def test_zero2_resume_is_bit_identical_to_the_uninterrupted_run_buffers_included(tmp_path, cache_dir):
+    """ZeRO-2 resumes its fp32 master weights, optimizer partitions, RNG and data position exactly. BatchNorm
+    statistics are no part of ZeRO's partitions: rank 0's are broadcast before every forward, as DDP does, so the
+    checkpoint holds what every rank uses and a resumed rank 1 continues from the same statistics it would have
+    had (issue 23: with each rank keeping its own, the resumed run's running_var differed by up to 0.038)."""
     zero2 = ["distributed.strategy=deepspeed", "distributed.zero_stage=2"]
     whole, pieces = tmp_path / "whole", tmp_path / "pieces"
     check(launch(QUICK + zero2 + ["train.max_steps=26", f"output_dir={whole}"], cache_dir, nproc=2))
     check(launch(QUICK + zero2 + ["train.max_steps=11", f"output_dir={pieces}"], cache_dir, nproc=2))
     check(launch(QUICK + zero2 + ["train.max_steps=26", f"output_dir={pieces}"], cache_dir, nproc=2))
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(pieces / "model.safetensors"))
-    stats = {k for k in a if k.endswith(("running_mean", "running_var"))}
-    assert stats and a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a.keys() - stats)  # parameters: bit for bit
-    ulps = 64 * torch.finfo(torch.float32).eps
-    for k in stats:
-        assert ((a[k] - b[k]).abs() <= ulps * a[k].abs().clamp_min(1e-3)).all(), k
-    ea, eb = comparable_events(whole), comparable_events(pieces)
-    assert [(e["event"], e["step"]) for e in ea] == [(e["event"], e["step"]) for e in eb]
-    n_test = 359  # digits' test split
-    for x, y in zip(ea, eb, strict=True):
-        if x["event"] != "test":
-            assert x == y  # every training loss, accuracy and lr exactly
-        else:  # one forward pass with statistics that differ in their last bits: nothing amplifies it
-            assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), (x, y)
-            assert abs(y["acc"] - x["acc"]) <= 1 / n_test + 1e-12, (x, y)  # a near-tie may flip one image
+    assert any(k.endswith("running_var") for k in a) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # BN buffers included
+    assert comparable_events(pieces) == comparable_events(whole)
+    sums = summary(pieces)["rank_buffer_sums"]
+    assert sums[0] == sums[1]  # every rank ends with rank 0's statistics
 
 
 def test_rotation_keeps_the_newest_and_the_best_and_resume_skips_incomplete_directories(tmp_path, cache_dir):

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, check, error_line, launch, launch_command, run_env, summary, wait_for_step
 from safetensors.torch import load_file
 
-from alexdist.rundir import LOCK_FILE, STALE_S, RunLock, takeover_reason, this_run
+from alexdist.checkpoint.run_dir import LOCK_FILE, STALE_S, RunLock, takeover_reason, this_run
 
 
 def _holder(**kw):
@@ -90,7 +90,7 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint_and_ends_as_the_uninterru
 
 
 def test_a_fresh_lock_is_refreshed_while_held(tmp_path, monkeypatch):
-    import alexdist.rundir as rundir
+    import alexdist.checkpoint.run_dir as rundir
 
     monkeypatch.setattr(rundir, "HEARTBEAT_S", 0.05)
     lock = RunLock(tmp_path)

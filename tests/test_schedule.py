@@ -6,8 +6,8 @@ import pytest
 
 from alexdist.config import Recipe, ScheduleConfig
 from alexdist.errors import ConfigError
-from alexdist.optim import lr_factor
-from alexdist.run import peak_lr, resolve_batch_size
+from alexdist.training.optim import lr_factor, peak_lr, warmup_steps
+from alexdist.training.setup import resolve_batch_size
 
 
 def test_warmup_rises_linearly_to_the_peak_in_optimizer_steps():
@@ -37,11 +37,24 @@ def test_onecycle_decays_linearly_after_warmup_and_constant_stays_flat():
     assert [lr_factor(s, 100, flat) for s in (0, 9, 10, 99)] == pytest.approx([0.1, 1.0, 1.0, 1.0])
 
 
-def test_peak_lr_scales_linearly_with_the_effective_batch_only_when_ref_batch_is_set():
-    r = Recipe.model_validate({"optim": {"lr": 0.1, "ref_batch": 128}})
-    assert peak_lr(r, 128) == pytest.approx(0.1)
-    assert peak_lr(r, 512) == pytest.approx(0.4)
-    assert peak_lr(Recipe.model_validate({"optim": {"lr": 0.1}}), 512) == pytest.approx(0.1)
+@pytest.mark.parametrize("scaling, at_512", [("linear", 0.4), ("sqrt", 0.2), ("none", 0.1)])
+def test_peak_lr_follows_the_effective_batch_by_the_scaling_rule_only_when_ref_batch_is_set(scaling, at_512):
+    o = Recipe.model_validate({"optim": {"lr": 0.1, "ref_batch": 128, "lr_scaling": scaling}}).optim
+    assert peak_lr(o, 128) == pytest.approx(0.1)
+    assert peak_lr(o, 512) == pytest.approx(at_512)
+    assert peak_lr(Recipe.model_validate({"optim": {"lr": 0.1}}).optim, 512) == pytest.approx(0.1)
+
+
+def test_warmup_in_epochs_gives_a_short_large_batch_run_real_warmup_steps():
+    # Batch 8192 on 60k images: 7 steps per epoch, 35 in 5 epochs. 1 % of them is no warmup at all.
+    assert warmup_steps(ScheduleConfig(warmup_frac=0.01), 35, 7) == 0
+    assert warmup_steps(ScheduleConfig(warmup_epochs=1), 35, 7) == 7
+    assert warmup_steps(ScheduleConfig(warmup_frac=0.5, warmup_epochs=1), 35, 7) == 17  # the longer one
+    assert warmup_steps(ScheduleConfig(warmup_epochs=10), 35, 7) == 35  # never past the run
+    cfg = ScheduleConfig(name="cosine", warmup_epochs=1)
+    factors = [lr_factor(s, 35, cfg, warmup=7) for s in range(9)]
+    assert factors[:7] == pytest.approx([(s + 1) / 7 for s in range(7)])
+    assert factors[7] == pytest.approx(1.0) and factors[8] < 1.0
 
 
 @pytest.mark.parametrize("world, accum, per", [(1, 1, 256), (2, 1, 128), (4, 2, 32), (8, 4, 8)])

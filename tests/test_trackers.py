@@ -6,7 +6,7 @@ from conftest import check, launch, read_jsonl
 
 from alexdist.config import load_recipe
 from alexdist.errors import SetupError
-from alexdist.tracking import trackers
+from alexdist.tracking.trackers import trackers
 
 
 @pytest.mark.slow

@@ -10,12 +10,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, check, error_line, launch, run_env
 from PIL import Image
 from safetensors import safe_open
 
 from alexdist.config import DataConfig
-from alexdist.data import load_dataset
+from alexdist.data.cache import load_dataset
 from alexdist.errors import DataError
 
 SMALL = ["model.width_mult=0.25", "train.max_steps=2", "train.batch_size=8", "tracking.wandb=false"]
@@ -63,11 +64,15 @@ def _pandas_parquet(root, labels=None, sizes=None):
     return root
 
 
-def _image_folder(root, classes=("cat", "dog", "fox"), test_classes=None, per_class=4):
+def _image_folder(root, classes=("cat", "dog", "fox"), test_classes=None, per_class=4, shape=(32, 32),
+                  empty_train=()):
     for split, names in (("train", classes), ("test", test_classes or classes)):
         for c, name in enumerate(names):
             (root / split / name).mkdir(parents=True, exist_ok=True)
-            for i, a in enumerate(_images(per_class, seed=c * 10 + len(split))):
+            if split == "train" and name in empty_train:
+                continue
+            rng = np.random.default_rng(c * 10 + len(split))
+            for i, a in enumerate(rng.integers(0, 256, (per_class, *shape, 3), dtype=np.uint8)):
                 mode = ("RGB", "L", "RGBA", "P")[i % 4]  # any mode PIL reads
                 (root / split / name / f"{i}.png").write_bytes(_png(a, mode))
     return root
@@ -82,7 +87,7 @@ def test_cifar100_in_the_hub_layout_trains_with_a_100_way_head(cifar100_dir, tmp
     with safe_open(str(run / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor("classifier.7.weight").shape[0] == 100
         assert len(json.loads(f.metadata()["classes"])) == 100
-    proc = subprocess.run([sys.executable, "-m", "alexdist.evaluate", str(run / "model.safetensors"), "--json"],
+    proc = subprocess.run([sys.executable, "-m", "alexdist", "evaluate", str(run / "model.safetensors"), "--json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=run_env(cache_dir))
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout.splitlines()[-1])["per_class_acc"]) == 100
@@ -95,11 +100,14 @@ def test_an_image_folder_trains_and_predict_names_its_classes(tmp_path, cache_di
     assert ds.classes == ["cat", "dog", "fox"] and len(ds.train_y) == 12 and ds.train_x.shape[1:] == (3, 32, 32)
     run = tmp_path / "run"
     check(launch(SMALL + [f"data.source={root}", "train.batch_size=4", f"output_dir={run}"], cache_dir))
-    proc = subprocess.run([sys.executable, "-m", "alexdist.cli", "predict", str(root / "test" / "fox" / "0.png"),
-                           "--weights", str(run / "model.safetensors"), "--json"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    from alexdist.artifacts.weights import classes_of, load_weights
+
+    assert classes_of(load_weights(run / "model.safetensors")[1]) == ["cat", "dog", "fox"]  # in the metadata
+    proc = subprocess.run([sys.executable, "-m", "alexdist", "predict", str(root / "test" / "fox" / "0.png"),
+                           "--weights", str(run / "model.safetensors"), "--top-k", "1", "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     top = json.loads(proc.stdout.splitlines()[-1])["top"]
-    assert {t["class"] for t in top} == {"cat", "dog", "fox"}  # 3 classes, so the top 3 are all of them
+    assert len(top) == 1 and top[0]["class"] in ("cat", "dog", "fox")  # a name, not a label index
 
 
 def test_parquet_written_by_pandas_without_hub_metadata_loads(tmp_path):
@@ -111,13 +119,12 @@ def test_parquet_written_by_pandas_without_hub_metadata_loads(tmp_path):
 @pytest.mark.parametrize("make, words", [
     (lambda d: _pandas_parquet(d, labels=lambda n: [1] * 5 + [-1] + [0] * (n - 6)),
      "train row 5 has label -1, outside the 4 classes 0..3"),
-    (lambda d: _pandas_parquet(d, sizes={3: 28}), "train row 3: the image is 28x28"),
     (lambda d: _image_folder(d, test_classes=("cat", "wolf")), "class folders the train split lacks (wolf)"),
     (lambda d: (_image_folder(d), [f.unlink() for f in (d / "test").rglob("*.png")])[0],
      "holds no images"),
     (lambda d: (_image_folder(d), (d / "train" / "dog" / "2.png").write_bytes(b"not a png"))[0],
      "2.png' is not a readable image"),
-], ids=["negative-label", "image-size", "unknown-test-class", "empty-test-split", "corrupt-image"])
+], ids=["negative-label", "unknown-test-class", "empty-test-split", "corrupt-image"])
 def test_a_malformed_dataset_is_reported_at_load_time_naming_the_row_or_file(make, words, tmp_path):
     root = make(tmp_path / "data")
     with pytest.raises(DataError, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -130,3 +137,50 @@ def test_a_malformed_dataset_stops_a_run_in_one_line_before_training(tmp_path, c
     proc = launch(SMALL + [f"data.source={root}", f"output_dir={tmp_path / 'run'}"], cache_dir)
     assert proc.returncode == 3 and "row 5 has label -1" in error_line(proc)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_images_of_another_size_are_resized_once_and_cached_per_size(tmp_path, capsys):
+    root = _image_folder(tmp_path / "wide", shape=(32, 40))  # 40x32 (width x height), any mode
+    cfg = DataConfig(source=str(root), cache_dir=str(tmp_path / "c"))
+    ds = load_dataset(cfg)
+    assert ds.train_x.shape == (12, 3, 32, 32) and ds.test_x.shape == (12, 3, 32, 32)
+    err = capsys.readouterr().err
+    assert err.count("alexdist: resized 24 of 24 images to 32x32 (antialiased bilinear") == 1
+    load_dataset(cfg)  # from the cache: nothing resized again, nothing said
+    assert "resized" not in capsys.readouterr().err
+    big = load_dataset(DataConfig(source=str(root), cache_dir=str(tmp_path / "c"), image_size=48))
+    assert big.train_x.shape == (12, 3, 48, 48) and len(list((tmp_path / "c").glob("*.safetensors"))) == 2
+    from alexdist.data.dataset import resize
+
+    x = torch.full((1, 3, 64, 64), 200, dtype=torch.uint8)
+    assert torch.equal(resize(x, 16), torch.full((1, 3, 16, 16), 200, dtype=torch.uint8))  # antialiased: no ringing
+
+
+def test_a_dataset_too_large_for_memory_at_its_image_size_is_refused_before_decoding(tmp_path):
+    cfg = DataConfig(source="synthetic", synthetic_train=100_000, image_size=512, cache_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"100000 images take about \d+\.\d GiB in memory .* lower data.image_size"):
+        load_dataset(cfg.model_copy(update={"synthetic_test": 0}))
+    assert not list(tmp_path.iterdir())  # nothing decoded, nothing cached
+
+
+def test_labels_that_never_occur_in_train_are_named_in_one_warning(tmp_path):
+    from alexdist.data.dataset import label_gap_warning
+
+    stray = _pandas_parquet(tmp_path / "pd", labels=lambda n: [i % 10 for i in range(n - 1)] + [12])
+    ds = load_dataset(DataConfig(source=str(stray), cache_dir=str(tmp_path / "c")))
+    assert label_gap_warning(ds) == "labels 10, 11 never occur in train; the head has 13 outputs"
+    folder = _image_folder(tmp_path / "pets", empty_train=("fox",))
+    ds = load_dataset(DataConfig(source=str(folder), cache_dir=str(tmp_path / "c")))
+    assert label_gap_warning(ds) == ("classes fox (label 2) have no train images: the model can only get them "
+                                     "wrong; the head has 3 outputs")
+    clean = load_dataset(DataConfig(source=str(_image_folder(tmp_path / "ok")), cache_dir=str(tmp_path / "c")))
+    assert label_gap_warning(clean) is None
+
+
+@pytest.mark.slow
+def test_a_run_on_a_40x32_image_folder_trains_and_says_resized_and_label_gaps_once(tmp_path, cache_dir):
+    root = _image_folder(tmp_path / "wide", shape=(32, 40), empty_train=("fox",))
+    proc = check(launch(SMALL + [f"data.source={root}", "train.batch_size=4", f"output_dir={tmp_path / 'run'}"],
+                        cache_dir, nproc=2))
+    assert proc.stderr.count("alexdist: resized 20 of 20 images to 32x32") == 1
+    assert proc.stderr.count("alexdist: warning: classes fox (label 2) have no train images") == 1

@@ -6,6 +6,7 @@ fp32, within a bound derived on this machine: a few times the distance between t
 float64 (conftest.fp32_bound)."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ from conftest import (
     launch,
     read_jsonl,
     rel,
+    run_env,
     summary,
 )
 from safetensors.torch import load_file
@@ -78,7 +80,7 @@ def test_export_and_evaluate_agree_with_the_logged_accuracy_for_ddp_and_zero3(ze
         run = zero_runs[name]
         ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
         out = tmp_path / f"{name}.safetensors"
-        proc = subprocess.run([sys.executable, "-m", "alexdist.export", str(ckpt), str(out)], cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-m", "alexdist", "export", str(ckpt), str(out)], cwd=ROOT,
                               capture_output=True, text=True, timeout=300, check=False)
         assert proc.returncode == 0, proc.stderr
         with open(out, "rb") as fh:  # safetensors: a JSON header, then raw tensors -- nothing to unpickle
@@ -89,7 +91,7 @@ def test_export_and_evaluate_agree_with_the_logged_accuracy_for_ddp_and_zero3(ze
         assert torch.equal(torch.cat([exported[k].flatten() for k in sorted(exported)]).double(), flat(run))
 
         def evaluate(target):
-            p = subprocess.run([sys.executable, "-m", "alexdist.evaluate", str(target), "--json"], cwd=ROOT,
+            p = subprocess.run([sys.executable, "-m", "alexdist", "evaluate", str(target), "--json"], cwd=ROOT,
                                capture_output=True, text=True, timeout=300, check=False)
             assert p.returncode == 0, p.stderr
             return json.loads(p.stdout.strip().splitlines()[-1])
@@ -131,15 +133,21 @@ def test_a_zero2_adamw_run_moves_from_2_to_1_to_2_processes_through_a_universal_
     one by rounding of its 1-process steps at most, a few times that distance (measured 5e-8 vs 5.7e-4)."""
     adamw = EQUIV + ["optim.name=adamw", "optim.lr=0.002", "train.global_batch=16", "train.grad_accum=2",
                      "distributed.strategy=deepspeed", "distributed.zero_stage=2"]
-    ref, one, moved = tmp_path / "ref", tmp_path / "one", tmp_path / "moved"
+    ref, one, moved, lost = tmp_path / "ref", tmp_path / "one", tmp_path / "moved", tmp_path / "lost"
     check(launch(adamw + [f"output_dir={ref}"], cache_dir, nproc=2))
     check(launch(adamw + [f"output_dir={one}"], cache_dir, nproc=1, launcher="torchrun"))
-    for nproc, steps, launcher in [(2, 3, "accelerate"), (1, 5, "torchrun"), (2, 6, "accelerate")]:
-        check(launch(adamw + [f"train.max_steps={steps}", f"output_dir={moved}"], cache_dir, nproc=nproc,
-                     launcher=launcher))
+    check(launch(adamw + ["train.max_steps=3", f"output_dir={moved}"], cache_dir, nproc=2))
+    shutil.copytree(moved, lost)
+    # The control: the same move, but the resume at step 3 loses Adam's moments (a move that dropped them).
+    for run, env in [(moved, {}), (lost, {"ALEXDIST_FAULT": "lose_optimizer:3:*"})]:
+        for nproc, steps, launcher in [(1, 5, "torchrun"), (2, 6, "accelerate")]:
+            check(launch(adamw + [f"train.max_steps={steps}", f"output_dir={run}"], cache_dir, nproc=nproc,
+                         launcher=launcher, env=run_env(cache_dir, **env)))
     assert summary(moved)["resumed_at_step"] == 5 and summary(moved)["world_size"] == 2
     assert not list((moved / "checkpoints").glob(".universal-*"))  # the scratch copies are gone
     floor = rel(flat(ref), flat(one))
     assert floor < 1e-2, f"1 and 2 processes disagree by {floor:.1e}: nothing to compare"
-    print(f"\nzero2 adamw 2 -> 1 -> 2: {rel(flat(ref), flat(moved)):.1e} (1 process: {floor:.1e})")
+    print(f"\nzero2 adamw 2 -> 1 -> 2: {rel(flat(ref), flat(moved)):.1e} (1 process: {floor:.1e}; moments lost: "
+          f"{rel(flat(ref), flat(lost)):.1e})")
     assert_same_training(flat(ref), flat(moved), "zero2 2 -> 1 -> 2", bound=3 * floor)
+    assert rel(flat(ref), flat(lost)) > 3 * floor  # the bound catches a move that lost the optimizer state

@@ -1,0 +1,116 @@
+"""A folder in the Hugging Face Hub's model layout, which `hf upload USER/REPO DIR .` publishes as it is:
+
+    model.safetensors   the weights (alexdist.weights' format: metadata names the model, input size, classes)
+    config.json         what rebuilding and feeding the model needs (architecture, width, input size, classes,
+                        normalisation) plus its test results
+    README.md           the model card: Hub metadata (YAML front matter), the recipe, the data, test accuracy
+                        and a per-class table measured at export, the command that trained it, how to load it
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from huggingface_hub import ModelCardData
+
+from alexdist import __version__
+from alexdist.artifacts.weights import save_weights
+from alexdist.data.batches import CIFAR_MEAN, CIFAR_STD
+from alexdist.fileio import atomic_write_text
+
+
+def _run_dir(source: Path) -> Path:
+    """The run directory a checkpoint or weights file comes from (its summary and config live there)."""
+    return source.parent.parent if source.is_dir() else source.parent
+
+
+def _training_facts(source: Path) -> tuple[dict, str | None]:
+    """(recipe as a dict, the training command) from the run's files, when they are there."""
+    run = _run_dir(source)
+    recipe_file = source / "config.yaml" if source.is_dir() else run / "config.yaml"
+    recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else {}
+    command = None
+    summary = run / "summary.json"
+    if summary.is_file():
+        command = json.loads(summary.read_text()).get("command")
+    return recipe or {}, command
+
+
+def write_hub_dir(source: str | Path, weights: dict[str, torch.Tensor], meta: dict[str, str], evaluation: dict,
+                  out_dir: str | Path) -> Path:
+    """Write the folder; `evaluation` is `alexdist.evaluate.evaluate_weights`' result for these weights."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(out / "model.safetensors", weights, meta)
+    n_params = sum(v.numel() for k, v in weights.items() if not k.endswith(("running_mean", "running_var",
+                                                                           "num_batches_tracked")))
+    recipe, command = _training_facts(Path(source))
+    config = {
+        "library_name": "alexdist", "alexdist_version": __version__, "architecture": meta["model"],
+        "input_size": int(meta["input_size"]), "width_mult": float(meta["width_mult"]), "num_classes": 10,
+        "classes": evaluation["classes"], "normalization": {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD),
+                                                            "scale": "pixels / 255, then (x - mean) / std"},
+        "parameters": n_params, "step": int(meta["step"]), "data": json.loads(meta.get("data", "{}")),
+        "test_accuracy": evaluation["test_acc"], "test_loss": evaluation["test_loss"],
+        "test_images": evaluation["images"],
+    }
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / "README.md", model_card(config, evaluation, recipe, command))
+    return out
+
+
+def model_card(config: dict, evaluation: dict, recipe: dict, command: str | None) -> str:
+    source = config["data"].get("source", "")
+    hub_data = "/" in source and not Path(source).exists()  # a Hub dataset id, e.g. uoft-cs/cifar10
+    front = ModelCardData(library_name="alexdist", pipeline_tag="image-classification", metrics=["accuracy"],
+                          tags=["image-classification", config["architecture"], "alexdist"],
+                          datasets=[source] if hub_data else None)
+    rows = "\n".join(f"| {c} | {a:.4f} | {sum(evaluation['confusion'][i])} |"
+                     for i, (c, a) in enumerate(zip(evaluation["classes"], evaluation["per_class_acc"], strict=True)))
+    recipe_yaml = yaml.safe_dump(recipe, sort_keys=False).strip() if recipe else "(not found beside the weights)"
+    return f"""---
+{front.to_yaml()}
+---
+
+# {config['architecture']} ({config['parameters']:,} parameters), trained with alexdist
+
+{config['architecture']} at {config['input_size']} px, width ×{config['width_mult']}, trained on `{source}` for
+{config['step']} optimizer steps. Test accuracy **{config['test_accuracy']:.4f}** (loss {config['test_loss']:.4f})
+on {config['test_images']} test images, measured by `alexdist evaluate` when this folder was written.
+
+## Per-class accuracy
+
+| class | accuracy | images |
+|---|---|---|
+{rows}
+
+## How it was trained
+
+```bash
+{command or '(the training command was not recorded beside these weights)'}
+```
+
+The recipe (alexdist's resolved config):
+
+```yaml
+{recipe_yaml}
+```
+
+## Use
+
+```python
+from safetensors.torch import load_file
+from alexdist.models import build_model
+
+model = build_model("{config['architecture']}", {config['input_size']}, width_mult={config['width_mult']})
+model.load_state_dict(load_file("model.safetensors"))
+model.eval()
+# inputs: float N x 3 x {config['input_size']} x {config['input_size']}, pixels / 255 normalised with mean
+# {config['normalization']['mean']} and std {config['normalization']['std']}
+```
+
+or `alexdist predict IMAGE --weights model.safetensors`. Class order: {', '.join(config['classes'])}.
+"""

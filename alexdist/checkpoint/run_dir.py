@@ -1,0 +1,147 @@
+"""The run directory: checked writable and roomy before any work, and held by one run at a time.
+
+One run per run directory: `output_dir/.lock` names the run that holds it (host, pid, Slurm job id).
+
+A second run started on the same output_dir (a job submitted twice) is refused with one line naming the holder.
+The holder's rank 0 keeps the lock's modification time fresh from a background thread, so a holder that died
+without releasing it is recognised: the directory is taken over, without manual cleanup, by
+- the same Slurm job (a requeue),
+- any run on the holder's host once the holder's process is gone (a crash),
+- any run anywhere once the lock has not been refreshed for STALE_S seconds (a lost node).
+Creation is atomic (O_EXCL), which holds on local disks and NFSv3+; a takeover rewrites the file atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+from alexdist.config import Recipe
+from alexdist.errors import CheckpointError
+from alexdist.fileio import atomic_write_text
+
+LOCK_FILE = ".lock"
+HEARTBEAT_S = 20  # how often the holder refreshes the lock
+STALE_S = 120  # a lock not refreshed for this long belongs to a run that is gone
+
+
+def this_run() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "since": round(time.time(), 3)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def takeover_reason(holder: dict | None, age_s: float, me: dict) -> str | None:
+    """Why `me` may take the directory over from `holder` (None: it may not). `age_s`: time since the lock was
+    last refreshed."""
+    if holder is None:
+        return "the lock file was unreadable (cut short by a crash)"
+    if holder.get("slurm_job") and holder.get("slurm_job") == me.get("slurm_job"):
+        return "the same Slurm job, requeued"
+    pid = holder.get("pid")
+    if holder.get("host") == me["host"] and (not isinstance(pid, int) or pid <= 0 or not _alive(pid)):
+        return "its process is gone"
+    if age_s > STALE_S:
+        return f"it has not been refreshed for {age_s:.0f} s"
+    return None
+
+
+def describe(holder: dict, age_s: float) -> str:
+    job = f", Slurm job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+    return f"host {holder.get('host')}, pid {holder.get('pid')}{job}, last seen {age_s:.0f} s ago"
+
+
+class RunLock:
+    """Held by rank 0 of a run for its whole life."""
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / LOCK_FILE
+        self.me = this_run()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; None on success, else the one-line reason the directory is busy."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder, age = self._read()
+            if takeover_reason(holder, age, self.me) is None:
+                return (f"output_dir '{self.path.parent}' is in use by another run ({describe(holder, age)}); "
+                        f"wait for it to end or choose another output_dir (a holder gone without a trace is taken "
+                        f"over after {STALE_S} s)")
+            atomic_write_text(self.path, json.dumps(self.me))
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(self.me))
+        self._thread = threading.Thread(target=self._refresh, name="alexdist-runlock", daemon=True)
+        self._thread.start()
+        return None
+
+    def _read(self) -> tuple[dict | None, float]:
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            return json.loads(self.path.read_text()), age
+        except (OSError, ValueError):
+            return None, 0.0
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(OSError):  # removed or unreachable for a moment: the next beat tries again
+                os.utime(self.path)
+
+    def release(self) -> None:
+        """Give the directory back, if this run still holds it."""
+        self._stop.set()
+        holder, _ = self._read()
+        if holder and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
+            self.path.unlink(missing_ok=True)
+
+
+def check_writable(output_dir: str | Path) -> None:
+    """Fail before any work if output_dir can't be created or written (every rank checks for itself)."""
+    d = Path(output_dir)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        # Unique per host and process: ranks on several nodes probe the same shared directory at once.
+        probe = d / f".write-test-{socket.gethostname()}-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(
+            f"output_dir '{d}' is not writable ({exc.strerror or exc}); choose another output_dir or fix its "
+            f"permissions"
+        ) from None
+
+
+def checkpoint_bytes(n_params: int, recipe: Recipe, master_copies: int = 0) -> int:
+    """About what one checkpoint takes: fp32 weights, the optimizer's buffers, and any extra fp32 copies the
+    strategy keeps (Strategy.master_copies: DeepSpeed's masters)."""
+    slots = 2 if recipe.optim.name == "adamw" else (1 if recipe.optim.momentum > 0 else 0)
+    return 4 * n_params * (1 + slots + master_copies)
+
+
+def check_space(output_dir: str | Path, needed: int) -> None:
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        mib = 2**20
+        raise CheckpointError(
+            f"output_dir '{output_dir}' has {free / mib:.0f} MiB free but this run needs about {needed / mib:.0f} "
+            f"MiB (a new checkpoint beside the last one, plus the final weights); free space or choose another "
+            f"output_dir"
+        )

@@ -1,0 +1,78 @@
+"""What a checkpoint records besides tensors (trainer_state.json), and finding the complete checkpoints.
+
+A checkpoint directory is complete once it is named `step-NNNNNNN` (checkpointer.py writes under `.tmp-*` and
+renames) and holds its trainer state.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from alexdist.config import Recipe, flatten
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a run needs to continue exactly where it stopped."""
+
+    global_step: int = 0  # optimizer steps done
+    epoch: int = 0  # 0-based epoch in progress (the next one when step_in_epoch == 0)
+    step_in_epoch: int = 0  # optimizer steps done in `epoch`
+    effective_batch: int = 0
+    world_size: int = 1
+    strategy: str = "ddp"
+    zero_stage: int | None = None
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n (global)
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    test_acc: float | None = None  # test accuracy measured at exactly this step, if any
+    test_loss: float | None = None
+    wandb_run_id: str | None = None
+    train_time_s: float = 0.0
+    time_to_target_s: float | None = None  # training time until test accuracy first reached tracking.target_acc
+    epoch_to_target: int | None = None
+    target_reached: bool = False  # train.stop_at_acc was reached: the run is over
+    classes: list[str] = field(default_factory=list)  # the data's class names (the model's head size)
+    images_per_s: list[float] = field(default_factory=list)
+
+
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Only renamed (`step-*`) directories with a trainer state count."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=step_of)
+
+
+def read_state(path: Path) -> TrainState:
+    data = json.loads((Path(path) / STATE_FILE).read_text())
+    known = TrainState.__dataclass_fields__
+    return TrainState(**{k: v for k, v in data.items() if k in known})
+
+
+# Recipe keys a resumed run must share with its checkpoint: others (epochs, lr, ...) may change on purpose.
+RUN_DEFINING = ("model.name", "model.width_mult", "model.input_size", "data.source", "data.revision",
+                "data.synthetic_train", "data.synthetic_test")
+
+
+def config_changes(checkpoint: Path, recipe: Recipe) -> list[str]:
+    """`key: saved -> now` for each run-defining key that differs from the checkpoint's config.yaml."""
+    saved_file = Path(checkpoint) / "config.yaml"
+    if not saved_file.is_file():
+        return []
+    saved = flatten(yaml.safe_load(saved_file.read_text()) or {})
+    now = flatten(recipe.to_dict())
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in RUN_DEFINING if saved.get(k) != now.get(k)]

@@ -1,0 +1,151 @@
+"""ZeRO-1/2 checkpoints on another world size, through DeepSpeed's universal checkpoint.
+
+A ZeRO checkpoint holds each rank's partition of the fp32 weights and optimizer state, cut for the world size
+that wrote it. On a resume with another number of processes, rank 0 converts the checkpoint with DeepSpeed's
+own converter (`python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state`: one folder per
+parameter holding its fp32 value and optimizer states) into a scratch copy beside it, and every rank loads that
+with the engine's universal loader, which cuts the partitions for the new world size. The checkpoint itself is
+not touched; the scratch copy is removed once loaded. ZeRO-1/2; ZeRO-3 is refused with the way out.
+
+Where DeepSpeed falls short: its converter extracts Adam's `exp_avg`/`exp_avg_sq` by name and fails on SGD,
+whose only state is `momentum_buffer`. Its loader, though, loads whatever state files a parameter's folder
+holds into the optimizer state of the same name. So for SGD the scratch copy's optimizer files carry the
+momentum under Adam's name (and zeros as `exp_avg_sq`), and after conversion each parameter's `exp_avg.pt`
+is renamed back to `momentum_buffer.pt` (and `exp_avg_sq.pt` dropped): the same flat values, sliced and
+merged by DeepSpeed's own code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from alexdist.distributed.deepspeed import DS_TAG
+from alexdist.errors import CheckpointError, SetupError, brief
+
+
+def refusal(path: Path, saved_world: int, world: int, stage: int) -> SetupError | None:
+    """Why this ZeRO checkpoint cannot move to `world` processes, or None when it can."""
+    if stage == 3:
+        return SetupError(
+            f"checkpoint {path} holds ZeRO-3 partitions for {saved_world} processes, this run has {world}; "
+            f"resume with {saved_world} processes, or convert it to plain weights with `python -m "
+            f"alexdist.export {path} OUT.safetensors` (the optimizer state does not carry over)"
+        )
+    return None
+
+
+def scratch_dir(path: Path) -> Path:
+    """Where the universal copy of checkpoint `path` is built (a dot name: never taken for a checkpoint)."""
+    return path.with_name(f".universal-{path.name}")
+
+
+def convert(path: Path) -> Path:
+    """Rank 0: the universal copy of `path` (its DeepSpeed tag converted, every other file linked)."""
+    out = scratch_dir(path)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    for f in path.iterdir():
+        if f.is_file():
+            os.link(f, out / f.name)  # Accelerate's files (scheduler, RNG, EMA, trainer state) as they are
+    source = path / DS_TAG
+    sgd = _momentum_as_adam(source, out / ".ds-input")
+    if sgd:
+        source = out / ".ds-input"
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+           "--output_folder", str(out / DS_TAG), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CheckpointError(f"DeepSpeed could not convert {path} to a universal checkpoint ({last[:200]}); "
+                              f"resume with the checkpoint's number of processes, or export its weights")
+    if sgd:
+        shutil.rmtree(out / ".ds-input")
+        for param in (out / DS_TAG / "zero").iterdir():
+            if (param / "exp_avg.pt").is_file():
+                os.replace(param / "exp_avg.pt", param / "momentum_buffer.pt")
+                (param / "exp_avg_sq.pt").unlink()
+    return out
+
+
+def _momentum_as_adam(source: Path, dest: Path) -> bool:
+    """If `source`'s optimizer is SGD with momentum: a copy of it in `dest` whose per-rank optimizer files name
+    the momentum `exp_avg` (and zeros `exp_avg_sq`), the names DeepSpeed's converter reads. False otherwise."""
+    import torch
+
+    files = sorted(source.glob("*_optim_states.pt"))
+    # Checked by safety.check_pickles before any of this; DeepSpeed's own format needs the full unpickler.
+    states = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    groups = [s["optimizer_state_dict"]["base_optimizer_state"]["state"] for s in states]
+    if not all("momentum_buffer" in g for gs in groups for g in gs.values()):
+        return False
+    dest.mkdir()
+    for f in source.iterdir():
+        if f not in files and f.is_file():
+            os.link(f, dest / f.name)
+    for f, state, gs in zip(files, states, groups, strict=True):
+        for g in gs.values():
+            g["exp_avg"] = g.pop("momentum_buffer")
+            g["exp_avg_sq"] = torch.zeros_like(g["exp_avg"])
+        torch.save(state, dest / f.name)
+    return True
+
+
+def load(accelerator, engine, universal: Path) -> None:
+    """Every rank: load the universal copy into the engine, cut for this world size."""
+    engine._config.load_universal_checkpoint = True  # DeepSpeed reads it from its config at load time
+    try:
+        accelerator.load_state(str(universal))
+    except Exception as exc:
+        raise CheckpointError(f"could not load the universal copy {universal} ({brief(exc)}); resume with the "
+                              f"checkpoint's number of processes, or export its weights") from None
+    finally:
+        engine._config.load_universal_checkpoint = False  # later saves are ordinary ZeRO checkpoints
+
+
+def load_on_this_world_size(accelerator, engine, path: Path) -> None:
+    """Every rank: rank 0 converts checkpoint `path`, every rank loads the copy, rank 0 removes it."""
+    from alexdist.distributed.collectives import from_main
+
+    error = None
+    if accelerator.is_main_process:
+        try:
+            convert(path)
+        except CheckpointError as exc:
+            error = exc
+    if error := from_main(accelerator, error):
+        raise error
+    copy = scratch_dir(path)
+    try:
+        load(accelerator, engine, copy)
+        align_optimizer_state(engine.optimizer.optimizer)  # the ZeRO optimizer's torch optimizer
+    finally:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(copy, ignore_errors=True)
+
+
+def align_optimizer_state(optimizer) -> None:
+    """Put optimizer state where torch's own `Optimizer.load_state_dict` would: `step` as float32 on the
+    parameter's device for fused or capturable kernels (the fused CUDA Adam reads it through a device pointer,
+    unchecked), else where it is; other floating state in the parameter's dtype and device. DeepSpeed's
+    universal loader sets the state directly (`step.pt` loaded without map_location: a CPU tensor)."""
+    import torch
+
+    for group in optimizer.param_groups:
+        step_on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if not torch.is_tensor(value):
+                    continue
+                if key == "step":
+                    if step_on_device:
+                        state[key] = value.to(dtype=torch.float32, device=p.device)
+                elif value.is_floating_point():
+                    state[key] = value.to(dtype=p.dtype, device=p.device)

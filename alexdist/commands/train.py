@@ -1,0 +1,59 @@
+"""Train a model of the AlexNet family from a recipe.
+
+    accelerate launch -m alexdist.train bn [key=value ...]             # a shipped recipe, by name
+    accelerate launch -m alexdist.train recipes/bn.yaml [key=value ...]  # or any recipe file
+    accelerate launch --multi_gpu --num_processes 2 -m alexdist.train quickstart   # 2 CPU ranks
+    accelerate launch --config_file recipes/accelerate/zero2.yaml -m alexdist.train bn
+    alexdist train quickstart train.epochs=1                            # one process, no launcher
+
+The command: arguments, and what a failure says. The loop itself is alexdist/training/loop.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from alexdist.config import load_recipe
+from alexdist.distributed.collectives import lost_peer
+from alexdist.distributed.launcher import launch_rank
+from alexdist.errors import run_command
+from alexdist.training.loop import Ending, train
+from alexdist.training.stop_requests import STOPPED_EXIT_CODE
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m alexdist.train") -> int:
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description="Train from a recipe. Overrides are dotted key=value pairs, e.g. train.epochs=5 "
+        "model.name=alexnet.",
+    )
+    ap.add_argument("recipe", help="a shipped recipe's name (`alexdist recipes` lists them) or a recipe YAML file")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides")
+    args, unknown = ap.parse_known_args(argv)
+    if unknown:  # habits from jsonargparse / Lightning: --train.epochs=5
+        bad = unknown[0]
+        fix = bad.lstrip("-") if "=" in bad else f"{bad.lstrip('-')}=VALUE"
+        print(f"alexdist: error: unknown option {bad}: overrides are key=value without dashes; write {fix}",
+              file=sys.stderr)
+        return 2
+
+    def body() -> int:
+        summary = train(load_recipe(args.recipe, args.overrides))
+        return STOPPED_EXIT_CODE if summary["status"] == Ending.STOP_REQUESTED.value else 0
+
+    try:
+        return run_command(body)
+    except RuntimeError as exc:
+        if not lost_peer(exc):
+            raise
+        # Another process died (or hung past distributed.timeout_s) and this one's collective failed.
+        detail = re.sub(r"^\[[^]]*\] ", "", str(exc).strip().splitlines()[0]).split(". ")[0][:120]
+        print(
+            f"alexdist: error: rank {launch_rank()} lost contact with the other processes ({detail}); the run "
+            f"continues from its last complete checkpoint when relaunched (checkpoint.resume=auto)",
+            file=sys.stderr,
+        )
+        return 1
+

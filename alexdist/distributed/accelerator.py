@@ -1,0 +1,83 @@
+"""Building the Accelerator: processes, backend, precision, accumulation and trackers from the recipe.
+
+CPU-only machines are first class. Two traps, both checked on accelerate 1.15 / torch 2.14:
+- under `torchrun` or `accelerate launch --multi_gpu` with no CUDA, a plain `Accelerator()` runs every rank
+  alone (num_processes=1, no gradient sync); the gloo backend alone forms one process group but still leaves
+  the model without DDP (distributed_type NO); `cpu=True` with gloo gives MULTI_CPU and real DDP;
+- Accelerate runs fp16 on a CPU as plain fp32 without a word, so we refuse it.
+What differs per strategy (DeepSpeed's plugin, `cpu=`, autocast) comes from Strategy.accelerator_kwargs.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+
+from alexdist.config import Recipe
+from alexdist.distributed.launcher import launched_world_size
+from alexdist.distributed.strategy import Strategy
+from alexdist.errors import SetupError
+
+
+def amp_mode(precision: str) -> str:
+    """Accelerate's mixed_precision for a recipe precision (fp64 is a dtype, not a mixed precision)."""
+    return "no" if precision == "fp64" else precision
+
+
+def _check_launcher_precision(recipe: Recipe) -> None:
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched not in ("no", amp_mode(recipe.precision)):
+        raise SetupError(
+            f"the launcher says --mixed_precision {launched} but the recipe says precision={recipe.precision}; "
+            f"set precision={launched} or launch with --mixed_precision {recipe.precision}"
+        )
+
+
+def make_accelerator(recipe: Recipe, strategy: Strategy, log_with: list[str] | None = None) -> Accelerator:
+    """The Accelerator for a resolved strategy (distributed.strategy.resolve_strategy)."""
+    if recipe.precision == "fp16" and not torch.cuda.is_available():
+        raise SetupError(
+            "precision=fp16 needs a GPU (on a CPU Accelerate silently trains in fp32); use precision=bf16 or "
+            "precision=no"
+        )
+    _check_launcher_precision(recipe)
+    # Setup (rank 0 decoding the dataset while the others wait, a first compilation) may take long; the
+    # shorter distributed.timeout_s applies from the first optimizer step on (collectives.set_step_timeout).
+    timeout = timedelta(seconds=max(recipe.distributed.setup_timeout_s, recipe.distributed.timeout_s))
+    if not torch.cuda.is_available() and launched_world_size() > 1:
+        handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
+    else:
+        handlers = [InitProcessGroupKwargs(timeout=timeout)]
+    accelerator = Accelerator(
+        **strategy.accelerator_kwargs(recipe),
+        # We size schedules in optimizer steps and step the scheduler once per optimizer step ourselves;
+        # Accelerate's default would step it once per process.
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+        log_with=log_with or None,
+        dynamo_plugin=dynamo_plugin(recipe),  # speed.compile
+        # TensorBoard (tracking.log_with) writes under logging_dir.
+        project_config=ProjectConfiguration(project_dir=recipe.output_dir,
+                                            logging_dir=os.path.join(recipe.output_dir, "tensorboard")),
+    )
+    strategy.verify(accelerator)
+    if accelerator.num_processes != launched_world_size() or (
+        accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO
+    ):
+        raise SetupError(
+            f"the launcher started {launched_world_size()} processes but they formed a group of "
+            f"{accelerator.num_processes}; check the launch command (on a CPU use `accelerate launch --multi_gpu "
+            f"--num_processes N` or `torchrun --nproc_per_node N`)"
+        )
+    return accelerator
+
+
+def dynamo_plugin(recipe: Recipe):
+    """Accelerate's TorchDynamoPlugin for speed.compile (None: no compilation, whatever the launcher's env says)."""
+    from accelerate.utils import TorchDynamoPlugin
+
+    return TorchDynamoPlugin(backend="inductor" if recipe.speed.compile else "no")

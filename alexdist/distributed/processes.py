@@ -1,0 +1,85 @@
+"""Process trees: run a launcher with a time limit and leave nothing behind when it is cut short; and a worker
+that does not outlive its launcher (die_with_launcher).
+
+`torchrun` (and `accelerate launch`, which runs it) starts each worker in a session of its own, so killing the
+launcher's process group misses the workers: they live on, holding GPUs. Here the whole tree is found through
+/proc before anything is killed, stopped so it cannot fork further, and killed. Linux only (/proc).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def children_of(pid: int) -> list[int]:
+    """Every live descendant of `pid` (through /proc's parent links), nearest first."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(0), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL `pid` and all its descendants; returns the pids signalled. The tree is frozen (SIGSTOP) first, and
+    looked at again, so that a process forked meanwhile is caught too."""
+    tree = [pid, *children_of(pid)]
+    for _ in range(2):
+        for p in tree:
+            _signal(p, signal.SIGSTOP)
+        tree = list(dict.fromkeys(tree + [c for p in tree for c in children_of(p)]))
+    for p in tree:
+        _signal(p, signal.SIGKILL)
+    return tree
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # gone already, or not ours
+        os.kill(pid, sig)
+
+
+def run_bounded(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True) that, past `timeout` seconds, kills the command's
+    whole process tree (kill_tree) before raising subprocess.TimeoutExpired."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_launcher() -> None:
+    """Under a launcher (torchrun, accelerate launch, srun's torchrun), have the kernel send this worker SIGTERM
+    when the launcher dies (PR_SET_PDEATHSIG), so that no worker outlives it: SIGKILLed launchers (an OOM kill,
+    a closed session, a crashed agent) otherwise leave their workers running on alone, holding the GPUs and the
+    run directory. During setup SIGTERM ends the worker at once; from the stop-request handler on (training)
+    it is a stop request: checkpoint at the next step, exit 75, and the relaunch resumes. Linux only; called
+    first thing, before the heavy imports."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # not permitted here: the stop request at the next step is the only way out
+    if os.getppid() == 1:  # the launcher died before the request took effect: this worker is already an orphan
+        os.kill(os.getpid(), signal.SIGTERM)

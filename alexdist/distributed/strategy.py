@@ -1,0 +1,213 @@
+"""What differs between DDP, DeepSpeed ZeRO and FSDP2: one object per strategy, behind this interface.
+
+The loop, the Checkpointer and export hold a `Strategy` and call it; none of them asks which one it holds. To
+see what one strategy does differently, read its file: `ddp.py` (the reference: every method's default here
+is DDP's behaviour), `deepspeed.py`, `fsdp.py`.
+
+- building: what it refuses (`check`), the Accelerator's arguments, the model before its optimizer exists
+  (`shard`), `prepare`;
+- a step: gradient sync under accumulation, what runs before a forward, who clips, who detects a skipped step;
+- evaluation and the final weights: whether forwards are collectives, the full state dict;
+- checkpoints: the backend (safetensors shards, ZeRO partitions, DCP), moving to another world size, and the
+  offline consolidation `alexdist export` uses.
+
+`resolve_strategy(recipe)` picks the strategy from the recipe and the launcher by one rule.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from alexdist.config import Recipe
+from alexdist.errors import AlexdistError, SetupError
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Strategy:
+    """The interface, with DDP's behaviour as the default of every method."""
+
+    name: ClassVar[str]
+    zero_stage: int | None = None
+    # Every forward gathers parameters from the other ranks (a collective): ranks must run the same forwards.
+    sharded_forward: ClassVar[bool] = False
+    # Every rank holds whole parameters: rank checksums compare, an EMA can be kept.
+    whole_weights: ClassVar[bool] = True
+    # The strategy's engine runs the optimizer step itself, inside backward, and decides whether to skip it.
+    engine_steps: ClassVar[bool] = False
+    # The strategy's engine clips gradients itself (train.grad_clip is handed to it).
+    clips_itself: ClassVar[bool] = False
+    # Extra fp32 copies of the weights a checkpoint holds beyond the weights (DeepSpeed's masters).
+    master_copies: ClassVar[int] = 0
+
+    def describe(self) -> str:
+        return self.name
+
+    # -- building ----------------------------------------------------------------------------------------------
+    def check(self, recipe: Recipe) -> None:
+        """Refuse, in one line, what this strategy cannot run (before any work)."""
+
+    def accelerator_kwargs(self, recipe: Recipe) -> dict:
+        """The Accelerator's strategy-specific arguments."""
+        from alexdist.distributed.accelerator import amp_mode
+
+        # `cpu=True` is what makes Accelerate treat gloo ranks as MULTI_CPU and wrap the model in DDP; the gloo
+        # backend alone forms the group but leaves the model unwrapped (no gradient sync).
+        return {"cpu": not torch.cuda.is_available(), "mixed_precision": amp_mode(recipe.precision),
+                "gradient_accumulation_steps": recipe.train.grad_accum}
+
+    def verify(self, accelerator) -> None:
+        """After the Accelerator is built: that it runs this strategy."""
+
+    def compute_dtype(self, precision: str) -> torch.dtype:
+        """The dtype of the model's inputs (and, for fp64, of its parameters): autocast does the rest."""
+        return torch.float64 if precision == "fp64" else torch.float32
+
+    def fp32_batchnorm(self, precision: str, requested: bool) -> bool:
+        """Whether BatchNorm computes in fp32 (precision.FP32BatchNorm2d): under autocast when speed.bn_fp32."""
+        return precision in HALF and requested
+
+    def shard(self, model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+        """The model as the optimizer will see it, before the optimizer exists."""
+        if recipe.speed.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def prepare(self, accelerator, model, optimizer, scheduler, recipe: Recipe):
+        """(model, optimizer, scheduler) ready to train, Accelerate's wrappers included."""
+        return accelerator.prepare(model, optimizer, scheduler)
+
+    # -- a step ------------------------------------------------------------------------------------------------
+    def set_gradient_sync(self, model, sync: bool) -> None:
+        """Before a micro-batch's backward: whether its gradients are reduced (only the step's last is).
+        DDP: Accelerate's `accumulate` does it (`no_sync`)."""
+
+    def before_forward(self, accelerator, model) -> None:
+        """Before each training forward. DDP broadcasts rank 0's buffers itself."""
+
+    def engine_skipped(self, optimizer) -> bool | None:
+        """Whether the strategy's own engine skipped this step (an overflow it detected); None: it has no say."""
+        return None
+
+    def backward_failure(self, exc: BaseException) -> str | None:
+        """Why a backward that raised means the run diverged (an engine giving up), or None."""
+        return None
+
+    # -- evaluation and the final weights ------------------------------------------------------------------
+    def final_weights(self, accelerator, model, precision: str) -> dict[str, torch.Tensor]:
+        """The whole model's state dict for the weights file and export (rank 0; a collective)."""
+        return accelerator.get_state_dict(model)
+
+    def ema_refusal(self, precision: str) -> str | None:
+        """Why train.ema_decay cannot run here, or None."""
+        return None
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def register_checkpoint_hooks(self, accelerator, max_shard_size: str, after_weights) -> None:
+        """Hooks into Accelerate's save_state/load_state, if the strategy writes its weights itself."""
+
+    def before_save(self, accelerator, model) -> None:
+        """Before a checkpoint is written (a collective, on every rank)."""
+
+    def save_sharded(self, accelerator, model, optimizer, directory: Path) -> bool:
+        """Write what Accelerate's save_state does not (every rank its shards); whether weights were written."""
+        return False
+
+    def resume_refusal(self, path: Path, saved_world: int, world: int) -> AlexdistError | None:
+        """Why a checkpoint written on `saved_world` processes cannot resume on `world`, or None."""
+        return None
+
+    def load_checkpoint(self, accelerator, model, optimizer, path: Path, saved_world: int) -> None:
+        """Load weights, optimizer, scheduler and RNG states (on any world size the strategy allows)."""
+        accelerator.load_state(str(path))
+
+    @classmethod
+    def owns_checkpoint(cls, path: Path) -> bool:
+        """Whether a checkpoint directory holds this strategy's files (for `alexdist export`)."""
+        return False
+
+    @classmethod
+    def consolidate(cls, path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's weights from one of this strategy's checkpoints, in one process, no group."""
+        raise NotImplementedError
+
+
+def strategies() -> list[type[Strategy]]:
+    from alexdist.distributed.ddp import DDPStrategy
+    from alexdist.distributed.deepspeed import DeepSpeedStrategy
+    from alexdist.distributed.fsdp import FSDP2Strategy
+
+    return [DDPStrategy, DeepSpeedStrategy, FSDP2Strategy]
+
+
+def strategy_named(name: str, zero_stage: int | None = None) -> Strategy:
+    cls = next(c for c in strategies() if c.name == name)
+    return cls(zero_stage) if zero_stage is not None else cls()
+
+
+def checkpoint_strategy(path: Path) -> type[Strategy]:
+    """The strategy whose files a checkpoint directory holds (DDP's safetensors shards when none claims it)."""
+    return next((c for c in reversed(strategies()) if c.owns_checkpoint(path)), strategies()[0])
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
+def resolve_strategy(recipe: Recipe) -> Strategy:
+    """The strategy from the recipe and the launcher, by one rule; written back into the recipe.
+
+    The launcher speaks through the environment `accelerate launch` sets from its config file. A recipe value
+    of `auto` follows the launcher (DDP if it says nothing); an explicit recipe value must agree with the
+    launcher, else the run stops with both values shown. Nothing is resolved silently, and the resolved values
+    are what config.yaml and the trackers record.
+    """
+    name, stage = _resolve(recipe)
+    d = recipe.distributed
+    d.strategy = name
+    if stage is not None:
+        d.zero_stage = stage
+    if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower() == "cpu":
+        d.offload_optimizer = True
+    strategy = strategy_named(name, stage)
+    strategy.check(recipe)
+    return strategy
+
+
+def _resolve(recipe: Recipe) -> tuple[str, int | None]:
+    d = recipe.distributed
+    if _env_flag("ACCELERATE_USE_FSDP"):  # `accelerate launch --use_fsdp` or recipes/accelerate/fsdp.yaml
+        if d.strategy not in ("auto", "fsdp"):
+            raise SetupError(
+                f"the launcher config says FSDP but the recipe says distributed.strategy={d.strategy}; drop one of "
+                f"them (distributed.strategy=auto follows the launcher)"
+            )
+        return "fsdp", None
+    launcher_ds = _env_flag("ACCELERATE_USE_DEEPSPEED")
+    launcher_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if d.strategy == "ddp" and launcher_ds:
+        raise SetupError(
+            "the launcher config says DeepSpeed but the recipe says distributed.strategy=ddp; drop one of them "
+            "(distributed.strategy=auto follows the launcher)"
+        )
+    if launcher_ds:
+        stage = int(launcher_stage) if launcher_stage else d.zero_stage
+        if d.strategy == "deepspeed" and launcher_stage and stage != d.zero_stage:
+            raise SetupError(
+                f"the launcher config says ZeRO stage {stage} but the recipe says distributed.zero_stage="
+                f"{d.zero_stage}; make them agree or set distributed.strategy=auto to follow the launcher"
+            )
+        gas = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+        if gas and gas.isdigit() and int(gas) != recipe.train.grad_accum:
+            raise SetupError(
+                f"the launcher config says gradient_accumulation_steps={gas} but the recipe says train.grad_accum="
+                f"{recipe.train.grad_accum}; set it in one place (the recipe is the usual one)"
+            )
+        return "deepspeed", stage
+    if d.strategy in ("deepspeed", "fsdp"):
+        return d.strategy, d.zero_stage if d.strategy == "deepspeed" else None
+    return "ddp", None

@@ -1,0 +1,103 @@
+"""Optimizer and learning-rate schedule, both sized in optimizer steps (never in micro-steps or processes)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from alexdist.config import OptimConfig, Recipe, ScheduleConfig
+from alexdist.errors import SetupError
+
+
+def peak_lr(o: OptimConfig, effective_batch: int) -> float:
+    """optim.lr for optim.ref_batch, scaled to the run's effective batch by optim.lr_scaling (if ref_batch is set)."""
+    if not o.ref_batch or o.lr_scaling == "none":
+        return o.lr
+    ratio = effective_batch / o.ref_batch
+    return o.lr * (ratio if o.lr_scaling == "linear" else math.sqrt(ratio))
+
+
+def warmup_steps(cfg: ScheduleConfig, total: int, steps_per_epoch: int) -> int:
+    """The warmup's length in optimizer steps: the longer of schedule.warmup_frac and schedule.warmup_epochs."""
+    return min(total, max(int(cfg.warmup_frac * total), round(cfg.warmup_epochs * steps_per_epoch)))
+
+
+def lr_factor(step: int, total: int, cfg: ScheduleConfig, warmup: int | None = None) -> float:
+    """Multiplier of the peak lr after `step` optimizer steps out of `total`, `warmup` of them warming up
+    (default: schedule.warmup_frac of them)."""
+    warmup = int(cfg.warmup_frac * total) if warmup is None else warmup
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.name == "constant":
+        return 1.0
+    t = (step - warmup) / max(1, total - warmup)
+    if cfg.name == "cosine":
+        shape = 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    else:  # onecycle: linear warmup (above), then linear decay
+        shape = max(0.0, 1.0 - t)
+    return cfg.final_frac + (1 - cfg.final_frac) * shape
+
+
+def kernel_kwargs(impl: str, device_type: str, sharded: bool = False) -> dict:
+    """speed.optimizer_impl -> torch.optim kwargs. auto: one fused kernel wherever PyTorch has one for SGD and
+    AdamW (CUDA and CPU; several times faster than the default per-parameter loop, see DEVELOPERS.md), else
+    PyTorch's default. Sharded (FSDP2) parameters: foreach, because the fused kernels have no DTensor rule
+    ("aten._fused_sgd_.default does not have a sharding strategy registered", torch 2.14)."""
+    if sharded and impl == "fused":
+        raise SetupError("speed.optimizer_impl=fused has no kernel for FSDP's sharded parameters; use auto or "
+                         "foreach with distributed.strategy=fsdp")
+    if sharded and impl == "auto":
+        impl = "foreach"
+    if impl == "auto":
+        impl = "fused" if device_type in ("cuda", "cpu") else "default"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False},
+            "default": {}}[impl]
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
+    o = recipe.optim
+    first = next(model.parameters())
+    sharded = hasattr(first, "device_mesh")
+    if o.name == "lars":
+        return _lars(model, o, lr, recipe.speed.optimizer_impl)
+    kw = kernel_kwargs(recipe.speed.optimizer_impl, first.device.type, sharded)
+    if o.name == "sgd":
+        opt = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+            weight_decay=o.weight_decay, **kw,
+        )
+        if kw.get("fused") and o.momentum > 0:
+            zero_momentum_buffers(opt)
+        return opt
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=o.weight_decay, **kw)
+
+
+def zero_momentum_buffers(opt: torch.optim.SGD) -> None:
+    """Give fused SGD its momentum buffers as zeros, just before its first step. That step would otherwise
+    allocate them with `torch.empty_like`, and if fp16's GradScaler skips it (found_inf: the fused kernel returns
+    without writing) the never-written memory is kept as momentum and the next step adds 0.9 x garbage. With no
+    dampening a zero buffer gives the same first update as torch's clone-the-gradient init: 0.9 x 0 + g = g.
+    A pre-step hook rather than at construction: DeepSpeed swaps the parameter groups for its flat partitions
+    after we build the optimizer, and a resumed run's loaded buffers must win (setdefault)."""
+
+    def first_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        handle.remove()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+    handle = opt.register_step_pre_hook(first_step)
+
+
+def _lars(model: torch.nn.Module, o: OptimConfig, lr: float, impl: str) -> torch.optim.Optimizer:
+    """timm's Lars over two groups: weight matrices and conv kernels adapted and decayed; 1-D tensors (BatchNorm
+    weights, biases) neither, since timm adapts only groups with weight decay (timm's param_groups_weight_decay
+    makes the split). timm has no fused kernel and picks its own per-tensor or foreach kernels."""
+    from timm.optim import Lars, param_groups_weight_decay
+
+    if impl == "fused":
+        raise SetupError("speed.optimizer_impl=fused has no LARS kernel; use auto with optim.name=lars")
+    groups = param_groups_weight_decay(model, o.weight_decay)
+    return Lars(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                weight_decay=o.weight_decay, trust_coeff=o.trust_coeff, trust_clip=o.trust_clip)

@@ -1,0 +1,258 @@
+"""Everything a training run is made of, built from a recipe in one place: `setup(recipe) -> Run`.
+
+Order matters for exact resume and for equal runs on any number of processes: the initial weights come from
+`train.seed` before anything else draws random numbers; the per-rank seed for dropout is set after `prepare`;
+a checkpoint, if any, is loaded last (it restores every rank's RNG state).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from alexdist import faults
+from alexdist.checkpoint.checkpointer import Checkpointer
+from alexdist.checkpoint.run_dir import RunLock, check_space, check_writable, checkpoint_bytes
+from alexdist.checkpoint.state import TrainState, read_state
+from alexdist.config import Recipe
+from alexdist.data.batches import TrainBatches
+from alexdist.data.cache import load_dataset
+from alexdist.data.dataset import label_gap_warning
+from alexdist.distributed.accelerator import make_accelerator
+from alexdist.distributed.collectives import from_main, plain_module
+from alexdist.distributed.launcher import elastic_facts, launched_world_size, shared_store_warning, train_command
+from alexdist.distributed.strategy import Strategy, resolve_strategy
+from alexdist.errors import ConfigError, SetupError
+from alexdist.models import build_model, count_params, keep_batchnorm_fp32, resolve_input_size
+from alexdist.tracking.profiling import StepProfiler
+from alexdist.tracking.runlog import RunLog
+from alexdist.tracking.trackers import trackers
+from alexdist.training.divergence import DivergenceGuard
+from alexdist.training.ema import ModelEMA
+from alexdist.training.optim import lr_factor, make_optimizer, peak_lr, warmup_steps
+from alexdist.training.precision import configure_cuda_math
+from alexdist.training.run import Run
+from alexdist.training.stop_requests import StopRequests
+
+
+def sweep_output_dir(recipe: Recipe) -> None:
+    """A W&B sweep trial (started by `wandb agent`, which sets WANDB_SWEEP_ID and WANDB_RUN_ID) writes to
+    output_dir/sweep-SWEEP/RUN: trials of one sweep share the recipe's output_dir, and with `resume: auto`
+    each would otherwise continue the previous trial's checkpoints."""
+    sweep, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep and run_id and f"sweep-{sweep}" not in Path(recipe.output_dir).parts:
+        recipe.output_dir = str(Path(recipe.output_dir) / f"sweep-{sweep}" / run_id)
+
+
+def resolve_batch_size(recipe: Recipe, world: int) -> None:
+    """Apply `train.global_batch`: the per-process batch that keeps the effective batch on `world` processes."""
+    t = recipe.train
+    if t.global_batch is None:
+        return
+    per = t.global_batch // (world * t.grad_accum)
+    if per * world * t.grad_accum != t.global_batch:
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not divisible by {world} processes x train.grad_accum="
+            f"{t.grad_accum}; choose a global batch that is, or change train.grad_accum"
+        )
+    t.batch_size = per
+
+
+def setup(recipe: Recipe) -> Run:
+    """Strategy, Accelerator, data, the run directory held, model, optimizer, schedule, checkpointer, trackers, and
+    the resume if there is one."""
+    sweep_output_dir(recipe)
+    check_writable(recipe.output_dir)  # before any work: an unwritable output_dir would lose it all
+    resolve_batch_size(recipe, launched_world_size())
+    strategy = resolve_strategy(recipe)
+    accelerator = make_accelerator(recipe, strategy, log_with=trackers(recipe))
+    configure_cuda_math(recipe.speed.tf32, recipe.speed.cudnn_benchmark)
+    batches, test_x, test_y, classes = _data(recipe, accelerator)
+    lock = hold_run_dir(accelerator, recipe.output_dir)  # nothing is written into output_dir before this
+    try:
+        return _build(recipe, accelerator, strategy, batches, (test_x, test_y, classes), lock)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+
+
+def hold_run_dir(accelerator, output_dir: str) -> RunLock | None:
+    """Rank 0 takes output_dir for this run (run_dir.RunLock); every rank stops if another run holds it."""
+    lock = RunLock(output_dir) if accelerator.is_main_process else None
+    refused = from_main(accelerator, lock.acquire() if lock else None)
+    if refused:
+        raise SetupError(refused)
+    return lock
+
+
+def _build(recipe: Recipe, accelerator, strategy: Strategy, batches: TrainBatches, test: tuple,
+           lock: RunLock | None) -> Run:
+    stop_requests = StopRequests(accelerator, recipe.output_dir)  # SIGTERM / SIGUSR1 / output_dir/STOP
+    total_steps = recipe.train.epochs * batches.steps_per_epoch
+    model, optimizer, scheduler, n_params = _model_and_optimizer(recipe, accelerator, strategy, batches, total_steps,
+                                                                 len(test[2]))
+    # Dropout masks come from the global RNG: distinct per rank (as with separate GPUs), reproducible per seed.
+    torch.manual_seed(recipe.train.seed * 1000 + accelerator.process_index + 1)
+    ema = _ema(recipe, accelerator, strategy, model)  # before the resume, which restores it
+    checkpointer = Checkpointer(accelerator, recipe, strategy, model, optimizer, batches.steps_per_epoch)
+    state = TrainState(effective_batch=batches.effective_batch, world_size=accelerator.num_processes,
+                       strategy=strategy.name, zero_stage=strategy.zero_stage, classes=test[2])
+    resumed_from = _resume(checkpointer, batches, accelerator)
+    previous_world = read_state(resumed_from).world_size if resumed_from else accelerator.num_processes
+    if resumed_from:
+        state = checkpointer.load(resumed_from)
+    input_size = resolve_input_size(recipe.model.name, recipe.model.input_size)
+    # The schedule is sized by epochs; max_steps only stops early, so a capped run resumes into the full one.
+    last_step = min(total_steps, recipe.train.max_steps or total_steps)
+    info = _facts(recipe, accelerator, strategy, batches, total_steps, last_step, n_params, input_size, state,
+                  resumed_from)
+    log = RunLog(accelerator, recipe)
+    state.wandb_run_id = log.start(info, resume_step=state.global_step if resumed_from else None,
+                                   run_id=state.wandb_run_id)
+    log.say(_describe(recipe, accelerator, strategy, batches, info, n_params, resumed_from, state.global_step))
+    _say_reformed(log, info, previous_world, state)
+    return Run(
+        recipe, accelerator, strategy, model, optimizer, scheduler, batches, *test, input_size,
+        strategy.compute_dtype(recipe.precision), total_steps, last_step, stop_requests,
+        DivergenceGuard(accelerator, optimizer, recipe, strategy), checkpointer, log, state, info, resumed_from,
+        lock, time.time() - state.train_time_s, ema,
+        StepProfiler(recipe.speed.profile_steps, recipe.output_dir, accelerator.is_main_process),
+    )
+
+
+def _ema(recipe: Recipe, accelerator, strategy: Strategy, model: torch.nn.Module) -> ModelEMA | None:
+    """train.ema_decay's average, registered for checkpointing; refused where the strategy cannot keep one."""
+    t = recipe.train
+    if t.ema_decay is None:
+        return None
+    if why := strategy.ema_refusal(recipe.precision):
+        raise SetupError(f"train.ema_decay is not supported with {why}, or drop train.ema_decay")
+    ema = ModelEMA(plain_module(accelerator, model), t.ema_decay, t.ema_warmup)
+    accelerator.register_for_checkpointing(ema)  # custom_checkpoint_0.pkl in every checkpoint
+    return ema
+
+
+def _data(recipe: Recipe, accelerator) -> tuple[TrainBatches, torch.Tensor, torch.Tensor, list[str]]:
+    """This rank's training batches, the test set (on the device, speed.data_on_device, or the host) and the
+    class names."""
+    t, device = recipe.train, accelerator.device
+    ds = _load_once(recipe, accelerator)
+    data_device = device if recipe.speed.data_on_device else torch.device("cpu")
+    batches = TrainBatches(
+        ds.train_x.to(data_device), ds.train_y.to(data_device), t.batch_size, t.grad_accum,
+        accelerator.process_index, accelerator.num_processes, t.seed, recipe.augment,
+        resolve_input_size(recipe.model.name, recipe.model.input_size),
+    )
+    if batches.steps_per_epoch == 0:
+        raise ConfigError(
+            f"the effective batch ({batches.effective_batch} = train.batch_size {t.batch_size} x "
+            f"{accelerator.num_processes} processes x train.grad_accum {t.grad_accum}) is larger than the "
+            f"{len(ds.train_y)} training images; lower train.batch_size or train.grad_accum"
+        )
+    if accelerator.is_main_process and (gaps := label_gap_warning(ds)):
+        print(f"alexdist: warning: {gaps}", file=sys.stderr, flush=True)
+    return batches, ds.test_x.to(data_device), ds.test_y.to(data_device), ds.classes
+
+
+def _load_once(recipe: Recipe, accelerator):
+    """The dataset, decoded once per job when the cache is shared (rank 0 writes it, everyone else reads it) and
+    once per node when data.cache_dir is node-local (each node's first process finds no cache and writes its own;
+    the node's other processes then read it)."""
+    ds = None
+    if accelerator.is_main_process:
+        faults.slow_setup_point()
+        ds = load_dataset(recipe.data)
+    accelerator.wait_for_everyone()
+    with accelerator.local_main_process_first():
+        if not accelerator.is_main_process:
+            faults.slow_setup_point()
+            ds = load_dataset(recipe.data)
+    return ds
+
+
+def _model_and_optimizer(recipe: Recipe, accelerator, strategy: Strategy, batches: TrainBatches,
+                         total_steps: int, num_classes: int):
+    """The model (the same initial weights on every rank and world size), optimizer and schedule, prepared."""
+    torch.manual_seed(recipe.train.seed)
+    m = recipe.model
+    model = build_model(m.name, resolve_input_size(m.name, m.input_size), m.dropout, m.width_mult, num_classes)
+    model = model.to(accelerator.device)
+    if recipe.precision == "fp64":
+        model = model.double()
+    if strategy.fp32_batchnorm(recipe.precision, recipe.speed.bn_fp32):
+        keep_batchnorm_fp32(model)
+    n_params = count_params(model)
+    check_space(recipe.output_dir, 2 * checkpoint_bytes(n_params, recipe, strategy.master_copies))
+    model = strategy.shard(model, recipe)  # before the optimizer: sharding replaces the parameters
+    optimizer = make_optimizer(model, recipe, peak_lr(recipe.optim, batches.effective_batch))
+    warmup = warmup_steps(recipe.schedule, total_steps, batches.steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda s: lr_factor(s, total_steps, recipe.schedule, warmup))
+    return (*strategy.prepare(accelerator, model, optimizer, scheduler, recipe), n_params)
+
+
+def _resume(checkpointer: Checkpointer, batches: TrainBatches, accelerator) -> Path | None:
+    """The checkpoint to continue from, if checkpoint.resume finds one; its effective batch must be this run's."""
+    path = checkpointer.resume_path()
+    if path is None:
+        return None
+    saved, effective = read_state(path).effective_batch, batches.effective_batch
+    if saved != effective:  # checked before loading anything (or converting a ZeRO checkpoint)
+        raise ConfigError(
+            f"{path} was trained with an effective batch of {saved}, this run has {effective} "
+            f"({accelerator.num_processes} processes); set train.global_batch={saved} to "
+            f"keep the data position and schedule"
+        )
+    return path
+
+
+def _backend() -> str | None:
+    """The process group's backend (nccl, gloo), None without one (Accelerate's single-process mode)."""
+    dist = torch.distributed
+    return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
+
+
+def _facts(recipe: Recipe, acc, strategy: Strategy, b: TrainBatches, total_steps: int, last_step: int,
+           n_params: int, input_size: int, state: TrainState, resumed: Path | None) -> dict:
+    """The run's facts: config.yaml's companions in metrics.jsonl's start event, W&B and summary.json."""
+    return {
+        "world_size": acc.num_processes, "strategy": strategy.name, "zero_stage": strategy.zero_stage,
+        "effective_batch": b.effective_batch, "batch_size_per_process": recipe.train.batch_size,
+        "steps_per_epoch": b.steps_per_epoch, "total_steps": total_steps, "last_step": last_step,
+        "peak_lr": peak_lr(recipe.optim, b.effective_batch),
+        "warmup_steps": warmup_steps(recipe.schedule, total_steps, b.steps_per_epoch), "params": n_params,
+        "input_size": input_size, "device": str(acc.device), "distributed_type": str(acc.distributed_type),
+        "backend": _backend(), "command": train_command(acc.num_processes),
+        "resumed_from": str(resumed) if resumed else None, "resumed_at_step": state.global_step,
+        **elastic_facts(),
+    }
+
+
+def _say_reformed(log: RunLog, info: dict, previous_world: int, state: TrainState) -> None:
+    """A TorchElastic restart or a group re-formed on another world size: one event (metrics.jsonl and the
+    trackers) and one line, on the main process; and torchrun's shared-store hazard, if it applies."""
+    if warning := shared_store_warning():
+        log.say(f"alexdist: warning: {warning}")
+    if not info["restart_count"] and previous_world == info["world_size"]:
+        return
+    log.event("reformed", state.global_step, state.epoch, restart_count=info["restart_count"],
+              max_restarts=info["max_restarts"], world_size=info["world_size"], previous_world_size=previous_world)
+    log.say(f"alexdist: the group re-formed (restart {info['restart_count']} of {info['max_restarts']}): "
+            f"{previous_world} -> {info['world_size']} processes, resuming at step {state.global_step}")
+
+
+def _describe(r: Recipe, acc, strategy: Strategy, b: TrainBatches, info: dict, n_params: int,
+              resumed: Path | None, step: int) -> str:
+    """The one line that describes the run."""
+    return (
+        f"alexdist: {r.model.name} @ {info['input_size']}px ({n_params / 1e6:.2f} M params) on {acc.num_processes} x "
+        f"{acc.device}, {strategy.describe()} | effective batch {b.effective_batch} = {r.train.batch_size} per "
+        f"process x {acc.num_processes} processes x {r.train.grad_accum} accumulation | {b.steps_per_epoch} "
+        f"steps/epoch, {info['total_steps']} steps, peak lr {info['peak_lr']:.4g} | precision {r.precision} | "
+        f"output {r.output_dir}" + (f" | resumed from {resumed} at step {step}" if resumed else "")
+    )

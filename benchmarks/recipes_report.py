@@ -1,0 +1,82 @@
+"""The recipe study's table and plots (benchmarks/recipes.py report): final test accuracy by recipe, effective
+batch and rule, at each width and epoch budget; one PNG per (width, epochs) of accuracy against batch."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "results" / "recipes"
+MAIN_RULES = ("before", "shipped")
+
+
+def _acc(r: dict) -> str:
+    if r["returncode"] not in (0, None) or r["final_test_acc"] is None:
+        return "diverged" if "diverged" in (r.get("error") or "") else "failed"
+    return f"{100 * r['final_test_acc']:.2f}"
+
+
+def table(results: list[dict], rules: tuple[str, ...] | None = None) -> list[str]:
+    """Markdown: one row per (recipe, width, epochs, batch), one column per rule (final test accuracy, %)."""
+    cells: dict[tuple, dict[str, str]] = defaultdict(dict)
+    seen_rules: list[str] = []
+    for r in results:
+        if rules and r["rule"] not in rules:
+            continue
+        cells[(r["recipe"], r["width"], r["epochs"], r["effective_batch"])][r["rule"]] = _acc(r)
+        if r["rule"] not in seen_rules:
+            seen_rules.append(r["rule"])
+    cols = [c for c in (rules or ()) if c in seen_rules] or sorted(seen_rules)
+    lines = ["| recipe | width | epochs | effective batch | " + " | ".join(cols) + " |",
+             "|---|---|---|---|" + "---|" * len(cols)]
+    for key in sorted(cells, key=lambda k: (k[0], k[1], k[2], k[3])):
+        lines.append(f"| {key[0]} | ×{key[1]:g} | {key[2]} | {key[3]} | "
+                     + " | ".join(cells[key].get(c, "") for c in cols) + " |")
+    return lines
+
+
+def plot(results: list[dict], width: float, epochs: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r["width"] == width and r["epochs"] == epochs and r["rule"] in MAIN_RULES]
+    recipes = sorted({r["recipe"] for r in rows})
+    if not recipes:
+        return
+    fig, axes = plt.subplots(1, len(recipes), figsize=(4.2 * len(recipes), 3.6), squeeze=False)
+    for ax, recipe in zip(axes[0], recipes, strict=True):
+        for rule, style in zip(MAIN_RULES, ("o--", "s-"), strict=True):
+            pts = sorted((r["effective_batch"], 100 * (r["final_test_acc"] or 0)) for r in rows
+                         if r["recipe"] == recipe and r["rule"] == rule)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label="before (linear, short warmup)" if rule == "before"
+                        else "shipped defaults")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{recipe} (×{width:g} width, {epochs} epochs)")
+        ax.set_xlabel("effective batch")
+        ax.set_ylabel("MNIST test accuracy (%)")
+        ax.set_ylim(bottom=max(0, ax.get_ylim()[0]))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: list[dict]) -> str:
+    lines = ["# Recipe study on real MNIST", "",
+             "Final test accuracy (%) after a fixed epoch budget; 2 processes x accumulation x up to 128 per "
+             "process. `before`: the recipes as shipped before the study (linear lr scaling, 1-5 % warmup); "
+             "`shipped`: the recipe files now. Regenerate: `python benchmarks/recipes.py report`.", "",
+             *table(results, MAIN_RULES), "", "## Every rule tried", "", *table(results), ""]
+    for width, epochs in sorted({(r["width"], r["epochs"]) for r in results}):
+        name = f"accuracy_vs_batch_w{width:g}_e{epochs}.png"
+        plot(results, width, epochs, OUT / name)
+        if (OUT / name).is_file():
+            lines.append(f"![accuracy against effective batch, ×{width:g}, {epochs} epochs]({name})")
+    text = "\n".join(lines) + "\n"
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "README.md").write_text(text)
+    return text

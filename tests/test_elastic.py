@@ -1,0 +1,120 @@
+"""TorchElastic (torchrun's elastic agent, the engine of Kubernetes' PyTorchJob and of cloud VM groups), proven
+on this CPU with two agents side by side on loopback (two "nodes" of one process each):
+
+    torchrun --nnodes 1:2 --nproc-per-node 1 --max-restarts 3 --rdzv-backend c10d \\
+        --rdzv-endpoint 127.0.0.1:PORT -m alexdist.train ...
+
+- a worker SIGKILLed mid-run: the agents restart the group, the run resumes from its newest complete checkpoint
+  and ends bit for bit with the uninterrupted run (DDP);
+- an agent lost for good: the surviving agent re-forms the group at world size 1 and the run continues through
+  the world-size-change paths (DDP's whole checkpoint, ZeRO's universal checkpoint, FSDP2's DCP), the effective
+  batch kept by train.global_batch.
+
+Every agent runs with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with torch's default (the rendezvous store shared with
+the workers across rounds) a restart hangs forming the new group (docs/clusters.md). `last_call_timeout=3`
+shortens the wait for a lost agent (30 s by default) to keep the tests short.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, check, launch, read_jsonl, run_env, summary, wait_for_step
+from safetensors.torch import load_file
+
+from alexdist.distributed.launcher import free_port
+from alexdist.distributed.processes import children_of, kill_tree
+
+pytestmark = pytest.mark.slow
+
+RUN = ["train.epochs=6", "checkpoint.every_steps=5", "tracking.wandb=false", "train.log_every=1",
+       "train.global_batch=64"]  # 22 steps per epoch on digits; the effective batch kept on any world size
+
+
+def _agents(out: Path, overrides: list[str], cache_dir: Path) -> list[subprocess.Popen]:
+    port = free_port()
+    env = run_env(cache_dir, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    agents = []
+    for a in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "1",
+               "--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               "--rdzv-conf", "last_call_timeout=3", "-m", "alexdist.train", "quickstart", *RUN, *overrides,
+               f"output_dir={out}"]
+        with open(out.parent / f"{out.name}.agent{a}.log", "w") as log:  # the agent keeps its own copy of the fd
+            agents.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
+        time.sleep(1)  # the first agent hosts the rendezvous store
+    return agents
+
+
+def _first_step_after(run: Path, t_kill: float, timeout: float = 240) -> float:
+    """Seconds from the kill to the first optimizer step of the next attempt (its start event, then a step)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        events = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+        starts = [i for i, e in enumerate(events) if e["event"] == "start"]
+        if len(starts) > 1 and any(e["event"] == "step" for e in events[starts[-1]:]):
+            return time.time() - t_kill
+        time.sleep(0.1)
+    raise TimeoutError(f"{run}: no step after the kill in {timeout} s")
+
+
+def _finish(agents: list[subprocess.Popen], out: Path) -> list[int]:
+    try:
+        return [a.wait(timeout=600) for a in agents]
+    finally:
+        for a in agents:
+            kill_tree(a.pid)
+        logs = [(out.parent / f"{out.name}.agent{i}.log").read_text()[-3000:] for i in range(len(agents))]
+        print("\n".join(logs) if not (out / "summary.json").is_file() else "")
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_worker_killed_mid_run_is_restarted_and_the_run_ends_with_the_uninterrupted_weights(tmp_path, cache_dir):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    check(launch(RUN + [f"output_dir={ref}"], cache_dir, nproc=2))
+    agents = _agents(run, [], cache_dir)
+    wait_for_step(run, 23)  # past the first epoch's evaluation and the checkpoint at step 20
+    worker = children_of(agents[1].pid)[0]
+    t_kill = time.time()
+    os.kill(worker, signal.SIGKILL)
+    latency = _first_step_after(run, t_kill)
+    codes = _finish(agents, run)
+    print(f"\nworker SIGKILLed -> first optimizer step of the restarted group: {latency:.1f} s")
+    assert codes == [0, 0] and summary(run)["world_size"] == 2 and summary(run)["steps"] == 132
+    assert _same_weights(ref, run)  # DDP: bit for bit, BatchNorm statistics included
+    reformed = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "reformed"]
+    assert len(reformed) == 1 and reformed[0]["restart_count"] >= 1 and reformed[0]["world_size"] == 2
+
+
+@pytest.mark.parametrize("strategy", [[], ["distributed.strategy=deepspeed", "distributed.zero_stage=2"],
+                                      ["distributed.strategy=fsdp"]], ids=["ddp", "zero2", "fsdp"])
+def test_an_agent_lost_for_good_leaves_a_group_of_one_that_finishes_the_run(strategy, tmp_path, cache_dir):
+    run = tmp_path / "run"
+    agents = _agents(run, strategy, cache_dir)
+    wait_for_step(run, 23)
+    t_kill = time.time()
+    kill_tree(agents[1].pid)  # the agent and its worker: a node gone
+    latency = _first_step_after(run, t_kill)
+    codes = _finish(agents[:1], run)
+    print(f"\nagent lost ({'/'.join(strategy) or 'ddp'}) -> first step at world size 1: {latency:.1f} s")
+    s = summary(run)
+    assert codes == [0] and s["status"] == "finished" and s["steps"] == 132
+    assert s["world_size"] == 1 and s["effective_batch"] == 64 and s["batch_size_per_process"] == 64
+    reformed = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "reformed"]
+    assert [(e["previous_world_size"], e["world_size"]) for e in reformed] == [(2, 1)]
+    assert s["final_test_acc"] > 0.8  # it kept learning: digits, 6 epochs
+    starts = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "start"]
+    assert json.dumps(starts[-1]["resumed_from"]).count("step-") == 1
