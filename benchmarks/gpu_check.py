@@ -282,7 +282,7 @@ def probe_syncs(s: Setting, precision: str, options: list[str]) -> dict:
         steps = 8
         syncs = count_syncs(lambda: _steps(run, batches, steps))
         ev = count_syncs(lambda: evaluate(run))
-        return {"ok": True, "strategy": run.strategy, "syncs_per_step": len(syncs) / steps,
+        return {"ok": True, "strategy": run.strategy.name, "syncs_per_step": len(syncs) / steps,
                 "syncs_per_evaluation": len(ev), "first": syncs[:3]}
 
 

@@ -10,9 +10,22 @@ OUT = Path(__file__).resolve().parent / "results" / "recipes"
 MAIN_RULES = ("before", "shipped")
 
 
+def as_shipped(results: list[dict], shipped: dict[str, str]) -> list[dict]:
+    """The results, with each recipe's shipped rule (recipes.SHIPPED: the rule its file now holds) named
+    `shipped`, beside its other names."""
+    return [*results, *({**r, "rule": "shipped"} for r in results if shipped.get(r["recipe"]) == r["rule"])]
+
+
+def diverged(r: dict) -> bool:
+    """The divergence stop, or a loss gone non-finite or above 1e3 (the frozen tree the study first ran on ended
+    an epoch whose every step was skipped in a ZeroDivisionError, fixed since: loop.end_epoch)."""
+    last = r["train_loss"][-1][1] if r["train_loss"] else 0.0
+    return "diverged" in (r.get("error") or "") or not (abs(last) < 1e3)
+
+
 def _acc(r: dict) -> str:
     if r["returncode"] not in (0, None) or r["final_test_acc"] is None:
-        return "diverged" if "diverged" in (r.get("error") or "") else "failed"
+        return "diverged" if diverged(r) else "failed"
     return f"{100 * r['final_test_acc']:.2f}"
 
 
@@ -65,12 +78,16 @@ def plot(results: list[dict], width: float, epochs: int, path: Path) -> None:
     plt.close(fig)
 
 
-def report(results: list[dict]) -> str:
+def report(results: list[dict], shipped: dict[str, str]) -> str:
+    everything = results
+    results = as_shipped(results, shipped)
     lines = ["# Recipe study on real MNIST", "",
              "Final test accuracy (%) after a fixed epoch budget; 2 processes x accumulation x up to 128 per "
              "process. `before`: the recipes as shipped before the study (linear lr scaling, 1-5 % warmup); "
-             "`shipped`: the recipe files now. Regenerate: `python benchmarks/recipes.py report`.", "",
-             *table(results, MAIN_RULES), "", "## Every rule tried", "", *table(results), ""]
+             "`shipped`: the recipe files now ("
+             + ", ".join(f"{k}: `{v}`" for k, v in shipped.items()) + "). Rule names: `<optimizer>-<lr scaling>-"
+             "lr<lr at batch 128>-wu<warmup epochs>`. Regenerate: `python benchmarks/recipes.py report`.", "",
+             *table(results, MAIN_RULES), "", "## Every rule tried", "", *table(everything), ""]
     for width, epochs in sorted({(r["width"], r["epochs"]) for r in results}):
         name = f"accuracy_vs_batch_w{width:g}_e{epochs}.png"
         plot(results, width, epochs, OUT / name)

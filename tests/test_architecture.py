@@ -81,3 +81,17 @@ def test_no_function_is_longer_than_60_lines_and_no_module_longer_than_400():
     long_modules = [f"{p.relative_to(PACKAGE)} ({n})" for p in MODULES
                     if (n := len(p.read_text().splitlines())) > 400]
     assert not long_modules, long_modules
+
+
+def test_the_readme_fits_a_few_screens_and_every_relative_link_in_the_docs_resolves():
+    root = PACKAGE.parent
+    readme = root / "README.md"
+    assert len(readme.read_text().splitlines()) <= 250
+    pages = [readme, root / "DEVELOPERS.md", *sorted((root / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith(("http://", "https://")) and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(root)} -> {target}")
+    assert not broken, broken
+    assert len(pages) >= 10  # README, DEVELOPERS.md and the topic pages

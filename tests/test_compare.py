@@ -1,8 +1,6 @@
 """`alexdist.compare` on real runs, from run directories and from what W&B itself recorded offline."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +10,7 @@ import pytest
 from conftest import ROOT, check, launch, launch_command, read_jsonl, run_env, summary, wait_for_step
 from PIL import Image
 
+from alexdist.distributed.processes import kill_tree
 from alexdist.tracking.compare import STALE_AFTER_S, build_row, from_run_dir, from_wandb_records
 
 pytestmark = pytest.mark.slow
@@ -43,7 +42,8 @@ def runs(tmp_path_factory, cache_dir):
     proc = subprocess.Popen(launch_command(BASE + [f"output_dir={killed}"], nproc=2), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for_step(killed, 25)  # past the first epoch's evaluation
-    os.killpg(proc.pid, signal.SIGKILL)
+    # The whole tree at once (a node lost): killing only the launcher would let the workers checkpoint and stop.
+    kill_tree(proc.pid)
     proc.wait()
     out["bn-killed"] = killed
     return out

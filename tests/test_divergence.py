@@ -34,3 +34,14 @@ def test_nan_loss_on_one_rank_is_skipped_on_every_rank_and_the_run_finishes(tmp_
     train_losses = [e["loss"] for e in events if e["event"] == "train"]
     assert all(loss == loss for loss in train_losses)  # the skipped steps' NaN stays out of the epoch's loss
     assert s["final_test_acc"] is not None and "alexdist: error" not in proc.stderr
+
+
+def test_an_epoch_whose_every_step_was_skipped_ends_with_nan_figures_not_a_crash(tmp_path, cache_dir):
+    """A large batch's short epoch can end before train.max_bad_steps: every step of it skipped, nothing to
+    average (it once ended in a ZeroDivisionError, seen in the recipe study at batch 8192)."""
+    run = tmp_path / "run"
+    env = run_env(cache_dir, ALEXDIST_FAULT="nan:1-:*")
+    check(launch(RUN + ["train.max_bad_steps=100", "train.max_steps=3", f"output_dir={run}"], cache_dir, env=env))
+    train = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "train"]
+    assert len(train) == 1 and train[0]["loss"] != train[0]["loss"]  # NaN
+    assert summary(run)["status"] == "max_steps"

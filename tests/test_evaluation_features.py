@@ -88,8 +88,18 @@ def test_predict_reads_images_of_any_size_and_names_the_top_classes(run, tmp_pat
     for r in results:
         probs = [t["prob"] for t in r["top"]]
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+    # The PNGs are the test images unchanged (32x32, lossless): predict must name exactly the classes the
+    # weights give those images through the evaluation's own path, and a trained run gets most of them right.
+    from alexdist.artifacts.export import load_source
+    from alexdist.artifacts.weights import model_for
+    from alexdist.data.batches import normalize
+
+    weights, meta, _ = load_source(run / "model.safetensors")
+    with torch.no_grad():
+        expected = model_for(meta, weights)(normalize(ds.test_x[:20], int(meta["input_size"]))).argmax(1)
+    assert [r["top"][0]["class"] for r in results[:20]] == [str(int(c)) for c in expected]
     right = sum(r["top"][0]["class"] == str(int(ds.test_y[i])) for i, r in enumerate(results[:20]))
-    assert right >= 17  # the run's test accuracy is >= 0.8
+    assert right >= 12  # the run stops at test accuracy 0.8; an untrained model gets about 2 of 20
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
     proc = subprocess.run([sys.executable, "-m", "alexdist", "predict", str(bad), "--weights",

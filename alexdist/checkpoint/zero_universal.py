@@ -32,8 +32,8 @@ def refusal(path: Path, saved_world: int, world: int, stage: int) -> SetupError 
     if stage == 3:
         return SetupError(
             f"checkpoint {path} holds ZeRO-3 partitions for {saved_world} processes, this run has {world}; "
-            f"resume with {saved_world} processes, or convert it to plain weights with `python -m "
-            f"alexdist.export {path} OUT.safetensors` (the optimizer state does not carry over)"
+            f"resume with {saved_world} processes, or convert it to plain weights with "
+            f"`alexdist export {path} OUT.safetensors` (the optimizer state does not carry over)"
         )
     return None
 

@@ -182,11 +182,14 @@ def end_epoch(run: Run, epoch: int, started: tuple[float, int], last: bool) -> b
     epoch_done = state.step_in_epoch == b.steps_per_epoch
     epoch_time = time.time() - started[0]
     tr_loss, tr_correct, tr_n = run.meter.total(run.accelerator)
+    # Every step of the epoch skipped (NaN/inf: a large batch's short epoch can end before train.max_bad_steps):
+    # no figures to average, NaN rather than a division by zero.
+    tr_loss, tr_correct = (tr_loss / tr_n, tr_correct / tr_n) if tr_n else (float("nan"), float("nan"))
     ips = (state.step_in_epoch - started[1]) * b.effective_batch / epoch_time
     if state.step_in_epoch > started[1]:
         state.images_per_s.append(ips)
     partial = {} if epoch_done else {"partial_epoch": True}
-    log.event("train", state.global_step, epoch + 1, loss=tr_loss / tr_n, acc=tr_correct / tr_n,
+    log.event("train", state.global_step, epoch + 1, loss=tr_loss, acc=tr_correct,
               lr=run.scheduler.get_last_lr()[0], images_per_s=ips, epoch_time_s=epoch_time, **partial)
     ev = evaluate(run)
     extra = {} if ev.tta_acc is None else {"tta_loss": ev.tta_loss, "tta_acc": ev.tta_acc}
@@ -206,8 +209,8 @@ def end_epoch(run: Run, epoch: int, started: tuple[float, int], last: bool) -> b
     if target and test_acc >= target and state.time_to_target_s is None:
         state.time_to_target_s, state.epoch_to_target = time.time() - run.t_start, epoch + 1
     log.say(
-        f"epoch {epoch + 1:3d} step {state.global_step:6d} | train loss {tr_loss / tr_n:.4f} acc "
-        f"{tr_correct / tr_n:.4f} | test loss {ev.loss:.4f} acc {ev.acc:.4f}"
+        f"epoch {epoch + 1:3d} step {state.global_step:6d} | train loss {tr_loss:.4f} acc "
+        f"{tr_correct:.4f} | test loss {ev.loss:.4f} acc {ev.acc:.4f}"
         + (f" (TTA {ev.tta_acc:.4f})" if ev.tta_acc is not None else "")
         + (f" | EMA {extra['ema_acc']:.4f}" if run.ema else "") + f" | {ips:,.0f} img/s"
         + ("" if epoch_done else " (stopped mid-epoch)")
