@@ -61,7 +61,8 @@ def _rule(name: str, scaling: str, lr: float, warmup: float, clip: bool = False)
 # name -> recipe -> overrides.
 RULES: dict[str, dict[str, list[str]]] = {"before": BEFORE}
 # The rule each recipe file holds now (chosen by the explore runs; the report names these rows `shipped`).
-SHIPPED = {"bn": "lars-sqrt-lr1-wu1", "vgg": "lars-sqrt-lr0.2-wu1", "alexnet": "lars-sqrt-lr0.2-wu1"}
+# vgg and alexnet keep their SGD rule: LARS (the best tried at 2048) costs 10 (vgg) points at batch 128.
+SHIPPED = {"bn": "lars-sqrt-lr1-wu1", "vgg": "before", "alexnet": "before"}
 
 
 def rule_overrides(rule: str, recipe: str) -> list[str]:
@@ -142,7 +143,7 @@ MAIN_BATCHES = {"bn": [128, 256, 512, 1024, 2048, 4096, 8192], "vgg": [128, 512,
 def grid(name: str, width: float, epochs: int) -> list[tuple[str, int, str, float, int]]:
     if name == "main":  # every recipe, every batch, before and shipped (under its explicit name)
         return [(r, b, rule, width, epochs) for r, bs in MAIN_BATCHES.items() for b in bs
-                for rule in (SHIPPED[r], "before")]
+                for rule in dict.fromkeys((SHIPPED[r], "before"))]
     if name == "confirm":  # the shipped rule at x0.5 width, bn, two batches, against before
         return [("bn", b, rule, 0.5, epochs) for b in (128, 4096) for rule in (SHIPPED["bn"], "before")]
     raise SystemExit(f"unknown grid {name}")

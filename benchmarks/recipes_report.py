@@ -54,25 +54,32 @@ def plot(results: list[dict], width: float, epochs: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results if r["width"] == width and r["epochs"] == epochs and r["rule"] in MAIN_RULES]
+    # Every rule: the two main ones as lines, each explored rule as its own markers (most ran at one batch).
+    rows = [r for r in results if r["width"] == width and r["epochs"] == epochs]
     recipes = sorted({r["recipe"] for r in rows})
     if not recipes:
         return
-    fig, axes = plt.subplots(1, len(recipes), figsize=(4.2 * len(recipes), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(recipes), figsize=(4.6 * len(recipes), 4.2), squeeze=False)
     for ax, recipe in zip(axes[0], recipes, strict=True):
-        for rule, style in zip(MAIN_RULES, ("o--", "s-"), strict=True):
+        rules = sorted({r["rule"] for r in rows if r["recipe"] == recipe},
+                       key=lambda x: (x not in MAIN_RULES, MAIN_RULES.index(x) if x in MAIN_RULES else 0, x))
+        for n, rule in enumerate(rules):
             pts = sorted((r["effective_batch"], 100 * (r["final_test_acc"] or 0)) for r in rows
                          if r["recipe"] == recipe and r["rule"] == rule)
-            if pts:
-                ax.plot(*zip(*pts, strict=True), style, label="before (linear, short warmup)" if rule == "before"
-                        else "shipped defaults")
+            style = {"before": "o--", "shipped": "s-"}.get(rule, "^xdvp*<>hD"[n % 10])
+            label = {"before": "before (linear, short warmup)", "shipped": "shipped defaults"}.get(rule, rule)
+            ax.plot(*zip(*pts, strict=True), style, label=label, markersize=7 if rule in MAIN_RULES else 6)
+            for r in rows:  # a run that ended in an error is drawn at 0: say so
+                if r["recipe"] == recipe and r["rule"] == rule and r["final_test_acc"] is None:
+                    ax.annotate("diverged", (r["effective_batch"], 0), textcoords="offset points", xytext=(-52, 4),
+                                fontsize=7)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{recipe} (×{width:g} width, {epochs} epochs)")
         ax.set_xlabel("effective batch")
         ax.set_ylabel("MNIST test accuracy (%)")
         ax.set_ylim(bottom=max(0, ax.get_ylim()[0]))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
