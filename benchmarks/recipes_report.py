@@ -48,14 +48,16 @@ def table(results: list[dict], rules: tuple[str, ...] | None = None) -> list[str
     return lines
 
 
-def plot(results: list[dict], width: float, epochs: int, path: Path) -> None:
+def plot(results: list[dict], width: float, epochs: int, path: Path, shipped: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     # Every rule: the two main ones as lines, each explored rule as its own markers (most ran at one batch).
-    rows = [r for r in results if r["width"] == width and r["epochs"] == epochs]
+    # (The shipped rule's own name is left out: its points are the `shipped` line.)
+    rows = [r for r in results if r["width"] == width and r["epochs"] == epochs
+            and (r["rule"] == "before" or r["rule"] != shipped.get(r["recipe"]))]
     recipes = sorted({r["recipe"] for r in rows})
     if not recipes:
         return
@@ -97,7 +99,7 @@ def report(results: list[dict], shipped: dict[str, str]) -> str:
              *table(results, MAIN_RULES), "", "## Every rule tried", "", *table(everything), ""]
     for width, epochs in sorted({(r["width"], r["epochs"]) for r in results}):
         name = f"accuracy_vs_batch_w{width:g}_e{epochs}.png"
-        plot(results, width, epochs, OUT / name)
+        plot(results, width, epochs, OUT / name, shipped)
         if (OUT / name).is_file():
             lines.append(f"![accuracy against effective batch, ×{width:g}, {epochs} epochs]({name})")
     text = "\n".join(lines) + "\n"
