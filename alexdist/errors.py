@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from alexdist.distributed.launcher import launch_rank, launched_world_size
+from alexdist.ranks import launch_rank, launched_world_size
 
 
 def brief(exc: BaseException, limit: int = 160) -> str:

@@ -6,8 +6,9 @@ POINT is one of POINTS below; STEPS is an optimizer step `N`, a range `N-M` or `
 rank that faults (default 0, `*` for every rank). Examples:
 
     train:7:1            rank 1 is SIGKILLed right after optimizer step 7
-    hang:7:1             rank 1 stops responding after step 7 (distributed.timeout_s must end the job)
+    hang:7:1             rank 1 stops responding after step 7 (distributed.step_timeout_s must end the job)
     slow_setup:20        rank 0 loads the data 20 s slower (distributed.setup_timeout_s must allow for it)
+    slow_start:5:*       every rank pauses 5 s between reading its launcher's pid and asking to die with it
     save.weights:8       rank 0 is SIGKILLed while saving step 8, after the weights, before the optimizer state
     nan:5-:1             rank 1's loss is NaN at every step from 5 on
     enospc:8             saving step 8 fails as if the disk were full
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from alexdist.distributed.launcher import launch_rank
+from alexdist.ranks import launch_rank
 
 ENV = "ALEXDIST_FAULT"
 POINTS = {
@@ -42,6 +43,8 @@ POINTS = {
     "save.rotate": "an old checkpoint marked for deletion, not yet deleted",
     "hang": "the rank stops responding after the step, without dying (sleeps)",
     "slow_setup": "the rank takes STEPS seconds longer to load its data (the others wait in a collective)",
+    "slow_start": "the rank pauses STEPS seconds before it asks to die with its launcher (a launcher killed "
+                  "meanwhile leaves an orphan that processes.die_with_launcher must catch)",
     "nan": "the loss becomes NaN (not a kill)",
     "enospc": "the checkpoint save raises 'No space left on device' (not a kill)",
     "lose_optimizer": "a resume at this step loads the weights but zeroes the optimizer state (a control: tests "
@@ -111,10 +114,11 @@ def hang_point(step: int, output_dir: str | Path) -> None:
             time.sleep(3600)
 
 
-def slow_setup_point() -> None:
-    """Sleep for the number of seconds a `slow_setup:SECONDS[:RANK]` fault names (a slow dataset decode)."""
+def slow_setup_point(point: str = "slow_setup") -> None:
+    """Sleep for the number of seconds a `slow_setup:SECONDS[:RANK]` fault names (a slow dataset decode), or
+    another point's that counts seconds (`slow_start`)."""
     for f in _active():
-        if f.point == "slow_setup" and (f.rank is None or f.rank == launch_rank()):
+        if f.point == point and (f.rank is None or f.rank == launch_rank()):
             time.sleep(f.first)
 
 

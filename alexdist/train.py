@@ -3,9 +3,14 @@
 The command is alexdist/commands/train.py; the loop is alexdist/training/loop.py.
 """
 
-from alexdist.distributed.processes import die_with_launcher
+import os
 
-die_with_launcher()  # before the heavy imports: a launcher killed meanwhile must not leave this worker behind
+# The launcher's pid, read before anything else: if the launcher dies from here on, the parent changes.
+_PARENT_AT_START = os.getppid()
+
+from alexdist.distributed.processes import die_with_launcher  # noqa: E402
+
+die_with_launcher(_PARENT_AT_START)  # before the heavy imports: a launcher killed meanwhile must not leave us behind
 
 from alexdist.commands.train import main  # noqa: E402
 

@@ -21,7 +21,7 @@ def main() -> None:
     for name, extra in CASES.items():
         common = ["data.source=synthetic", f"data.synthetic_train={GLOBAL_BATCH * STEPS}", "data.synthetic_test=64",
                   f"train.global_batch={GLOBAL_BATCH}", "train.epochs=1", "train.log_every=1",
-                  "checkpoint.epoch_end=false", *extra]
+                  "checkpoint.at_epoch_end=false", *extra]
         one = max(steady_images_per_s(train_run(common, nproc=1)) for _ in range(ROUNDS))
         two = max(steady_images_per_s(train_run(common, nproc=2)) for _ in range(ROUNDS))
         data[name] = {"global_batch": GLOBAL_BATCH, "steps": STEPS, "one_process_images_per_s": one,

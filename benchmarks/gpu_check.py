@@ -136,7 +136,7 @@ SGD = ["optim.name=sgd", "optim.lr=0.1", "optim.lr_scaling=none"]
 def _recipe_args(s: Setting, row: Row, out: Path, epoch_images: int | None = None, test_images: int = 0) -> list[str]:
     return ["bn", *SGD, "data.source=synthetic", f"data.synthetic_train={epoch_images or s.batch * s.steps}",
             f"data.synthetic_test={test_images or 4 * s.batch}", "train.epochs=2", f"train.batch_size={s.batch}",
-            f"model.width_mult={s.width}", f"precision={row.precision}", "checkpoint.epoch_end=false",
+            f"model.width_mult={s.width}", f"precision={row.precision}", "checkpoint.at_epoch_end=false",
             "train.log_every=0", "tracking.wandb=false", f"output_dir={out}", *row.options]
 
 
@@ -273,7 +273,7 @@ def probe_syncs(s: Setting, precision: str, options: list[str]) -> dict:
     the CPU counter in the dry run (benchmarks/host_syncs.py)."""
     from host_syncs import count_syncs
 
-    from alexdist.training.loop import evaluate
+    from alexdist.training.epoch_end import evaluate_epoch
 
     with tempfile.TemporaryDirectory() as tmp:
         run = _probe_run(s, precision, tmp, options)
@@ -281,7 +281,7 @@ def probe_syncs(s: Setting, precision: str, options: list[str]) -> dict:
         _steps(run, batches, 3)
         steps = 8
         syncs = count_syncs(lambda: _steps(run, batches, steps))
-        ev = count_syncs(lambda: evaluate(run))
+        ev = count_syncs(lambda: evaluate_epoch(run))
         return {"ok": True, "strategy": run.strategy.name, "syncs_per_step": len(syncs) / steps,
                 "syncs_per_evaluation": len(ev), "first": syncs[:3]}
 
@@ -344,7 +344,8 @@ def probe_universal(s: Setting, precision: str, options: list[str] = ()) -> dict
 
     from alexdist.training.loop import record_step, train_step
 
-    common = ["optim.name=adamw", "optim.lr=1e-3", "distributed.strategy=deepspeed", "distributed.zero_stage=2",
+    common = ["optim.name=adamw", "optim.lr=1e-3", "distributed.strategy=deepspeed",
+              "distributed.deepspeed.zero_stage=2",
               f"train.global_batch={2 * s.batch}", "checkpoint.every_steps=2",
               f"data.synthetic_train={s.batch * 16}", f"data.synthetic_test={s.batch}"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,7 +41,7 @@ def main() -> None:
     for size in (32, 227):
         run = train_run(["model.name=alexnet", "model.input_size=227", "model.width_mult=0.25",
                          f"data.image_size={size}", "train.batch_size=32", "train.max_steps=12",
-                         "train.log_every=1", "checkpoint.epoch_end=false", "eval.confusion_png=false"])
+                         "train.log_every=1", "checkpoint.at_epoch_end=false", "eval.confusion_png=false"])
         rows[size] = {"pipeline_images_per_s": pipeline_ips(size), "train_images_per_s": steady_images_per_s(run),
                       "stored_mib_digits": 1797 * 3 * size * size / 2**20,
                       "stored_mib_cifar10_train": 50_000 * 3 * size * size / 2**20}

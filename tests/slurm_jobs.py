@@ -68,3 +68,14 @@ def wait_finished(job: str, timeout: float = 400) -> dict:
         time.sleep(0.5)
     subprocess.run(["scancel", job], check=False)
     raise TimeoutError(f"job {job} did not finish in {timeout} s: {job_info(job)}")
+
+
+def leftover(pattern: str, timeout: float = 30) -> list[str]:
+    """Processes whose command line matches `pattern` once they have had `timeout` seconds to go (a job's steps
+    can outlive its CANCELLED state by a moment; how long depends on the machine's load)."""
+    deadline = time.time() + timeout
+    while True:
+        left = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.5)

@@ -14,13 +14,13 @@ def _due(cfg, step, step_in_epoch, steps_per_epoch=10, **kw):
 
 
 def test_every_steps_saves_after_those_steps_and_leaves_epoch_ends_to_the_evaluated_save():
-    cfg = CheckpointConfig(every_steps=5, epoch_end=True)
+    cfg = CheckpointConfig(every_steps=5, at_epoch_end=True)
     assert [s for s in range(1, 31) if _due(cfg, s, (s - 1) % 10 + 1)] == [5, 15, 25]  # 10, 20, 30 end epochs
     assert _due(cfg, 10, 0, epoch_end=True)  # ...and are saved after their evaluation
 
 
 def test_without_epoch_end_saves_every_steps_covers_epoch_boundaries_too():
-    cfg = CheckpointConfig(every_steps=5, epoch_end=False)
+    cfg = CheckpointConfig(every_steps=5, at_epoch_end=False)
     assert [s for s in range(1, 31) if _due(cfg, s, (s - 1) % 10 + 1)] == [5, 10, 15, 20, 25, 30]
     assert not _due(cfg, 10, 0, epoch_end=True)
 
@@ -29,7 +29,7 @@ def test_nothing_but_epoch_ends_by_default_and_a_stopping_run_always_saves():
     cfg = CheckpointConfig()
     assert not any(_due(cfg, s, (s - 1) % 10 + 1) for s in range(1, 31))
     assert _due(cfg, 7, 7, stopping=True)
-    assert _due(CheckpointConfig(epoch_end=False), 7, 7, stopping=True)
+    assert _due(CheckpointConfig(at_epoch_end=False), 7, 7, stopping=True)
 
 
 @pytest.mark.parametrize("steps, keep, want", [

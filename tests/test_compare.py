@@ -16,7 +16,7 @@ from alexdist.tracking.compare import STALE_AFTER_S, build_row, from_run_dir, fr
 pytestmark = pytest.mark.slow
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex chars, shaped like a W&B API key
-BASE = ["train.epochs=3", "train.log_every=5", "tracking.target_acc=0.5"]
+BASE = ["train.epochs=3", "train.log_every=5", "tracking.time_to_acc=0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,9 @@ def runs(tmp_path_factory, cache_dir):
     env = run_env(cache_dir, WANDB_API_KEY=FAKE_KEY)  # offline W&B (run_env), with a key in the environment
     specs = {
         "bn-1p": (1, ["model.name=alexnet_bn"]),
-        "3x3-2p": (2, ["model.name=alexnet_3x3", "model.dropout=0.2"]),
+        "3x3-2p": (2, ["model.name=alexnet_3x3", "model.dropout=0.2", "data.val_split=0.15"]),  # selects on val
         "alexnet-zero2": (2, ["model.name=alexnet", "model.input_size=32", "distributed.strategy=deepspeed",
-                              "distributed.zero_stage=2"]),
+                              "distributed.deepspeed.zero_stage=2"]),
     }
     out = {}
     for name, (nproc, extra) in specs.items():
@@ -71,10 +71,14 @@ def test_table_has_one_row_per_run_with_values_from_its_metrics(runs, tmp_path):
     for name, (model, strategy, procs) in expected.items():
         row = table[name]
         assert (row["model"], row["strategy"], row["procs"], row["status"]) == (model, strategy, procs, "finished")
-        tests = [e for e in read_jsonl(runs[name] / "metrics.jsonl") if e["event"] == "test"]
-        best = max(tests, key=lambda e: e["acc"])
-        assert row["best acc"] == f"{best['acc']:.4f}" and row["final acc"] == f"{tests[-1]['acc']:.4f}"
-        assert row["best epoch"] == str(best["epoch"])
+        events = read_jsonl(runs[name] / "metrics.jsonl")
+        tests = [e for e in events if e["event"] == "test"]
+        chosen = [e for e in events if e["event"] == "val"] or tests  # a run with a split is ranked by it
+        best = max(chosen, key=lambda e: e["acc"])
+        test_there = next(e for e in tests if e["step"] == best["step"])
+        assert row["best acc"] == f"{best['acc']:.4f}" and row["final test acc"] == f"{tests[-1]['acc']:.4f}"
+        assert row["best epoch"] == str(best["epoch"]) and row["test acc there"] == f"{test_there['acc']:.4f}"
+        assert row["on"] == ("val" if name == "3x3-2p" else "test")
         assert row["img/s"] == f"{summary(runs[name])['images_per_s']:,.1f}"
     assert table["bn-killed"]["status"] == "running"  # no summary, metrics moved seconds ago
     # Sorted by best accuracy (the default), unknowns last.
@@ -109,7 +113,7 @@ def test_a_resumed_run_appears_once_with_its_full_history(runs):
 def test_a_killed_run_is_shown_as_died_once_its_metrics_go_stale(runs):
     rec = from_run_dir(runs["bn-killed"], now=time.time() + STALE_AFTER_S + 1)
     row = build_row(rec)
-    assert row["status"] == "died" and row["best_test_acc"] is not None and row["images_per_s"] is None
+    assert row["status"] == "died" and row["best_acc"] is not None and row["images_per_s"] is None
 
 
 def _wandb_records(run_dir: Path) -> list[dict]:

@@ -139,21 +139,22 @@ def test_fsdp_run_killed_at_6_points_finishes_with_the_uninterrupted_weights_and
 
 def test_a_slow_setup_is_allowed_for_and_a_hang_after_it_is_not(tmp_path, cache_dir):
     """distributed.setup_timeout_s covers a slow start (rank 0 decoding a dataset while the others wait);
-    from the first step on the shorter distributed.timeout_s applies."""
+    from the first step on the shorter distributed.step_timeout_s applies."""
     slow = run_env(cache_dir, ALEXDIST_FAULT="slow_setup:15:0")
     run = tmp_path / "slow"
-    check(launch(RUN + ["train.max_steps=3", "distributed.timeout_s=10", "distributed.setup_timeout_s=60",
+    check(launch(RUN + ["train.max_steps=3", "distributed.step_timeout_s=10", "distributed.setup_timeout_s=60",
                         f"output_dir={run}"], cache_dir, nproc=2, env=slow))
-    proc, _ = _launch(RUN + ["train.max_steps=3", "distributed.timeout_s=10", "distributed.setup_timeout_s=10",
+    proc, _ = _launch(RUN + ["train.max_steps=3", "distributed.step_timeout_s=10", "distributed.setup_timeout_s=10",
                              f"output_dir={tmp_path / 'too-slow'}"], cache_dir, None, "slow_setup:15:0")
     assert proc.returncode != 0 and "lost contact with the other processes" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_hung_rank_ends_the_job_within_the_collective_timeout(tmp_path, cache_dir):
     """A rank that stops responding without dying: the others' next collective times out after
-    distributed.timeout_s, rank 0 says so, and the launcher then kills the hung rank (its SIGTERM grace is 30 s)."""
+    distributed.step_timeout_s, rank 0 says so, and the launcher then kills the hung rank (its SIGTERM grace is
+    30 s)."""
     run = tmp_path / "hang"
-    proc, ended = _launch(RUN + [f"output_dir={run}", "distributed.timeout_s=10"], cache_dir, None, "hang:3:1")
+    proc, ended = _launch(RUN + [f"output_dir={run}", "distributed.step_timeout_s=10"], cache_dir, None, "hang:3:1")
     hung = json.loads((run / "fault-1.json").read_text())["time"]
     assert proc.returncode != 0
     # Where rank 0 waits decides gloo's wording ("Timed out waiting ...", "Application timeout caused pair closure").

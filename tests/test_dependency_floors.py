@@ -26,6 +26,8 @@ SINCE: dict[str, tuple[str, str, str]] = {
     "torch.distributed.is_available": ("torch", "1.0", "torch.distributed API"),
     "torch.distributed.get_backend": ("torch", "1.0", "torch.distributed API"),
     "torch.distributed.is_initialized": ("torch", "1.0", "torch.distributed API"),
+    "torch.distributed.algorithms.ddp_comm_hooks.default_hooks.allreduce_hook": (
+        "torch", "1.8", "DDP communication hooks (torch 1.8 release notes)"),
     "torch.distributed.DistNetworkError": ("torch", "2.2", "torch/distributed/__init__.py history"),
     "torch.distributed.DistStoreError": ("torch", "2.3", "torch/distributed/__init__.py history"),
     "torch.distributed.distributed_c10d._set_pg_timeout": ("torch", "2.3", "used when set_timeout is absent"),

@@ -44,21 +44,21 @@ def _model_with_grads(value: float):
                                              (1.0, float("inf"), True), (1.0, float("nan"), True)])
 def test_a_step_is_bad_when_its_loss_or_gradient_norm_is_not_finite(loss, grad, bad):
     g = _guard()
-    flag = g.bad_flag(_model_with_grads(grad), torch.tensor(loss), None)
+    flag, _ = g.bad_flag(_model_with_grads(grad), torch.tensor(loss), None)
     assert isinstance(flag, torch.Tensor) and bool(flag) is bad  # a tensor: agreed across ranks without a sync
 
 
 def test_a_clipping_norm_is_used_instead_of_computing_another():
     g = _guard()
-    assert bool(g.bad_flag(_model_with_grads(0.5), torch.tensor(1.0), torch.tensor(float("inf"))))
+    assert bool(g.bad_flag(_model_with_grads(0.5), torch.tensor(1.0), torch.tensor(float("inf")))[0])
 
 
 def test_under_deepspeed_the_engines_overflow_flag_decides():
     g = _guard(deepspeed=True)
     model = _model_with_grads(float("inf"))  # ZeRO frees its gradients: we never look at them
-    assert not bool(g.bad_flag(model, torch.tensor(1.0), None))
+    assert not bool(g.bad_flag(model, torch.tensor(1.0), None)[0])
     g.optimizer.step_was_skipped = True
-    assert bool(g.bad_flag(model, torch.tensor(1.0), None))
+    assert bool(g.bad_flag(model, torch.tensor(1.0), None)[0])
     assert g.own_skip is False
 
 

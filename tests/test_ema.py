@@ -1,5 +1,5 @@
 """train.ema_decay: an EMA of the weights evaluated beside the model, in every checkpoint, exactly resumable,
-the run's model with train.ema_eval; refused where ranks hold shards of the weights."""
+the run's model with train.ema_is_model; refused where ranks hold shards of the weights."""
 
 import subprocess
 import sys
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from alexdist.training.ema import ModelEMA
 
-EMA = ["train.ema_decay=0.9", "train.ema_eval=true", "train.epochs=2", "tracking.wandb=false"]
+EMA = ["train.ema_decay=0.9", "train.ema_is_model=true", "train.epochs=2", "tracking.wandb=false"]
 
 
 def test_the_average_follows_timms_warmup_and_swapping_restores_the_weights():
@@ -35,7 +35,7 @@ def test_the_average_follows_timms_warmup_and_swapping_restores_the_weights():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", [[], ["distributed.strategy=deepspeed", "distributed.zero_stage=2"]],
+@pytest.mark.parametrize("strategy", [[], ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"]],
                          ids=["ddp", "zero2"])
 def test_a_stopped_and_resumed_ema_run_is_bit_identical_and_its_final_weights_are_the_ema(
         strategy, tmp_path, cache_dir):
@@ -64,7 +64,7 @@ def test_a_stopped_and_resumed_ema_run_is_bit_identical_and_its_final_weights_ar
 @pytest.mark.slow
 def test_ema_is_refused_in_one_line_where_ranks_hold_shards_or_16_bit_copies(tmp_path, cache_dir):
     for name, extra in [("FSDP", ["distributed.strategy=fsdp"]),
-                        ("ZeRO-3", ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]),
+                        ("ZeRO-3", ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=3"]),
                         ("DeepSpeed and precision=bf16", ["distributed.strategy=deepspeed", "precision=bf16"])]:
         proc = launch(EMA + extra + [f"output_dir={tmp_path / name.replace(' ', '_')}"], cache_dir, nproc=2)
         assert f"train.ema_decay is not supported with {name}" in error_line(proc)

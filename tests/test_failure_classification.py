@@ -41,19 +41,10 @@ def test_a_lost_rendezvous_store_is_a_lost_peer_and_nothing_is_without_a_group()
 @pytest.mark.slow
 def test_every_process_group_deepspeed_made_gets_the_step_timeout_at_the_first_step(tmp_path):
     """ZeRO reduces on groups of its own (`new_group`, torch's default timeout); a hung peer must be noticed after
-    distributed.timeout_s on those too, not after 10 or 30 minutes."""
-    import json
-    import subprocess
-    import sys
+    distributed.step_timeout_s on those too, not after 10 or 30 minutes."""
+    from conftest import run_env, worker_report
 
-    from conftest import ROOT, run_env
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "timeout_worker.py"), str(tmp_path / "run")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(tmp_path / "cache"), capture_output=True, text=True,
-                          timeout=400, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("REPORT "))[7:])
+    report = worker_report("timeout_worker.py", str(tmp_path / "run"), env=run_env(tmp_path / "cache"))
     assert len(report["after"]) >= 2  # the default group and DeepSpeed's own
     assert any(t != 42 for t in report["before"])  # set up with other timeouts (the control)
     assert report["after"] == [42.0] * len(report["after"])

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from conftest import (
-    BF16_RUN,
+    DIGITS_RUN,
     EQUIV,
     FP64,
     ROOT,
@@ -24,7 +24,8 @@ from conftest import (
     launch,
     rel,
     summary,
-    trains_like,
+    trains_like_fp32,
+    worker_report,
 )
 from safetensors.torch import load_file
 
@@ -120,27 +121,19 @@ def test_export_of_an_fsdp_checkpoint_is_the_runs_final_weights(runs, tmp_path):
 
 
 def test_gradients_are_reduce_scattered_only_on_the_last_micro_batch():
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "tests/fsdp_worker.py"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300, check=False)
-    line = [x for x in proc.stdout.splitlines() if x.startswith("REPORT ")]
-    assert line, proc.stderr[-3000:]
-    report = json.loads(line[0].removeprefix("REPORT "))
+    report = worker_report("fsdp_worker.py")
     assert report["sharded"]
     assert report["grads_after_micro"] == [False, True]  # no reduce-scatter (no sharded gradient) before the last
     assert report["norm"] == pytest.approx(report["plain_norm"], rel=1e-12)  # the norm over shards is the whole's
 
 
-def test_fsdp_in_bf16_trains_batchnorm_like_fp32(tmp_path, cache_dir):
-    runs = {}
-    for name, extra in [("no", []), ("bf16", ["precision=bf16"]), ("no_training", ["optim.lr=1e-6"])]:
-        runs[name] = tmp_path / name
-        check(launch(BF16_RUN + FSDP + extra + ["train.batch_size=8", f"output_dir={runs[name]}"], cache_dir,
-                     nproc=2))
-        weights = load_file(str(runs[name] / "model.safetensors"))
-        assert all(v.dtype == torch.float32 for v in weights.values())  # fp32 masters, fp32 statistics
-    assert not trains_like(runs["no_training"], runs["no"])  # the control fails the check
-    assert trains_like(runs["bf16"], runs["no"])
+def test_fsdp_in_bf16_trains_batchnorm_like_fp32(tmp_path, cache_dir, accuracy_band, untrained_control):
+    run = tmp_path / "bf16"  # 2 processes x 16: DIGITS_RUN's effective batch
+    check(launch(DIGITS_RUN + FSDP + ["precision=bf16", "train.batch_size=16", f"output_dir={run}"], cache_dir,
+                 nproc=2))
+    weights = load_file(str(run / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in weights.values())  # fp32 masters, fp32 statistics
+    trains_like_fp32(accuracy_band, run, untrained_control)
 
 
 def test_the_accelerate_fsdp_config_selects_fsdp_and_a_conflicting_recipe_is_refused(tmp_path, cache_dir):
@@ -161,7 +154,7 @@ def test_fsdp_refuses_fp16_and_zero_offload_in_one_line():
     from alexdist.distributed.fsdp import FSDP2Strategy
 
     for override, words in [("precision=fp16", "use precision=bf16"),
-                            ("distributed.offload_optimizer=true", "is a DeepSpeed .ZeRO-Offload. option")]:
+                            ("distributed.deepspeed.offload_optimizer=true", "is a DeepSpeed .ZeRO-Offload. option")]:
         with pytest.raises(SetupError, match=words):
             FSDP2Strategy().check(load_recipe("quickstart", [override]))
 

@@ -14,7 +14,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from host_syncs import SyncCounter
 
 from alexdist.tracking.progress import Progress
-from alexdist.training.loop import evaluate, log_step
+from alexdist.training.epoch_end import evaluate_epoch
+from alexdist.training.loop import log_step
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def test_an_optimizer_step_syncs_the_host_once_and_a_logged_step_once_more(run, 
 def test_an_evaluation_syncs_once_not_once_per_batch(run, monkeypatch):
     counter = SyncCounter(monkeypatch.setattr)
     counter.active = True
-    ev = evaluate(run)  # 64 test images in 4 batches of 16
+    ev = evaluate_epoch(run).test  # 64 test images in 4 batches of 16
     counter.active = False
     assert counter.calls == ["Tensor.tolist"], counter.calls  # the summed loss/accuracy/confusion, read once
     assert sum(map(sum, ev.confusion)) == 64

@@ -18,8 +18,8 @@ def clean_env(monkeypatch):
         monkeypatch.delenv(key, raising=False)
 
 
-def _recipe(**distributed):
-    return Recipe.model_validate({"distributed": distributed})
+def _recipe(strategy: str = "auto", **deepspeed):
+    return Recipe.model_validate({"distributed": {"strategy": strategy, "deepspeed": deepspeed}})
 
 
 def test_auto_with_a_silent_launcher_is_ddp():
@@ -35,8 +35,8 @@ def test_auto_follows_a_deepspeed_launcher_config_and_records_its_stage(monkeypa
     r = _recipe()
     s = resolve_strategy(r)
     assert (s.name, s.zero_stage, s.describe()) == ("deepspeed", 3, "deepspeed ZeRO-3")
-    assert r.distributed.strategy == "deepspeed" and r.distributed.zero_stage == 3
-    assert r.distributed.offload_optimizer is True
+    assert r.distributed.strategy == "deepspeed" and r.distributed.deepspeed.zero_stage == 3
+    assert r.distributed.deepspeed.offload_optimizer is True
 
 
 def test_recipe_deepspeed_without_a_launcher_config_uses_the_recipe_stage():
@@ -49,7 +49,7 @@ def test_an_explicit_recipe_value_that_disagrees_with_the_launcher_stops_with_bo
         monkeypatch.setenv(k, v)
     with pytest.raises(SetupError, match="launcher config says DeepSpeed but the recipe says distributed.strategy=ddp"):
         resolve_strategy(_recipe(strategy="ddp"))
-    with pytest.raises(SetupError, match="ZeRO stage 3 but the recipe says distributed.zero_stage=2"):
+    with pytest.raises(SetupError, match="ZeRO stage 3 but the recipe says distributed.deepspeed.zero_stage=2"):
         resolve_strategy(_recipe(strategy="deepspeed", zero_stage=2))
 
 

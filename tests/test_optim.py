@@ -30,6 +30,29 @@ def test_fused_sgd_keeps_zero_momentum_not_uninitialised_memory_when_its_first_s
     assert torch.equal(_fused_sgd_skipping_its_first_step(True, monkeypatch), torch.zeros(4))
 
 
+def test_the_momentum_hook_lets_later_hooks_run_and_keeps_loaded_buffers(monkeypatch):
+    """The hook used to remove itself while torch iterated the pre-step hooks: any hook registered after it made
+    the first step fail ("OrderedDict mutated during iteration"). And a resumed run's loaded buffers must stay,
+    without a zeros allocation per parameter."""
+    params = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True)
+    zero_momentum_buffers(opt)
+    later = []
+    opt.register_step_pre_hook(lambda o, a, k: later.append(1))
+    loaded = torch.full((4,), 7.0)
+    opt.state[params[0]]["momentum_buffer"] = loaded  # as a resume loads it
+    made = []
+    real = torch.zeros_like
+    monkeypatch.setattr(torch, "zeros_like", lambda t, **kw: made.append(t.shape) or real(t, **kw))
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert later == [1, 1]  # the later hook ran at both steps
+    assert made == [torch.Size([3])]  # only the parameter without a loaded buffer got zeros, once
+    assert opt.state[params[0]]["momentum_buffer"] is loaded
+
+
 def test_zero_initialised_momentum_gives_the_same_steps_as_torchs_own_init():
     torch.manual_seed(0)
     grads = [torch.randn(5) for _ in range(3)]
@@ -70,6 +93,27 @@ def test_lars_adapts_and_decays_weights_but_not_batchnorm_weights_or_biases():
     ratio = 0.01 * w.norm() / (g.norm() + 1e-3 * w.norm())
     assert torch.allclose(fc.weight.detach(), w - 1.9 * ratio * (g + 1e-3 * w), atol=1e-6)
     assert torch.allclose(fc.bias.detach(), b - 1.9 * gb, atol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_lars_without_weight_decay_still_adapts_the_weights(momentum):
+    """timm adapts only groups that have weight decay unless told to always adapt: at weight_decay=0 LARS was
+    plain SGD at LARS's lr (lr 1.0: ~100x the step LARS means). The weights must step by the trust ratio."""
+    model = _model()
+    recipe = load_recipe(None, ["optim.name=lars", "optim.weight_decay=0", f"optim.momentum={momentum}",
+                                "optim.trust_coeff=0.01"])
+    opt = make_optimizer(model, recipe, lr=1.0)
+    x = torch.randn(4, 3, 8, 8)
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    fc = model[3]
+    w, g, b, gb = fc.weight.detach().clone(), fc.weight.grad.clone(), fc.bias.detach().clone(), fc.bias.grad.clone()
+    opt.step()
+    nesterov = 1 + momentum  # the first Nesterov step from a zero buffer
+    ratio = 0.01 * w.norm() / g.norm()
+    lars_step, sgd_step = nesterov * ratio * g, nesterov * g
+    assert torch.allclose(fc.weight.detach(), w - lars_step, atol=1e-6)
+    assert (fc.weight.detach() - (w - sgd_step)).norm() > 0.5 * sgd_step.norm()  # far from the plain SGD step
+    assert torch.allclose(fc.bias.detach(), b - nesterov * gb, atol=1e-6)  # 1-D tensors: plain SGD
 
 
 def test_lars_settings_without_lars_and_lars_with_a_fused_kernel_are_refused():

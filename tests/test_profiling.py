@@ -1,4 +1,4 @@
-"""speed.profile_steps writes a torch.profiler trace of those steps on rank 0; the summary has every rank's peak
+"""tracking.profile_steps writes a torch.profiler trace of those steps on rank 0; the summary has every rank's peak
 memory."""
 
 import json
@@ -13,7 +13,7 @@ from alexdist.errors import ConfigError
 @pytest.mark.slow
 def test_a_trace_of_the_chosen_steps_is_written_on_rank_0_and_peak_memory_per_rank_recorded(tmp_path, cache_dir):
     run = tmp_path / "run"
-    check(launch(["speed.profile_steps=[3,4]", "train.max_steps=6", "tracking.wandb=false", f"output_dir={run}"],
+    check(launch(["tracking.profile_steps=[3,4]", "train.max_steps=6", "tracking.wandb=false", f"output_dir={run}"],
                  cache_dir, nproc=2))
     traces = list((run / "profile").iterdir())
     assert [t.name for t in traces] == ["rank0.steps-3-4.pt.trace.json"]  # rank 0 only
@@ -27,5 +27,5 @@ def test_a_trace_of_the_chosen_steps_is_written_on_rank_0_and_peak_memory_per_ra
 
 def test_profile_steps_must_be_a_start_and_an_end():
     for bad in ("[5]", "[4,2]", "[0,3]"):
-        with pytest.raises(ConfigError, match=r"speed.profile_steps is \[start, end\]"):
-            load_recipe("quickstart", [f"speed.profile_steps={bad}"])
+        with pytest.raises(ConfigError, match=r"tracking.profile_steps is \[start, end\]"):
+            load_recipe("quickstart", [f"tracking.profile_steps={bad}"])

@@ -30,6 +30,11 @@ def test_quickstart_learns_digits_on_two_processes_and_logs_to_wandb_offline(qui
     events = read_jsonl(out / "metrics.jsonl")
     tests = {e["step"]: e for e in events if e["event"] == "test"}
     assert len(tests) == 12
+    # The gradient noise scale, through DDP's communication hook: per epoch and in the summary.
+    noise = [e["noise_scale"] for e in events if e["event"] == "train"]
+    assert len(noise) == 12 and all(v is not None and v > 0 for v in noise), noise
+    assert s["noise_scale"]["steps"] == 264 and (s["noise_scale"]["b_small"], s["noise_scale"]["b_big"]) == (32, 64)
+    assert s["noise_scale"]["b_simple"] == noise[-1]
 
     # What W&B itself recorded offline, read back with W&B's own tool, matches metrics.jsonl.
     run_dirs = list((out / "wandb").glob("offline-run-*"))
@@ -50,6 +55,7 @@ def test_quickstart_learns_digits_on_two_processes_and_logs_to_wandb_offline(qui
     for step, e in tests.items():
         assert history[step]["test/acc"] == pytest.approx(e["acc"], abs=1e-12)
         assert history[step]["test/loss"] == pytest.approx(e["loss"], abs=1e-12)
+        assert history[step]["train/noise_scale"] > 0
     assert config_seen["model.name"] == "alexnet_bn" and config_seen["run.world_size"] == 2
 
 

@@ -35,7 +35,7 @@ def test_zero2_resume_is_bit_identical_to_the_uninterrupted_run_buffers_included
     statistics are no part of ZeRO's partitions: rank 0's are broadcast before every forward, as DDP does, so the
     checkpoint holds what every rank uses and a resumed rank 1 continues from the same statistics it would have
     had (issue 23: with each rank keeping its own, the resumed run's running_var differed by up to 0.038)."""
-    zero2 = ["distributed.strategy=deepspeed", "distributed.zero_stage=2"]
+    zero2 = ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"]
     whole, pieces = tmp_path / "whole", tmp_path / "pieces"
     check(launch(QUICK + zero2 + ["train.max_steps=26", f"output_dir={whole}"], cache_dir, nproc=2))
     check(launch(QUICK + zero2 + ["train.max_steps=11", f"output_dir={pieces}"], cache_dir, nproc=2))

@@ -50,7 +50,18 @@ def test_warmup_in_epochs_gives_a_short_large_batch_run_real_warmup_steps():
     assert warmup_steps(ScheduleConfig(warmup_frac=0.01), 35, 7) == 0
     assert warmup_steps(ScheduleConfig(warmup_epochs=1), 35, 7) == 7
     assert warmup_steps(ScheduleConfig(warmup_frac=0.5, warmup_epochs=1), 35, 7) == 17  # the longer one
-    assert warmup_steps(ScheduleConfig(warmup_epochs=10), 35, 7) == 35  # never past the run
+    assert warmup_steps(ScheduleConfig(warmup_epochs=10), 35, 7) == 8  # warmup in epochs: a quarter at most
+
+
+def test_warmup_in_epochs_never_fills_a_short_run():
+    """One warmup epoch of a 1-epoch run was the whole run: the lr rose to its peak at the last step and never
+    decayed. Capped at a quarter, three quarters of the run decay; an explicit warmup_frac is taken as given."""
+    cfg = ScheduleConfig(name="cosine", warmup_epochs=1)
+    assert warmup_steps(cfg, 468, 468) == 117  # 1 epoch of MNIST at batch 128
+    factors = [lr_factor(s, 468, cfg, warmup=warmup_steps(cfg, 468, 468)) for s in range(468)]
+    assert max(factors) == pytest.approx(1.0) and factors[-1] < 0.01  # the peak is reached and decayed from
+    assert warmup_steps(cfg, 2340, 468) == 468  # 5 epochs: the one epoch asked for (20 %)
+    assert warmup_steps(ScheduleConfig(warmup_frac=0.4), 100, 100) == 40
     cfg = ScheduleConfig(name="cosine", warmup_epochs=1)
     factors = [lr_factor(s, 35, cfg, warmup=7) for s in range(9)]
     assert factors[:7] == pytest.approx([(s + 1) / 7 for s in range(7)])

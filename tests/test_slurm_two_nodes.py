@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import ROOT, check, comparable_events, launch, read_jsonl, summary, wait_for_step
 from safetensors.torch import load_file
-from slurm_jobs import job_info, require_slurm, sbatch, slurm_env, wait_finished
+from slurm_jobs import job_info, leftover, require_slurm, sbatch, slurm_env, wait_finished
 
 from alexdist.distributed.launcher import free_port
 
@@ -116,10 +116,9 @@ def test_scancel_leaves_a_resumable_checkpoint_and_no_process_on_either_node(tmp
     wait_for_step(run, 20)
     subprocess.run(["scancel", job], check=True)
     assert wait_finished(job, timeout=120)["JobState"] == "CANCELLED"
-    time.sleep(1)
-    assert _workers("node1") == [] and _workers("node2") == []
-    left = subprocess.run(["pgrep", "-f", f"output_dir={run}"], capture_output=True, text=True).stdout.split()
+    left = leftover(f"output_dir={run}")
     assert left == [], f"orphaned processes: {left}"
+    assert _workers("node1") == [] and _workers("node2") == []
     stop = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "stop"]
     assert len(stop) == 1 and (run / "checkpoints" / f"step-{stop[0]['step']:07d}" / "trainer_state.json").is_file()
 
@@ -168,7 +167,7 @@ def test_accelerate_launch_by_hand_on_two_nodes_without_slurm(one_node, tmp_path
 
 
 def test_zero2_trains_and_resumes_on_two_nodes(tmp_path, cache_dir):
-    zero2 = ["distributed.strategy=deepspeed", "distributed.zero_stage=2"]
+    zero2 = ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"]
     ref, run = tmp_path / "zero2-one-node", tmp_path / "zero2-two-nodes"
     check(launch([*ARGS[1:-1], "train.max_steps=40", *zero2, f"output_dir={ref}"], cache_dir, nproc=2,
                  recipe="quickstart"))

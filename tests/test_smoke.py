@@ -148,7 +148,7 @@ def test_a_damaged_checkpoint_is_found_by_its_manifest(tiny, tmp_path):
     assert "optimizer.bin" in damage(ckpt)
 
 
-@pytest.mark.parametrize("strategy", [[], ["distributed.strategy=deepspeed", "distributed.zero_stage=2"],
+@pytest.mark.parametrize("strategy", [[], ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"],
                                       ["distributed.strategy=fsdp"]], ids=["ddp", "zero2", "fsdp"])
 def test_each_strategy_takes_two_steps_on_two_processes(strategy, tmp_path, cache_dir):
     """Thorough: test_ddp_equivalence.py, test_zero_equivalence.py, test_fsdp.py."""

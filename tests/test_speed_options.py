@@ -3,8 +3,12 @@
 The options that only change how the same arithmetic is ordered (memory layout, optimizer kernels, compilation,
 where batches are built, evaluation batching) are compared in float64, where that order costs ~1e-16 and a
 different computation would show by many orders of magnitude more (conftest.FP64_BOUND). bf16 is compared with
-fp32 on real digits, where 30 steps take the training loss from 2.3 to about 1.6: the mean loss of the last 10
-steps within 10 % of fp32's, a check that a run which does not train (lr 1e-6, the control) fails."""
+fp32 on real digits trained to a converged accuracy (conftest.DIGITS_RUN), in points of test accuracy, within a
+tolerance measured from fp32 runs with other seeds in the same session (conftest.AccuracyBand); a run that does
+not train (lr 1e-6, the control) must miss by more than 5 tolerances. bf16's own kernels (emulated on AVX2,
+native with AMX or AVX-512 BF16, tensor cores on GPUs) land anywhere inside seed noise: measured on the 2-core
+AMD EPYC (emulated), bf16 97.2 % and bf16 with fp32 BatchNorm 97.5 % against fp32 seeds at 96.9-98.1 %; the
+control 10 %, over 20 tolerances away."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import BF16_RUN, FP64, FP64_BOUND, check, flat, launch, read_jsonl, summary, trains_like
+from conftest import DIGITS_RUN, FP64, FP64_BOUND, check, flat, launch, read_jsonl, summary, trains_like_fp32
 from safetensors.torch import load_file
 
 from alexdist.models import FP32BatchNorm2d, keep_batchnorm_fp32
@@ -32,12 +36,7 @@ VARIANTS = {
     "eval_batch_7": FP64 + ["train.eval_batch_size=7"],
     "compile": FP64 + ["speed.compile=true"],
 }
-DIGITS = {  # BF16_RUN's variants (real digits, BatchNorm model)
-    "bf16": ["precision=bf16", "speed.bn_fp32=false"],
-    "bf16_bn_fp32": ["precision=bf16", "speed.bn_fp32=true"],
-    "fp32": [],  # what bf16 is compared with
-    "no_training": ["optim.lr=1e-6"],  # the control: must fail the comparison
-}
+BF16 = {"bf16": ["precision=bf16", "speed.bn_fp32=false"], "bf16_bn_fp32": ["precision=bf16", "speed.bn_fp32=true"]}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def runs(tmp_path_factory, cache_dir):
         check(launch(args + [f"output_dir={root / name}"], cache_dir, timeout=900))
         return name, root / name
 
-    todo = {**{n: RUN + e for n, e in VARIANTS.items()}, **{n: BF16_RUN + e for n, e in DIGITS.items()}}
+    todo = {**{n: RUN + e for n, e in VARIANTS.items()}, **{n: DIGITS_RUN + e for n, e in BF16.items()}}
     with ThreadPoolExecutor(2) as pool:
         return dict(pool.map(one, todo.items()))
 
@@ -84,10 +83,9 @@ def test_evaluation_batch_size_does_not_change_the_result(runs):
 
 
 @pytest.mark.slow
-def test_bf16_with_and_without_fp32_batchnorm_trains_like_fp32(runs):
-    assert not trains_like(runs["no_training"], runs["fp32"])  # the check has teeth
-    assert trains_like(runs["bf16_bn_fp32"], runs["fp32"])
-    assert trains_like(runs["bf16"], runs["fp32"])
+@pytest.mark.parametrize("name", BF16)
+def test_bf16_with_and_without_fp32_batchnorm_trains_like_fp32(runs, name, accuracy_band, untrained_control):
+    trains_like_fp32(accuracy_band, runs[name], untrained_control)
 
 
 def test_fp32_batchnorm_keeps_statistics_in_fp32_under_bf16_autocast():
@@ -123,19 +121,19 @@ def test_fp32_batchnorm_runs_with_half_weights_and_fp32_statistics_as_deepspeed_
 
 
 @pytest.fixture(scope="module")
-def zero2_bf16(runs, tmp_path_factory, cache_dir):
+def zero2_bf16(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("zero2-bf16") / "run"
-    extra = ["precision=bf16", "train.batch_size=8"]  # 2 processes x 8: BF16_RUN's effective batch of 16
-    check(launch(BF16_RUN + extra + [f"output_dir={out}"], cache_dir, nproc=2,
+    extra = ["precision=bf16", "train.batch_size=16"]  # 2 processes x 16: DIGITS_RUN's effective batch of 32
+    check(launch(DIGITS_RUN + extra + [f"output_dir={out}"], cache_dir, nproc=2,
                  config_file="recipes/accelerate/zero2.yaml"))
     return out
 
 
 @pytest.mark.slow
-def test_deepspeed_bf16_trains_the_batchnorm_model_like_fp32(runs, zero2_bf16):
+def test_deepspeed_bf16_trains_the_batchnorm_model_like_fp32(zero2_bf16, accuracy_band, untrained_control):
     out = zero2_bf16
-    assert summary(out)["strategy"] == "deepspeed" and summary(out)["effective_batch"] == 16
-    assert trains_like(out, runs["fp32"])
+    assert summary(out)["strategy"] == "deepspeed" and summary(out)["effective_batch"] == 32
+    trains_like_fp32(accuracy_band, out, untrained_control)
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def expand_with_wandb_agent(sweep: dict, values: dict, run_id: str, tmp_path: Pa
 
 def test_the_sweep_definition_is_one_wandb_accepts():
     sweep = yaml.safe_load(SWEEP.read_text())
-    assert sweep["metric"] == {"name": "test/acc", "goal": "maximize"}  # the key alexdist logs each evaluation
+    assert sweep["metric"] == {"name": "val/acc", "goal": "maximize"}  # what selects: the validation split's
     assert sweep["command"][:5] == ["accelerate", "launch", "-m", "alexdist.train", "recipes/bn.yaml"]
     assert "${args_no_hyphens}" in sweep["command"]
     from alexdist.config import load_recipe
@@ -43,6 +43,22 @@ def test_the_sweep_definition_is_one_wandb_accepts():
     for key, spec in sweep["parameters"].items():  # every swept key is a recipe key, and every value valid
         for value in spec.get("values", [spec.get("min"), spec.get("max")]):
             load_recipe("bn", [f"{key}={value}"])
+
+
+def test_the_sweep_searches_around_the_recipe_it_sweeps():
+    """Each range brackets the recipe's own value (an lr range left at SGD's values while the recipe moved to LARS
+    at 1.0 searched nowhere near it), and the metric is one the recipe logs: val/acc needs its validation split."""
+    from alexdist.config import flatten, load_recipe
+
+    sweep = yaml.safe_load(SWEEP.read_text())
+    recipe = load_recipe(sweep["command"][4])
+    values = flatten(recipe.to_dict())
+    for key, spec in sweep["parameters"].items():
+        if "values" in spec:
+            assert values[key] in spec["values"], (key, values[key], spec["values"])
+        else:
+            assert spec["min"] < values[key] < spec["max"], (key, values[key], spec)
+    assert recipe.data.val_split is not None  # val/acc is logged only with a validation split
 
 
 @pytest.mark.slow

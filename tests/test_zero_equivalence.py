@@ -9,6 +9,8 @@ import json
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from conftest import (
     ROOT,
     assert_same_training,
     check,
+    error_line,
     flat,
     fp32_bound,
     launch,
@@ -42,10 +45,10 @@ def zero_runs(tmp_path_factory, cache_dir):
         ("ddp", [], {}),
         ("ddp_fp64", FP64, {}),
         ("ddp_noclip", ["train.grad_clip=null"], {}),
-        ("zero1", ["distributed.strategy=deepspeed", "distributed.zero_stage=1"], {}),
-        ("zero2", ["distributed.strategy=deepspeed", "distributed.zero_stage=2"], {}),
-        ("zero2_no_momentum", ["distributed.strategy=deepspeed", "distributed.zero_stage=2", "optim.momentum=0"],
-         {}),
+        ("zero1", ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=1"], {}),
+        ("zero2", ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"], {}),
+        ("zero2_no_momentum", ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2",
+                               "optim.momentum=0"], {}),
         ("zero3", [], {"config_file": "recipes/accelerate/zero3.yaml"}),
     ]:
         out = root / name
@@ -111,11 +114,14 @@ def test_a_zero2_sgd_run_moves_from_2_to_1_to_2_processes_with_its_momentum(zero
     fp32 rounding of that training, measured against float64 DDP as the equivalence tests do (measured 1.2e-9,
     bound 4.7e-6); training without momentum differs by 1.4e-4, so a move that lost it could not pass."""
     sgd = EQUIV + ["train.global_batch=16", "train.grad_accum=2", "train.grad_clip=0.2",
-                   "distributed.strategy=deepspeed", "distributed.zero_stage=2"]
+                   "distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"]
     moved = tmp_path / "moved"
-    for nproc, steps, launcher in [(2, 3, "accelerate"), (1, 5, "torchrun"), (2, 6, "accelerate")]:
+    # The move to 1 process on a filesystem without hard links (os.link refused): the copy is built by copying.
+    no_links = run_env(cache_dir, PYTHONPATH=str(_fault_site(tmp_path)), FAULT_SITE="no_hardlinks")
+    for nproc, steps, launcher, env in [(2, 3, "accelerate", None), (1, 5, "torchrun", no_links),
+                                        (2, 6, "accelerate", None)]:
         check(launch(sgd + [f"train.max_steps={steps}", f"output_dir={moved}"], cache_dir, nproc=nproc,
-                     launcher=launcher))
+                     launcher=launcher, env=env))
     assert summary(moved)["resumed_at_step"] == 5 and summary(moved)["world_size"] == 2
     assert not list((moved / "checkpoints").glob(".universal-*"))  # the scratch copies are gone
     ref, bound = flat(zero_runs["zero2"]), fp32_bound(flat(zero_runs["ddp"]), flat(zero_runs["ddp_fp64"]))
@@ -132,7 +138,7 @@ def test_a_zero2_adamw_run_moves_from_2_to_1_to_2_processes_through_a_universal_
     the bound comes from the same training run entirely on 1 process: the moved run differs from the 2-process
     one by rounding of its 1-process steps at most, a few times that distance (measured 5e-8 vs 5.7e-4)."""
     adamw = EQUIV + ["optim.name=adamw", "optim.lr=0.002", "train.global_batch=16", "train.grad_accum=2",
-                     "distributed.strategy=deepspeed", "distributed.zero_stage=2"]
+                     "distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"]
     ref, one, moved, lost = tmp_path / "ref", tmp_path / "one", tmp_path / "moved", tmp_path / "lost"
     check(launch(adamw + [f"output_dir={ref}"], cache_dir, nproc=2))
     check(launch(adamw + [f"output_dir={one}"], cache_dir, nproc=1, launcher="torchrun"))
@@ -151,3 +157,38 @@ def test_a_zero2_adamw_run_moves_from_2_to_1_to_2_processes_through_a_universal_
           f"{rel(flat(ref), flat(lost)):.1e})")
     assert_same_training(flat(ref), flat(moved), "zero2 2 -> 1 -> 2", bound=3 * floor)
     assert rel(flat(ref), flat(lost)) > 3 * floor  # the bound catches a move that lost the optimizer state
+
+
+def _fault_site(tmp_path: Path) -> Path:
+    """A sitecustomize that makes the filesystem refuse hard links (FAULT_SITE=no_hardlinks, as some network and
+    FUSE filesystems do) or also fail every copy (FAULT_SITE=disk_full): the monkeypatch, in launched processes."""
+    site = tmp_path / "fault_site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import errno, os, shutil\n"
+        "mode = os.environ.get('FAULT_SITE')\n"
+        "def _refuse(*a, **k):\n"
+        "    raise OSError(errno.EPERM, 'Operation not permitted')\n"
+        "def _full(*a, **k):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "if mode in ('no_hardlinks', 'disk_full'):\n"
+        "    os.link = _refuse\n"
+        "if mode == 'disk_full':\n"
+        "    shutil.copy2 = _full\n")
+    return site
+
+
+def test_a_failed_universal_conversion_stops_every_rank_at_once_with_one_line(tmp_path, cache_dir):
+    """Rank 0 converts; a full disk there used to escape on rank 0 alone, while the other ranks waited for its
+    answer for distributed.setup_timeout_s (30 minutes). Every rank now gets the same error, at once."""
+    args = EQUIV + ["train.global_batch=16", "distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"]
+    run = tmp_path / "run"
+    check(launch(args + ["train.max_steps=2", f"output_dir={run}"], cache_dir, nproc=1, launcher="torchrun"))
+    env = run_env(cache_dir, PYTHONPATH=str(_fault_site(tmp_path)), FAULT_SITE="disk_full")
+    t0 = time.time()
+    proc = launch(args + ["train.max_steps=4", f"output_dir={run}"], cache_dir, nproc=2, env=env)
+    took = time.time() - t0
+    print(f"\nconversion failed on rank 0 -> both ranks gone in {took:.0f} s")
+    line = error_line(proc)
+    assert proc.returncode != 0 and "could not convert" in line and "No space left on device" in line
+    assert took < 120 and not list((run / "checkpoints").glob(".universal-*"))

@@ -1,6 +1,6 @@
 """Run by test_failure_classification.py under `torchrun --nproc_per_node 2`: a ZeRO-2 run built in this process
 reports every process group's timeout before its first optimizer step and after it (when
-distributed.timeout_s takes over from the setup allowance)."""
+distributed.step_timeout_s takes over from the setup allowance)."""
 
 import json
 import os
@@ -12,9 +12,10 @@ from alexdist.training.evaluation import EpochMeter
 from alexdist.training.loop import record_step, train_step
 from alexdist.training.setup import setup
 
-recipe = load_recipe("quickstart", ["distributed.strategy=deepspeed", "distributed.zero_stage=2",
-                                    "distributed.timeout_s=42", "data.source=synthetic", "data.synthetic_train=256",
-                                    "data.synthetic_test=32", "tracking.wandb=false", f"output_dir={sys.argv[1]}"])
+recipe = load_recipe("quickstart", ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2",
+                                    "distributed.step_timeout_s=42", "data.source=synthetic",
+                                    "data.synthetic_train=256", "data.synthetic_test=32", "tracking.wandb=false",
+                                    f"output_dir={sys.argv[1]}"])
 run = setup(recipe)
 run.meter = EpochMeter(run.accelerator.device)
 before = group_timeouts()

@@ -55,8 +55,9 @@ class Checkpointer:
     """Owns the checkpoint policy of one run. Every method is called on every rank, in the same order."""
 
     def __init__(self, accelerator, recipe: Recipe, strategy: Strategy, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+                 optimizer: torch.optim.Optimizer, steps_per_epoch: int, val_fingerprint: str | None = None):
         self.acc = accelerator
+        self.val_fingerprint = val_fingerprint  # the run's validation split (data.val_split), None without
         self.strategy = strategy
         self.model = model
         self.optimizer = optimizer
@@ -148,6 +149,12 @@ class Checkpointer:
                 f"checkpoint {path} was written by {state.strategy}, this run uses {self.strategy.name}; resume with "
                 f"distributed.strategy={state.strategy}, or export the weights (alexdist export) and start fresh"
             )
+        if state.zero_stage != self.strategy.zero_stage:  # the partitions are cut for the stage that wrote them
+            raise SetupError(
+                f"checkpoint {path} was written by ZeRO-{state.zero_stage}, this run uses ZeRO-"
+                f"{self.strategy.zero_stage}; resume with distributed.deepspeed.zero_stage={state.zero_stage}, or "
+                f"export the weights (alexdist export) and start fresh"
+            )
         if refused := self.strategy.resume_refusal(path, state.world_size, world):
             raise refused
         changed = config_changes(path, self.recipe)
@@ -156,6 +163,13 @@ class Checkpointer:
                 f"checkpoint {path} was trained with another model or data ({'; '.join(changed)}); resume with "
                 f"the checkpoint's values, choose another output_dir, or set checkpoint.allow_config_change=true "
                 f"if the change is on purpose"
+            )
+        if state.val_fingerprint != self.val_fingerprint:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with another validation split (held-out images "
+                f"{state.val_fingerprint or 'none'}, now {self.val_fingerprint or 'none'}): resuming would train on "
+                f"images it selected on; resume with the checkpoint's data.val_split and data, or start a new run in "
+                f"another output_dir"
             )
         check_pickles(path)
         try:
@@ -257,13 +271,19 @@ class Checkpointer:
 
     def _rotate(self) -> None:
         ckpts = complete_checkpoints(self.recipe.output_dir)
-        keep = keep_after_rotation([(step_of(p), read_state(p).test_acc) for p in ckpts], self.cfg.keep)
+        keep = keep_after_rotation([(step_of(p), _selection_acc(read_state(p))) for p in ckpts], self.cfg.keep)
         for p in ckpts:
             if step_of(p) not in keep:
                 doomed = p.with_name(f".del-{p.name}")
                 os.replace(p, doomed)  # atomic: the checkpoint is gone from resume's view in one step
                 faults.kill_point("save.rotate", self._step, self.recipe.output_dir)
                 shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _selection_acc(state: TrainState) -> float | None:
+    """The accuracy that picks the best checkpoint: validation with a split (checkpoints written before the
+    split existed recorded only their test accuracy, which was then the selection accuracy)."""
+    return state.selection_acc if state.selection_acc is not None else state.test_acc
 
 
 def all_finite(tensors) -> bool:

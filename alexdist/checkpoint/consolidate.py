@@ -1,7 +1,7 @@
 """One whole set of fp32 weights from a checkpoint directory, in this one process (no process group): what
 `alexdist export` and `alexdist evaluate` read. Each strategy reads its own files (Strategy.consolidate): DDP's
 safetensors shards, DeepSpeed's ZeRO partitions (its own `get_fp32_state_dict_from_zero_checkpoint`), FSDP2's
-DCP shards (DCP reads every rank's shards into the whole model). A train.ema_eval run's model is its EMA.
+DCP shards (DCP reads every rank's shards into the whole model). A train.ema_is_model run's model is its EMA.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     classes = state.classes or list(CIFAR10_CLASSES)  # checkpoints from before class names were recorded
     model = _model(recipe, len(classes))
     weights = checkpoint_strategy(path).consolidate(path, model)
-    if recipe.train.ema_eval and (path / EMA_FILE).is_file():
+    if recipe.train.ema_is_model and (path / EMA_FILE).is_file():
         weights = _with_ema(path, weights, model)
     return plain_weights(weights), weights_metadata(recipe, state.global_step, state.test_acc, classes)
 
@@ -50,7 +50,7 @@ def _model(recipe: Recipe, num_classes: int) -> torch.nn.Module:
 
 
 def _with_ema(path: Path, weights: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The checkpoint's EMA parameters in place of the weights' (a train.ema_eval run's model is its EMA)."""
+    """The checkpoint's EMA parameters in place of the weights' (a train.ema_is_model run's model is its EMA)."""
     check_pickles(path)
     ema = torch.load(path / EMA_FILE, map_location="cpu", weights_only=True)
     names = [n for n, _ in model.named_parameters()]

@@ -11,20 +11,20 @@ def save_due(cfg: CheckpointConfig, steps_per_epoch: int, global_step: int, step
     epoch's evaluation (`epoch_end`: the epoch is complete) and when the run stops here (`stopping`: a stop
     request, or the run's last step):
     - a run that stops always leaves a checkpoint of where it stopped;
-    - after an epoch's evaluation: if checkpoint.epoch_end (the checkpoint then records the test accuracy);
+    - after an epoch's evaluation: if checkpoint.at_epoch_end (the checkpoint then records the evaluation);
     - after a step: every checkpoint.every_steps steps, unless this step ends an epoch that is saved after its
       evaluation anyway."""
     if stopping:
         return True
     if epoch_end:
-        return cfg.epoch_end
-    saved_after_eval = cfg.epoch_end and step_in_epoch == steps_per_epoch
+        return cfg.at_epoch_end
+    saved_after_eval = cfg.at_epoch_end and step_in_epoch == steps_per_epoch
     return bool(cfg.every_steps) and global_step % cfg.every_steps == 0 and not saved_after_eval
 
 
 def keep_after_rotation(checkpoints: list[tuple[int, float | None]], keep: int) -> set[int]:
-    """The steps rotation keeps, from (step, test accuracy or None) oldest first: the newest `keep`, plus the
-    best by test accuracy (the later one on ties)."""
+    """The steps rotation keeps, from (step, selection accuracy or None) oldest first: the newest `keep`, plus the
+    best by selection accuracy (validation with a split, else test; the later one on ties)."""
     kept = {step for step, _ in checkpoints[-keep:]}
     scored = [(acc, step) for step, acc in checkpoints if acc is not None]
     if scored:

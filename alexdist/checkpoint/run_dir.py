@@ -1,12 +1,17 @@
 """The run directory: checked writable and roomy before any work, and held by one run at a time.
 
-One run per run directory: `output_dir/.lock` names the run that holds it (host, pid, Slurm job id).
+One run per run directory: `output_dir/.lock` names the run that holds it (host, PID namespace, pid, Slurm job
+id, TorchElastic run id).
 
 A second run started on the same output_dir (a job submitted twice) is refused with one line naming the holder.
 The holder's rank 0 keeps the lock's modification time fresh from a background thread, so a holder that died
 without releasing it is recognised: the directory is taken over, without manual cleanup, by
 - the same Slurm job (a requeue),
-- any run on the holder's host once the holder's process is gone (a crash),
+- the same TorchElastic job (`torchrun --rdzv-id`), re-formed: torchrun stops every worker of a round before it
+  starts the next one, so the holder, rank 0 of an earlier round, is gone even when its host is (rank 0 moves
+  to another host when the host that held it is lost: ranks follow the sorted node addresses),
+- any run in the holder's host and PID namespace once the holder's process is gone (a crash; a pid means
+  nothing in another container's namespace, where it may even name an unrelated live process),
 - any run anywhere once the lock has not been refreshed for STALE_S seconds (a lost node).
 Creation is atomic (O_EXCL), which holds on local disks and NFSv3+; a takeover rewrites the file atomically.
 """
@@ -31,8 +36,23 @@ HEARTBEAT_S = 20  # how often the holder refreshes the lock
 STALE_S = 120  # a lock not refreshed for this long belongs to a run that is gone
 
 
+# torchrun's run id when none is given (`--rdzv-id` unset with an explicit endpoint): shared by unrelated jobs.
+DEFAULT_ELASTIC_RUN = "none"
+
+
+def pid_namespace() -> str | None:
+    """This process's PID namespace (e.g. `pid:[4026531836]`): pids compare only within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def this_run() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID")
+    return {"host": socket.gethostname(), "pid_ns": pid_namespace(), "pid": os.getpid(),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "elastic_run": elastic if elastic and elastic != DEFAULT_ELASTIC_RUN else None,
             "since": round(time.time(), 3)}
 
 
@@ -53,8 +73,11 @@ def takeover_reason(holder: dict | None, age_s: float, me: dict) -> str | None:
         return "the lock file was unreadable (cut short by a crash)"
     if holder.get("slurm_job") and holder.get("slurm_job") == me.get("slurm_job"):
         return "the same Slurm job, requeued"
+    if holder.get("elastic_run") and holder.get("elastic_run") == me.get("elastic_run"):
+        return "the same TorchElastic job, re-formed"
     pid = holder.get("pid")
-    if holder.get("host") == me["host"] and (not isinstance(pid, int) or pid <= 0 or not _alive(pid)):
+    same_namespace = holder.get("host") == me["host"] and holder.get("pid_ns") == me.get("pid_ns")
+    if same_namespace and (not isinstance(pid, int) or pid <= 0 or not _alive(pid)):
         return "its process is gone"
     if age_s > STALE_S:
         return f"it has not been refreshed for {age_s:.0f} s"
@@ -63,6 +86,7 @@ def takeover_reason(holder: dict | None, age_s: float, me: dict) -> str | None:
 
 def describe(holder: dict, age_s: float) -> str:
     job = f", Slurm job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+    job += f", TorchElastic run {holder['elastic_run']}" if holder.get("elastic_run") else ""
     return f"host {holder.get('host')}, pid {holder.get('pid')}{job}, last seen {age_s:.0f} s ago"
 
 
@@ -136,12 +160,12 @@ def checkpoint_bytes(n_params: int, recipe: Recipe, master_copies: int = 0) -> i
     return 4 * n_params * (1 + slots + master_copies)
 
 
-def check_space(output_dir: str | Path, needed: int) -> None:
+def check_space(output_dir: str | Path, needed: int,
+                what: str = "a new checkpoint beside the last one, plus the final weights") -> None:
     free = shutil.disk_usage(output_dir).free
     if free < needed:
         mib = 2**20
         raise CheckpointError(
-            f"output_dir '{output_dir}' has {free / mib:.0f} MiB free but this run needs about {needed / mib:.0f} "
-            f"MiB (a new checkpoint beside the last one, plus the final weights); free space or choose another "
-            f"output_dir"
+            f"'{output_dir}' has {free / mib:.0f} MiB free but this run needs about {needed / mib:.0f} MiB ({what}); "
+            f"free space or choose another output_dir"
         )

@@ -31,17 +31,29 @@ class TrainState:
     strategy: str = "ddp"
     zero_stage: int | None = None
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss*n, correct, n (global)
-    best_acc: float = -1.0
+    # Model selection reads `selected_on`: "val" with data.val_split (its fingerprint below), else "test".
+    selected_on: str = "test"
+    val_fingerprint: str | None = None  # the held-out indices' hash: a resume must hold out the same images
+    best_acc: float = -1.0  # the best selection accuracy so far, and its epoch
     best_epoch: int = 0
-    test_acc: float | None = None  # test accuracy measured at exactly this step, if any
+    test_acc_at_best: float | None = None  # the test accuracy of that epoch's model (what selection reports)
+    selection_acc: float | None = None  # the selection accuracy measured at exactly this step, if any
+    val_acc: float | None = None  # validation and test figures measured at exactly this step, if any
+    val_loss: float | None = None
+    test_acc: float | None = None
     test_loss: float | None = None
     wandb_run_id: str | None = None
     train_time_s: float = 0.0
-    time_to_target_s: float | None = None  # training time until test accuracy first reached tracking.target_acc
+    # Training time and epoch at which the selection accuracy first reached tracking.time_to_acc.
+    time_to_target_s: float | None = None
     epoch_to_target: int | None = None
     target_reached: bool = False  # train.stop_at_acc was reached: the run is over
     classes: list[str] = field(default_factory=list)  # the data's class names (the model's head size)
     images_per_s: list[float] = field(default_factory=list)
+
+    def forget_evaluation(self) -> None:
+        """After a step: the figures measured at an earlier step no longer describe the weights."""
+        self.selection_acc = self.val_acc = self.val_loss = self.test_acc = self.test_loss = None
 
 
 def step_of(path: Path) -> int:
@@ -65,7 +77,7 @@ def read_state(path: Path) -> TrainState:
 
 # Recipe keys a resumed run must share with its checkpoint: others (epochs, lr, ...) may change on purpose.
 RUN_DEFINING = ("model.name", "model.width_mult", "model.input_size", "data.source", "data.revision",
-                "data.synthetic_train", "data.synthetic_test")
+                "data.image_size", "data.val_split", "data.synthetic_train", "data.synthetic_test")
 
 
 def config_changes(checkpoint: Path, recipe: Recipe) -> list[str]:

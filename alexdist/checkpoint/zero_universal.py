@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from alexdist.checkpoint.run_dir import check_space
 from alexdist.distributed.deepspeed import DS_TAG
 from alexdist.errors import CheckpointError, SetupError, brief
 
@@ -47,10 +48,11 @@ def convert(path: Path) -> Path:
     """Rank 0: the universal copy of `path` (its DeepSpeed tag converted, every other file linked)."""
     out = scratch_dir(path)
     shutil.rmtree(out, ignore_errors=True)
+    check_space(path.parent, 2 * tree_bytes(path), what=f"the universal copy of {path.name} beside it")
     out.mkdir()
     for f in path.iterdir():
         if f.is_file():
-            os.link(f, out / f.name)  # Accelerate's files (scheduler, RNG, EMA, trainer state) as they are
+            _link_or_copy(f, out / f.name)  # Accelerate's files (scheduler, RNG, EMA, trainer state) as they are
     source = path / DS_TAG
     sgd = _momentum_as_adam(source, out / ".ds-input")
     if sgd:
@@ -87,13 +89,25 @@ def _momentum_as_adam(source: Path, dest: Path) -> bool:
     dest.mkdir()
     for f in source.iterdir():
         if f not in files and f.is_file():
-            os.link(f, dest / f.name)
+            _link_or_copy(f, dest / f.name)
     for f, state, gs in zip(files, states, groups, strict=True):
         for g in gs.values():
             g["exp_avg"] = g.pop("momentum_buffer")
             g["exp_avg_sq"] = torch.zeros_like(g["exp_avg"])
         torch.save(state, dest / f.name)
     return True
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (no space, no time), or a copy on a filesystem that has none (some network and FUSE ones)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def load(accelerator, engine, universal: Path) -> None:
@@ -118,6 +132,11 @@ def load_on_this_world_size(accelerator, engine, path: Path) -> None:
             convert(path)
         except CheckpointError as exc:
             error = exc
+        except Exception as exc:  # a full disk, a refused write: rank 0 alone sees it, every rank must hear it
+            shutil.rmtree(scratch_dir(path), ignore_errors=True)
+            error = CheckpointError(f"could not convert {path} to a universal checkpoint for this world size "
+                                    f"({brief(exc)}); free space or fix the directory, or resume with the "
+                                    f"checkpoint's number of processes")
     if error := from_main(accelerator, error):
         raise error
     copy = scratch_dir(path)

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None, prog: str = "alexdist compare") -> int:
     ap.add_argument("--group", help="with --wandb: only this group")
     ap.add_argument("--tag", help="with --wandb: only runs with this tag")
     ap.add_argument("--sweep", metavar="SWEEP_ID", help="with --wandb: the runs of this W&B sweep")
-    ap.add_argument("--sort", default="best_test_acc", choices=[k for k, _ in COLUMNS], help="sort column")
+    ap.add_argument("--sort", default="best_acc", choices=[k for k, _ in COLUMNS],
+                    help="sort column (default: the best accuracy, chosen on validation where a run has a split)")
     ap.add_argument("--ascending", action="store_true")
     ap.add_argument("--target-acc", type=float, help="accuracy for the time-to-target column (default: each run's)")
     ap.add_argument("--csv", metavar="FILE", help="also write the table as CSV")

@@ -17,9 +17,10 @@ import sys
 
 from alexdist.config import load_recipe
 from alexdist.distributed.collectives import lost_peer
-from alexdist.distributed.launcher import launch_rank
 from alexdist.errors import run_command
-from alexdist.training.loop import Ending, train
+from alexdist.ranks import launch_rank
+from alexdist.tracking.summary import Ending
+from alexdist.training.loop import train
 from alexdist.training.stop_requests import STOPPED_EXIT_CODE
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m alexdist.train") 
     except RuntimeError as exc:
         if not lost_peer(exc):
             raise
-        # Another process died (or hung past distributed.timeout_s) and this one's collective failed.
+        # Another process died (or hung past distributed.step_timeout_s) and this one's collective failed.
         detail = re.sub(r"^\[[^]]*\] ", "", str(exc).strip().splitlines()[0]).split(". ")[0][:120]
         print(
             f"alexdist: error: rank {launch_rank()} lost contact with the other processes ({detail}); the run "

@@ -18,9 +18,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
 from alexdist.config import Recipe
-from alexdist.distributed.launcher import launched_world_size
 from alexdist.distributed.strategy import Strategy
 from alexdist.errors import SetupError
+from alexdist.ranks import launched_world_size
 
 
 def amp_mode(precision: str) -> str:
@@ -46,8 +46,8 @@ def make_accelerator(recipe: Recipe, strategy: Strategy, log_with: list[str] | N
         )
     _check_launcher_precision(recipe)
     # Setup (rank 0 decoding the dataset while the others wait, a first compilation) may take long; the
-    # shorter distributed.timeout_s applies from the first optimizer step on (collectives.set_step_timeout).
-    timeout = timedelta(seconds=max(recipe.distributed.setup_timeout_s, recipe.distributed.timeout_s))
+    # shorter distributed.step_timeout_s applies from the first optimizer step on (collectives.set_step_timeout).
+    timeout = timedelta(seconds=max(recipe.distributed.setup_timeout_s, recipe.distributed.step_timeout_s))
     if not torch.cuda.is_available() and launched_world_size() > 1:
         handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     else:

@@ -22,14 +22,20 @@ def from_main(accelerator, value):
     return broadcast_object_list([value], from_process=0)[0]
 
 
-def any_rank(accelerator, flags: torch.Tensor) -> list[bool]:
-    """For each entry of `flags` (floats on the device, non-zero = set), whether it is set on any rank.
+def sum_over_ranks(accelerator, values: torch.Tensor) -> list[float]:
+    """Each entry of `values` (floats on the device) summed over the ranks, on the host.
 
     One all-reduce and one host sync, the same answer on every rank: call it on all ranks, in the same order.
     """
     if accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags, reduction="sum")
-    return [v > 0 for v in flags.tolist()]
+        values = accelerator.reduce(values, reduction="sum")
+    return values.tolist()
+
+
+def any_rank(accelerator, flags: torch.Tensor) -> list[bool]:
+    """For each entry of `flags` (floats on the device, non-zero = set), whether it is set on any rank (one
+    all-reduce and one host sync: see sum_over_ranks)."""
+    return [v > 0 for v in sum_over_ranks(accelerator, flags)]
 
 
 def plain_module(accelerator, model: torch.nn.Module) -> torch.nn.Module:
@@ -38,14 +44,23 @@ def plain_module(accelerator, model: torch.nn.Module) -> torch.nn.Module:
 
 
 def broadcast_buffers(accelerator, model: torch.nn.Module) -> None:
-    """Rank 0's floating buffers (BatchNorm's running statistics) on every rank: what DDP does at the start of
-    every forward. A collective (one broadcast per buffer, a few KB each)."""
+    """Rank 0's floating buffers (BatchNorm's running statistics) on every rank: one broadcast per dtype of all of
+    them flattened (a few KB), as DDP coalesces its own buffer broadcast. A collective. Called where the
+    statistics are read: before an evaluation and before a checkpoint (in train mode BatchNorm normalises with
+    the batch's statistics and only updates the running ones)."""
     if accelerator.num_processes == 1:
         return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buf in plain_module(accelerator, model).buffers():
+        if buf.is_floating_point():
+            by_dtype.setdefault(buf.dtype, []).append(buf)
     with torch.no_grad():
-        for buf in plain_module(accelerator, model).buffers():
-            if buf.is_floating_point():
-                torch.distributed.broadcast(buf, src=0)
+        for bufs in by_dtype.values():
+            flat = _flatten_dense_tensors(bufs)
+            torch.distributed.broadcast(flat, src=0)
+            torch._foreach_copy_(bufs, list(_unflatten_dense_tensors(flat, bufs)))
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

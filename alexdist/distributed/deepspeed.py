@@ -2,13 +2,14 @@
 
 - The engine owns the optimizer step: it runs inside backward on the last micro-batch, clips the gradients
   itself (train.grad_clip goes into its config), and skips a step whose global gradient norm overflowed (its
-  flag is read by the divergence guard). Under fp16 its own loss scaler gives up at fp16_min_loss_scale by
-  raising a plain Exception from backward, which becomes the divergence stop.
+  flag is read by the divergence guard). Under fp16 its own loss scaler gives up at
+  distributed.deepspeed.fp16_min_loss_scale by raising a plain Exception from backward, which becomes the
+  divergence stop.
 - fp16/bf16: the engine casts the module's parameters to 16 bit and runs no autocast: inputs are cast by hand,
   BatchNorm computes in fp32, and the final weights are the fp32 masters, not the 16-bit copies.
-- Buffers: ZeRO broadcasts none. Rank 0's BatchNorm statistics are broadcast before every forward, as DDP does,
-  so every rank and every checkpoint holds the same statistics and ZeRO equals DDP for buffers too (a resumed
-  rank 1 would otherwise continue from rank 0's statistics, not its own).
+- Buffers: ZeRO broadcasts none. Rank 0's BatchNorm statistics are broadcast, coalesced, where they are read:
+  before every evaluation and every checkpoint, so every rank and every checkpoint holds rank 0's, and a resumed
+  rank 1 continues from what the uninterrupted rank 1 had (rank 0's, since the save). Training never reads them.
 - ZeRO-3: parameters are partitioned, every forward gathers them (a collective); no EMA, no rank checksums.
 - Checkpoints: DeepSpeed's partitioned files under `pytorch_model/`. On another world size, ZeRO-1/2 go through
   DeepSpeed's universal checkpoint (checkpoint/zero_universal.py); ZeRO-3 is refused with the way out.
@@ -93,15 +94,22 @@ class DeepSpeedStrategy(Strategy):
             restore_fp32_buffers(model)
         return model, optimizer, scheduler
 
-    def before_forward(self, accelerator, model) -> None:
+    def before_save(self, accelerator, model) -> None:
+        # ZeRO broadcasts no buffers: each rank's running statistics follow its own batches. A checkpoint holds
+        # rank 0's (its module states), so every rank takes rank 0's before a save, and a resumed rank 1 goes on
+        # from exactly what an uninterrupted rank 1 has (evaluations broadcast them too).
         broadcast_buffers(accelerator, model)
+
+    def gradient_probe(self, accelerator, model, recipe: Recipe) -> str:
+        return "DeepSpeed reduces each rank's gradients inside its engine, where they cannot be read before"
 
     def engine_skipped(self, optimizer) -> bool | None:
         return bool(optimizer.step_was_skipped)  # the engine's overflow flag, set in backward
 
     def backward_failure(self, exc: BaseException) -> str | None:
         if DEEPSPEED_MIN_SCALE in str(exc):  # raised on every rank
-            return "DeepSpeed's fp16 loss scale is at distributed.fp16_min_loss_scale and the step still overflowed"
+            return ("DeepSpeed's fp16 loss scale is at distributed.deepspeed.fp16_min_loss_scale and the step still "
+                    "overflowed")
         return None
 
     def final_weights(self, accelerator, model, precision: str) -> dict[str, torch.Tensor]:
@@ -174,7 +182,7 @@ def deepspeed_plugin(recipe: Recipe, stage: int):
         "gradient_clipping": t.grad_clip or 0.0,
         "zero_optimization": {
             "stage": stage,
-            "offload_optimizer": {"device": "cpu" if d.offload_optimizer else "none"},
+            "offload_optimizer": {"device": "cpu" if d.deepspeed.offload_optimizer else "none"},
             "stage3_gather_16bit_weights_on_model_save": True,  # get_state_dict() gathers full weights
         },
         "zero_allow_untested_optimizer": True,  # our SGD is a plain torch optimizer
@@ -182,10 +190,10 @@ def deepspeed_plugin(recipe: Recipe, stage: int):
         "fp16": {
             "enabled": recipe.precision == "fp16",
             "loss_scale": 0,  # 0 = dynamic
-            "initial_scale_power": d.fp16_initial_scale_power,
-            "loss_scale_window": d.fp16_loss_scale_window,
-            "hysteresis": d.fp16_hysteresis,
-            "min_loss_scale": d.fp16_min_loss_scale,  # an int: DeepSpeed validates it as one
+            "initial_scale_power": d.deepspeed.fp16_initial_scale_power,
+            "loss_scale_window": d.deepspeed.fp16_loss_scale_window,
+            "hysteresis": d.deepspeed.fp16_hysteresis,
+            "min_loss_scale": d.deepspeed.fp16_min_loss_scale,  # an int: DeepSpeed validates it as one
         },
         "bf16": {"enabled": recipe.precision == "bf16"},
         "steps_per_print": 2**62,

@@ -56,9 +56,9 @@ class FSDP2Strategy(Strategy):
         if recipe.speed.compile:
             raise SetupError("speed.compile is not supported with distributed.strategy=fsdp yet; set "
                              "speed.compile=false or use the ddp strategy")
-        if recipe.distributed.offload_optimizer:
-            raise SetupError("distributed.offload_optimizer is a DeepSpeed (ZeRO-Offload) option; drop it with "
-                             "distributed.strategy=fsdp, or use distributed.strategy=deepspeed")
+        if recipe.distributed.deepspeed.offload_optimizer:
+            raise SetupError("distributed.deepspeed.offload_optimizer is a DeepSpeed (ZeRO-Offload) option; drop it "
+                             "with distributed.strategy=fsdp, or use distributed.strategy=deepspeed")
 
     def accelerator_kwargs(self, recipe: Recipe) -> dict:
         # FSDP2 is applied here; left in the environment, the launcher's FSDP settings would make Accelerate build
@@ -80,6 +80,9 @@ class FSDP2Strategy(Strategy):
     def set_gradient_sync(self, model, sync: bool) -> None:
         if hasattr(model, "set_requires_gradient_sync"):  # reduce-scatter on the last micro-batch only
             model.set_requires_gradient_sync(sync)
+
+    def gradient_probe(self, accelerator, model, recipe: Recipe) -> str:
+        return "FSDP2 reduce-scatters each rank's gradients inside its engine, where they cannot be read before"
 
     def final_weights(self, accelerator, model, precision: str) -> dict[str, torch.Tensor]:
         return full_state_dict(model)

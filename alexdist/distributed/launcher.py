@@ -1,8 +1,8 @@
-"""Talking to launchers: what `torchrun` / `accelerate launch` told this process, and the commands that start
-alexdist the way a user would (tests, benchmarks and the GPU check all launch through `launch_command`).
+"""Talking to launchers: what TorchElastic says of this attempt, and the commands that start alexdist the way a
+user would (tests, benchmarks and the GPU check all launch through `launch_command`). The rank and world size
+the launcher announced are alexdist/ranks.py's.
 
-Nothing here imports torch: the rank is needed before any process group exists (error reporting, fault
-injection) and the command builder runs in lightweight driver scripts.
+Nothing here imports torch: the command builder runs in lightweight driver scripts.
 """
 
 from __future__ import annotations
@@ -10,16 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-
-
-def launch_rank() -> int:
-    """This process's global rank as announced by the launcher (0 when started without one)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def launched_world_size() -> int:
-    """World size announced by the launcher, before any process group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def free_port() -> int:

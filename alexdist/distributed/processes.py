@@ -65,21 +65,44 @@ def run_bounded(cmd: list[str], timeout: float, **kwargs) -> subprocess.Complete
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# The signal a worker asks the kernel for when its launcher dies. Not SIGTERM, which schedulers and launchers
+# send for a plain stop: receiving this one *is* the news that the launcher is gone, whatever getppid() says at
+# that instant (the kernel signals when the launcher's forking *thread* exits; the process's other threads may
+# still be alive, so the worker is first handed to a sibling thread of the same pid). SIGHUP also means "the
+# terminal went away" to a process started without a launcher: the same stop, for the same reason.
+LAUNCHER_DEATH_SIGNAL = signal.SIGHUP
+_armed = False  # whether this process asked for LAUNCHER_DEATH_SIGNAL (stop_requests names the reason by it)
 
 
-def die_with_launcher() -> None:
-    """Under a launcher (torchrun, accelerate launch, srun's torchrun), have the kernel send this worker SIGTERM
-    when the launcher dies (PR_SET_PDEATHSIG), so that no worker outlives it: SIGKILLed launchers (an OOM kill,
-    a closed session, a crashed agent) otherwise leave their workers running on alone, holding the GPUs and the
-    run directory. During setup SIGTERM ends the worker at once; from the stop-request handler on (training)
-    it is a stop request: checkpoint at the next step, exit 75, and the relaunch resumes. Linux only; called
-    first thing, before the heavy imports."""
+def die_with_launcher(parent_at_start: int) -> None:
+    """Under a launcher (torchrun, accelerate launch, srun's torchrun), have the kernel send this worker
+    LAUNCHER_DEATH_SIGNAL when the launcher dies (PR_SET_PDEATHSIG), so that no worker outlives it: SIGKILLed
+    launchers (an OOM kill, a closed session, a crashed agent) otherwise leave their workers running on alone,
+    holding the GPUs and the run directory. During setup the signal ends the worker at once; from the
+    stop-request handler on (training) it is a stop request: checkpoint at the next step, exit 75, and the
+    relaunch resumes. Linux only; called first thing, before the heavy imports.
+
+    `parent_at_start`: os.getppid() as early as this process ran any of our code. The request only covers a
+    death after it takes effect; a launcher that died before has already handed this worker to a reaper, so
+    the parent differs now. Comparing with the parent recorded at start is right in every case where a fixed
+    pid is not: the launcher may *be* PID 1 (a container's entrypoint, a PyTorchJob's torchrun), and an orphan's
+    new parent may not be PID 1 (a subreaper: systemd, slurmstepd)."""
+    global _armed
     if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
         return
     import ctypes
 
+    from alexdist import faults
+
+    faults.slow_setup_point("slow_start")
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_PDEATHSIG, LAUNCHER_DEATH_SIGNAL, 0, 0, 0) != 0:
         return  # not permitted here: the stop request at the next step is the only way out
-    if os.getppid() == 1:  # the launcher died before the request took effect: this worker is already an orphan
-        os.kill(os.getpid(), signal.SIGTERM)
+    _armed = True
+    if os.getppid() != parent_at_start:  # the launcher died before the request took effect: already an orphan
+        os.kill(os.getpid(), LAUNCHER_DEATH_SIGNAL)
+
+
+def launcher_death_armed() -> bool:
+    """Whether this process asked the kernel for LAUNCHER_DEATH_SIGNAL when its launcher dies."""
+    return _armed

@@ -6,7 +6,8 @@ is DDP's behaviour), `deepspeed.py`, `fsdp.py`.
 
 - building: what it refuses (`check`), the Accelerator's arguments, the model before its optimizer exists
   (`shard`), `prepare`;
-- a step: gradient sync under accumulation, what runs before a forward, who clips, who detects a skipped step;
+- a step: gradient sync under accumulation, who clips, who detects a skipped step, where a small batch's
+  gradient is seen (the noise scale);
 - evaluation and the final weights: whether forwards are collectives, the full state dict;
 - checkpoints: the backend (safetensors shards, ZeRO partitions, DCP), moving to another world size, and the
   offline consolidation `alexdist export` uses.
@@ -86,8 +87,18 @@ class Strategy:
         """Before a micro-batch's backward: whether its gradients are reduced (only the step's last is).
         DDP: Accelerate's `accumulate` does it (`no_sync`)."""
 
-    def before_forward(self, accelerator, model) -> None:
-        """Before each training forward. DDP broadcasts rank 0's buffers itself."""
+    def gradient_probe(self, accelerator, model, recipe: Recipe):
+        """What sees a small batch's gradient for the noise scale (distributed/gradient_probe.py), or a string: why
+        nothing can here. DDP: the first micro-batch under accumulation, else its communication hook."""
+        from alexdist.distributed.gradient_probe import AccumulationProbe, CommHookProbe
+
+        t = recipe.train
+        if t.grad_accum >= 2:
+            return AccumulationProbe(accelerator.device, t.batch_size, t.grad_accum)
+        if accelerator.num_processes >= 2:
+            ddp = getattr(model, "_orig_mod", model)  # under torch.compile, DDP sits inside the compiled module
+            return CommHookProbe(accelerator.device, ddp, t.batch_size)
+        return "one process without accumulation sees one batch size per step (set train.grad_accum >= 2)"
 
     def engine_skipped(self, optimizer) -> bool | None:
         """Whether the strategy's own engine skipped this step (an overflow it detected); None: it has no say."""
@@ -170,9 +181,9 @@ def resolve_strategy(recipe: Recipe) -> Strategy:
     d = recipe.distributed
     d.strategy = name
     if stage is not None:
-        d.zero_stage = stage
+        d.deepspeed.zero_stage = stage
     if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower() == "cpu":
-        d.offload_optimizer = True
+        d.deepspeed.offload_optimizer = True
     strategy = strategy_named(name, stage)
     strategy.check(recipe)
     return strategy
@@ -195,11 +206,11 @@ def _resolve(recipe: Recipe) -> tuple[str, int | None]:
             "(distributed.strategy=auto follows the launcher)"
         )
     if launcher_ds:
-        stage = int(launcher_stage) if launcher_stage else d.zero_stage
-        if d.strategy == "deepspeed" and launcher_stage and stage != d.zero_stage:
+        stage = int(launcher_stage) if launcher_stage else d.deepspeed.zero_stage
+        if d.strategy == "deepspeed" and launcher_stage and stage != d.deepspeed.zero_stage:
             raise SetupError(
-                f"the launcher config says ZeRO stage {stage} but the recipe says distributed.zero_stage="
-                f"{d.zero_stage}; make them agree or set distributed.strategy=auto to follow the launcher"
+                f"the launcher config says ZeRO stage {stage} but the recipe says distributed.deepspeed.zero_stage="
+                f"{d.deepspeed.zero_stage}; make them agree or set distributed.strategy=auto to follow the launcher"
             )
         gas = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
         if gas and gas.isdigit() and int(gas) != recipe.train.grad_accum:
@@ -209,5 +220,5 @@ def _resolve(recipe: Recipe) -> tuple[str, int | None]:
             )
         return "deepspeed", stage
     if d.strategy in ("deepspeed", "fsdp"):
-        return d.strategy, d.zero_stage if d.strategy == "deepspeed" else None
+        return d.strategy, d.deepspeed.zero_stage if d.strategy == "deepspeed" else None
     return "ddp", None

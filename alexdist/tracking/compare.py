@@ -22,9 +22,10 @@ STALE_AFTER_S = 600  # a run whose metrics have not moved for this long, with no
 
 COLUMNS = [
     ("run", "run"), ("model", "model"), ("strategy", "strategy"), ("world_size", "procs"),
-    ("precision", "precision"), ("effective_batch", "eff. batch"), ("best_test_acc", "best acc"),
-    ("final_test_acc", "final acc"), ("best_epoch", "best epoch"), ("images_per_s", "img/s"),
-    ("wall_time_s", "wall (s)"), ("time_to_target_s", "to target (s)"), ("status", "status"),
+    ("precision", "precision"), ("effective_batch", "eff. batch"), ("best_acc", "best acc"), ("selected_on", "on"),
+    ("best_epoch", "best epoch"), ("test_at_best", "test acc there"), ("final_test_acc", "final test acc"),
+    ("images_per_s", "img/s"), ("wall_time_s", "wall (s)"), ("time_to_target_s", "to target (s)"),
+    ("status", "status"),
 ]
 # Not shown as "differing" columns: run bookkeeping, and what the fixed columns already show.
 IGNORED_CONFIG = ("output_dir", "name", "tracking.", "data.cache_dir", "checkpoint.", "model.name", "precision",
@@ -39,25 +40,27 @@ class RunRecord:
     summary: dict  # the run's summary (empty while running or after a crash)
     history: list[dict] = field(default_factory=list)  # test evaluations: epoch, step, acc, loss, elapsed_s
     finished_writing: bool = True  # False if the source says the process may still be running
+    val_history: list[dict] = field(default_factory=list)  # validation evaluations (data.val_split), same keys
 
 
 def from_run_dir(path: str | Path, now: float | None = None) -> RunRecord:
     path = Path(path)
     config = flatten(yaml.safe_load((path / "config.yaml").read_text()) or {})
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
-    history, last_event = [], 0.0
+    history, val_history, last_event = [], [], 0.0
     metrics = path / "metrics.jsonl"
     for e in read_jsonl(metrics) if metrics.is_file() else []:
-        if e.get("event") == "test":
-            history.append({**{k: e.get(k) for k in ("epoch", "step", "acc", "loss", "elapsed_s")},
-                            "partial": bool(e.get("partial_epoch"))})
+        if e.get("event") in ("test", "val"):
+            (history if e["event"] == "test" else val_history).append(
+                {**{k: e.get(k) for k in ("epoch", "step", "acc", "loss", "elapsed_s")},
+                 "partial": bool(e.get("partial_epoch"))})
     if metrics.is_file():
         last_event = metrics.stat().st_mtime
     # A summary older than the last metrics line belongs to an earlier attempt (the run was resumed since).
     if summary and (path / "summary.json").stat().st_mtime + 1 < last_event:
         summary = {k: v for k, v in summary.items() if k != "status"}
     recent = (now or time.time()) - last_event < STALE_AFTER_S
-    return RunRecord(config, summary, history, finished_writing=not recent)
+    return RunRecord(config, summary, history, finished_writing=not recent, val_history=val_history)
 
 
 def from_wandb_records(records: list[dict]) -> list[RunRecord]:
@@ -112,6 +115,7 @@ def from_wandb_api(path: str, group: str | None = None, tag: str | None = None,
     out = []
     for run in runs:
         hist = list(run.scan_history(keys=["_step", "epoch", "test/acc", "test/loss", "test/elapsed_s"]))
+        hist += list(run.scan_history(keys=["_step", "epoch", "val/acc", "val/loss", "val/elapsed_s"]))
         summary = {k: v for k, v in dict(run.summary).items() if not k.startswith("_")}
         out.append(_record_from_wandb(dict(run.config), summary, hist, finished=run.state != "running"))
     return out
@@ -121,12 +125,15 @@ def _record_from_wandb(config: dict, summary: dict, history: list[dict], finishe
     # alexdist logs the recipe flattened plus "run.*" facts (world size, strategy, ...) into the W&B config.
     recipe = {k: v for k, v in config.items() if not k.startswith("run.")}
     facts = {k[4:]: v for k, v in config.items() if k.startswith("run.")}
-    tests = [
-        {"epoch": h.get("epoch"), "step": h.get("_step"), "acc": h["test/acc"], "loss": h.get("test/loss"),
-         "elapsed_s": h.get("test/elapsed_s"), "partial": bool(h.get("test/partial_epoch"))}
-        for h in history if h.get("test/acc") is not None
-    ]
-    return RunRecord(recipe, {**facts, **summary}, tests, finished_writing=finished)
+
+    def evaluations(split: str) -> list[dict]:
+        return [{"epoch": h.get("epoch"), "step": h.get("_step"), "acc": h[f"{split}/acc"],
+                 "loss": h.get(f"{split}/loss"), "elapsed_s": h.get(f"{split}/elapsed_s"),
+                 "partial": bool(h.get(f"{split}/partial_epoch"))}
+                for h in sorted(history, key=lambda h: h.get("_step", 0)) if h.get(f"{split}/acc") is not None]
+
+    return RunRecord(recipe, {**facts, **summary}, evaluations("test"), finished_writing=finished,
+                     val_history=evaluations("val"))
 
 
 def _epoch_history(history: list[dict]) -> list[dict]:
@@ -136,11 +143,15 @@ def _epoch_history(history: list[dict]) -> list[dict]:
 
 
 def build_row(rec: RunRecord, target_acc: float | None = None) -> dict:
-    """The one table row of a run, from any source."""
+    """The one table row of a run, from any source. The run's best is chosen on validation when it has a split
+    (data.val_split), else on test (then the figure is optimistic); `test acc there` is the test accuracy of the
+    chosen epoch."""
     c, s, h = rec.config, rec.summary, _epoch_history(rec.history)
-    target = target_acc if target_acc is not None else c.get("tracking.target_acc")
-    best = max(h, key=lambda e: e["acc"]) if h else None
-    reached = next((e for e in h if target is not None and e["acc"] >= target), None)
+    chosen = _epoch_history(rec.val_history) or h
+    target = target_acc if target_acc is not None else c.get("tracking.time_to_acc", c.get("tracking.target_acc"))
+    best = max(chosen, key=lambda e: e["acc"]) if chosen else None  # the first of equals, as training chooses
+    reached = next((e for e in chosen if target is not None and e["acc"] >= target), None)
+    at_best = next((e for e in h if best and e["step"] == best["step"]), None)
     status = s.get("status") or ("running" if not rec.finished_writing else "died")
     return {
         "run": Path(str(c.get("output_dir", "?"))).name,
@@ -149,9 +160,11 @@ def build_row(rec: RunRecord, target_acc: float | None = None) -> dict:
         "world_size": s.get("world_size"),
         "precision": c.get("precision"),
         "effective_batch": s.get("effective_batch"),
-        "best_test_acc": best["acc"] if best else None,
-        "final_test_acc": h[-1]["acc"] if h else None,
+        "best_acc": best["acc"] if best else None,
+        "selected_on": ("val" if rec.val_history else "test") if best else None,
         "best_epoch": best["epoch"] if best else None,
+        "test_at_best": at_best["acc"] if at_best else None,
+        "final_test_acc": h[-1]["acc"] if h else None,
         "images_per_s": s.get("images_per_s"),
         "wall_time_s": s["train_time_s"] if s.get("train_time_s") is not None else (
             h[-1]["elapsed_s"] if h else None),
@@ -221,7 +234,7 @@ def plot(records: list[RunRecord], rows: list[dict], out_dir: str | Path) -> lis
     return written
 
 
-def table(records: list[RunRecord], sort: str = "best_test_acc", ascending: bool = False,
+def table(records: list[RunRecord], sort: str = "best_acc", ascending: bool = False,
           target_acc: float | None = None) -> tuple[list[dict], list[RunRecord], list[str]]:
     """(rows sorted by `sort`, runs without a value last; the records in the same order; the config keys that
     differ between the runs, each filled into every row)."""

@@ -1,4 +1,4 @@
-"""speed.profile_steps: a torch.profiler trace of chosen optimizer steps on rank 0, and peak memory per rank.
+"""tracking.profile_steps: a torch.profiler trace of chosen optimizer steps on rank 0, and peak memory per rank.
 
 The trace is Chrome's trace-event JSON (open it in chrome://tracing or https://ui.perfetto.dev), named
 `*.pt.trace.json` so TensorBoard's profiler plugin finds it too: output_dir/profile/rank0.steps-S-E.pt.trace.json.

@@ -33,7 +33,7 @@ class DivergenceGuard:
         self.acc = accelerator
         self.optimizer = optimizer
         self.max_bad = recipe.train.max_bad_steps
-        self.min_scale = recipe.distributed.fp16_min_loss_scale
+        self.min_scale = recipe.distributed.deepspeed.fp16_min_loss_scale
         self.strategy = strategy
         # The strategy's own engine decides whether a step is skipped (DeepSpeed): its scaler, not Accelerate's.
         engine = strategy.engine_steps
@@ -62,14 +62,16 @@ class DivergenceGuard:
             with torch.no_grad():
                 torch._foreach_copy_(self._live, self._saved)
 
-    def bad_flag(self, model: torch.nn.Module, loss: torch.Tensor, total_norm: torch.Tensor | None) -> torch.Tensor:
+    def bad_flag(self, model: torch.nn.Module, loss: torch.Tensor,
+                 total_norm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """After backward, before the optimizer step: this rank's "the step is bad" as a device tensor (no sync;
-        the caller agrees it across ranks). `total_norm` is the clipped gradients' norm, if clipping ran (under
+        the caller agrees it across ranks), and the reduced gradients' norm (unscaled under fp16; None where the
+        strategy's engine owns the step). `total_norm` is the clipped gradients' norm, if clipping ran (under
         fp16 it unscaled the gradients first)."""
         bad = ~torch.isfinite(loss.detach())
         skipped = self.strategy.engine_skipped(self.optimizer)
         if skipped is not None:  # the engine checked the global norm in backward and skipped the step already
-            return torch.ones_like(bad) if skipped else bad
+            return (torch.ones_like(bad) if skipped else bad), None
         if total_norm is None:
             if self.fp16_scaler:
                 self.acc.unscale_gradients()  # the scaler's own inf check; its step() then sees the result
@@ -77,7 +79,12 @@ class DivergenceGuard:
                 self._params = list(model.parameters())
             grads = [p.grad for p in self._params if p.grad is not None]
             total_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
-        return bad | ~torch.isfinite(full(total_norm).to(loss.device))  # FSDP: a DTensor, gathered
+        norm = full(total_norm).to(loss.device)  # FSDP: a DTensor, gathered
+        return bad | ~torch.isfinite(norm), norm
+
+    def loss_scale_tensor(self) -> torch.Tensor | None:
+        """The fp16 GradScaler's current scale on the device (no sync), None without one."""
+        return self.acc.scaler._get_scale_async() if self.fp16_scaler else None
 
     def loss_scale(self) -> float | None:
         """The current fp16 loss scale (GradScaler or DeepSpeed), None when there is none. A host sync."""
@@ -97,8 +104,8 @@ class DivergenceGuard:
         scale = self.loss_scale()
         if scale is not None and scale <= self.min_scale * (1 + 1e-6) and self.in_row > 1:
             return (
-                f"the fp16 loss scale collapsed to {scale:g} (distributed.fp16_min_loss_scale) and step {step} "
-                f"still overflowed"
+                f"the fp16 loss scale collapsed to {scale:g} (distributed.deepspeed.fp16_min_loss_scale) and step "
+                f"{step} still overflowed"
             )
         if self.in_row >= self.max_bad:
             span = f"step {step}" if self.in_row == 1 else f"steps {self.first_bad}-{step}"

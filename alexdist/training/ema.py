@@ -48,7 +48,7 @@ class ModelEMA:
         self.updates += 1
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The module's state dict with the EMA (fp32) in place of its parameters: what ema_eval saves."""
+        """The module's state dict with the EMA (fp32) in place of its parameters: what train.ema_is_model saves."""
         names = [n for n, _ in self.module.named_parameters()]
         return {**self.module.state_dict(), **dict(zip(names, self.params, strict=True))}
 

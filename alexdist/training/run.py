@@ -13,26 +13,32 @@ from alexdist.checkpoint.run_dir import RunLock
 from alexdist.checkpoint.state import TrainState
 from alexdist.config import Recipe
 from alexdist.data.batches import TrainBatches
+from alexdist.distributed.gradient_probe import GradientProbe
 from alexdist.distributed.strategy import Strategy
 from alexdist.tracking.profiling import StepProfiler
 from alexdist.tracking.runlog import RunLog
 from alexdist.training.divergence import DivergenceGuard
 from alexdist.training.ema import ModelEMA
 from alexdist.training.evaluation import EpochMeter
+from alexdist.training.noise_scale import GradientNoiseScale
 from alexdist.training.stop_requests import StopRequests
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
-    """The recipe, the strategy and what it prepared, the data, and the run's bookkeeping."""
+    """The recipe, the strategy and what it prepared, the data, and the run's bookkeeping: every field set by
+    `setup`, by keyword."""
 
     recipe: Recipe
     accelerator: object
     strategy: Strategy
     model: torch.nn.Module
+    params: list[torch.nn.Parameter]  # the model's parameters, looked up once (unwrapping costs milliseconds)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     batches: TrainBatches
+    val_x: torch.Tensor | None  # the validation split (data.val_split), None without one
+    val_y: torch.Tensor | None
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: list[str]  # the data's class names; the head has one output each
@@ -50,8 +56,10 @@ class Run:
     lock: RunLock | None  # rank 0's hold on output_dir
     t_start: float  # wall clock at which the run (all attempts together) would have begun
     ema: ModelEMA | None  # train.ema_decay
-    profiler: StepProfiler  # speed.profile_steps
-    meter: EpochMeter | None = None  # this epoch's loss/accuracy sums, from its first step on
+    profiler: StepProfiler  # tracking.profile_steps
+    probe: GradientProbe | None  # tracking.noise_scale: where the step's small-batch gradient is seen
+    noise: GradientNoiseScale | None  # ...and the estimate
+    meter: EpochMeter  # this epoch's loss/accuracy sums (a new one each epoch)
 
     def __enter__(self) -> Run:
         return self

@@ -8,34 +8,35 @@ a checkpoint, if any, is loaded last (it restores every rank's RNG state).
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from alexdist import faults
 from alexdist.checkpoint.checkpointer import Checkpointer
 from alexdist.checkpoint.run_dir import RunLock, check_space, check_writable, checkpoint_bytes
 from alexdist.checkpoint.state import TrainState, read_state
 from alexdist.config import Recipe
 from alexdist.data.batches import TrainBatches
-from alexdist.data.cache import load_dataset
-from alexdist.data.dataset import label_gap_warning
 from alexdist.distributed.accelerator import make_accelerator
 from alexdist.distributed.collectives import from_main, plain_module
-from alexdist.distributed.launcher import elastic_facts, launched_world_size, shared_store_warning, train_command
+from alexdist.distributed.launcher import elastic_facts, shared_store_warning, train_command
 from alexdist.distributed.strategy import Strategy, resolve_strategy
 from alexdist.errors import ConfigError, SetupError
 from alexdist.models import build_model, count_params, keep_batchnorm_fp32, resolve_input_size
+from alexdist.ranks import launched_world_size
 from alexdist.tracking.profiling import StepProfiler
 from alexdist.tracking.runlog import RunLog
+from alexdist.tracking.summary import describe_run
 from alexdist.tracking.trackers import trackers
 from alexdist.training.divergence import DivergenceGuard
 from alexdist.training.ema import ModelEMA
+from alexdist.training.evaluation import EpochMeter
+from alexdist.training.noise_scale import GradientNoiseScale
 from alexdist.training.optim import lr_factor, make_optimizer, peak_lr, warmup_steps
 from alexdist.training.precision import configure_cuda_math
 from alexdist.training.run import Run
+from alexdist.training.run_data import RunData, run_data
 from alexdist.training.stop_requests import StopRequests
 
 
@@ -71,10 +72,10 @@ def setup(recipe: Recipe) -> Run:
     strategy = resolve_strategy(recipe)
     accelerator = make_accelerator(recipe, strategy, log_with=trackers(recipe))
     configure_cuda_math(recipe.speed.tf32, recipe.speed.cudnn_benchmark)
-    batches, test_x, test_y, classes = _data(recipe, accelerator)
+    data = run_data(recipe, accelerator)
     lock = hold_run_dir(accelerator, recipe.output_dir)  # nothing is written into output_dir before this
     try:
-        return _build(recipe, accelerator, strategy, batches, (test_x, test_y, classes), lock)
+        return _build(recipe, accelerator, strategy, data, lock)
     except BaseException:
         if lock:
             lock.release()
@@ -90,18 +91,21 @@ def hold_run_dir(accelerator, output_dir: str) -> RunLock | None:
     return lock
 
 
-def _build(recipe: Recipe, accelerator, strategy: Strategy, batches: TrainBatches, test: tuple,
-           lock: RunLock | None) -> Run:
-    stop_requests = StopRequests(accelerator, recipe.output_dir)  # SIGTERM / SIGUSR1 / output_dir/STOP
+def _build(recipe: Recipe, accelerator, strategy: Strategy, data: RunData, lock: RunLock | None) -> Run:
+    batches = data.batches
+    stop_requests = StopRequests(accelerator, recipe.output_dir)  # SIGTERM / SIGUSR1 / SIGHUP / output_dir/STOP
     total_steps = recipe.train.epochs * batches.steps_per_epoch
     model, optimizer, scheduler, n_params = _model_and_optimizer(recipe, accelerator, strategy, batches, total_steps,
-                                                                 len(test[2]))
+                                                                 len(data.classes))
     # Dropout masks come from the global RNG: distinct per rank (as with separate GPUs), reproducible per seed.
     torch.manual_seed(recipe.train.seed * 1000 + accelerator.process_index + 1)
     ema = _ema(recipe, accelerator, strategy, model)  # before the resume, which restores it
-    checkpointer = Checkpointer(accelerator, recipe, strategy, model, optimizer, batches.steps_per_epoch)
+    probe, noise = _noise_scale(recipe, accelerator, strategy, model, batches.effective_batch)
+    checkpointer = Checkpointer(accelerator, recipe, strategy, model, optimizer, batches.steps_per_epoch,
+                                data.val_fingerprint)
     state = TrainState(effective_batch=batches.effective_batch, world_size=accelerator.num_processes,
-                       strategy=strategy.name, zero_stage=strategy.zero_stage, classes=test[2])
+                       strategy=strategy.name, zero_stage=strategy.zero_stage, classes=data.classes,
+                       selected_on="val" if data.val_x is not None else "test", val_fingerprint=data.val_fingerprint)
     resumed_from = _resume(checkpointer, batches, accelerator)
     previous_world = read_state(resumed_from).world_size if resumed_from else accelerator.num_processes
     if resumed_from:
@@ -109,20 +113,38 @@ def _build(recipe: Recipe, accelerator, strategy: Strategy, batches: TrainBatche
     input_size = resolve_input_size(recipe.model.name, recipe.model.input_size)
     # The schedule is sized by epochs; max_steps only stops early, so a capped run resumes into the full one.
     last_step = min(total_steps, recipe.train.max_steps or total_steps)
-    info = _facts(recipe, accelerator, strategy, batches, total_steps, last_step, n_params, input_size, state,
+    info = _facts(recipe, accelerator, strategy, data, total_steps, last_step, n_params, input_size, state,
                   resumed_from)
     log = RunLog(accelerator, recipe)
     state.wandb_run_id = log.start(info, resume_step=state.global_step if resumed_from else None,
                                    run_id=state.wandb_run_id)
-    log.say(_describe(recipe, accelerator, strategy, batches, info, n_params, resumed_from, state.global_step))
+    log.say(describe_run(recipe, accelerator.num_processes, accelerator.device, strategy.describe(), batches, info,
+                         n_params, resumed_from, state.global_step))
+    if isinstance(probe, str):
+        log.say(f"alexdist: the gradient noise scale is not measured: {probe}")
     _say_reformed(log, info, previous_world, state)
     return Run(
-        recipe, accelerator, strategy, model, optimizer, scheduler, batches, *test, input_size,
-        strategy.compute_dtype(recipe.precision), total_steps, last_step, stop_requests,
-        DivergenceGuard(accelerator, optimizer, recipe, strategy), checkpointer, log, state, info, resumed_from,
-        lock, time.time() - state.train_time_s, ema,
-        StepProfiler(recipe.speed.profile_steps, recipe.output_dir, accelerator.is_main_process),
+        recipe=recipe, accelerator=accelerator, strategy=strategy, model=model, params=list(model.parameters()),
+        optimizer=optimizer, scheduler=scheduler, batches=batches, val_x=data.val_x, val_y=data.val_y,
+        test_x=data.test_x, test_y=data.test_y, classes=data.classes, input_size=input_size,
+        in_dtype=strategy.compute_dtype(recipe.precision), total_steps=total_steps, last_step=last_step,
+        stop_requests=stop_requests, guard=DivergenceGuard(accelerator, optimizer, recipe, strategy),
+        checkpointer=checkpointer, log=log, state=state, info=info, resumed_from=resumed_from, lock=lock,
+        t_start=time.time() - state.train_time_s, ema=ema,
+        profiler=StepProfiler(recipe.tracking.profile_steps, recipe.output_dir, accelerator.is_main_process),
+        probe=None if isinstance(probe, str) else probe, noise=noise,
+        meter=EpochMeter(accelerator.device),
     )
+
+
+def _noise_scale(recipe: Recipe, accelerator, strategy: Strategy, model, effective_batch: int):
+    """tracking.noise_scale: (the strategy's gradient probe, or why there is none; the estimator or None)."""
+    if not recipe.tracking.noise_scale:
+        return None, None
+    probe = strategy.gradient_probe(accelerator, model, recipe)
+    if isinstance(probe, str):
+        return probe, None
+    return probe, GradientNoiseScale(probe.b_small, effective_batch)
 
 
 def _ema(recipe: Recipe, accelerator, strategy: Strategy, model: torch.nn.Module) -> ModelEMA | None:
@@ -135,44 +157,6 @@ def _ema(recipe: Recipe, accelerator, strategy: Strategy, model: torch.nn.Module
     ema = ModelEMA(plain_module(accelerator, model), t.ema_decay, t.ema_warmup)
     accelerator.register_for_checkpointing(ema)  # custom_checkpoint_0.pkl in every checkpoint
     return ema
-
-
-def _data(recipe: Recipe, accelerator) -> tuple[TrainBatches, torch.Tensor, torch.Tensor, list[str]]:
-    """This rank's training batches, the test set (on the device, speed.data_on_device, or the host) and the
-    class names."""
-    t, device = recipe.train, accelerator.device
-    ds = _load_once(recipe, accelerator)
-    data_device = device if recipe.speed.data_on_device else torch.device("cpu")
-    batches = TrainBatches(
-        ds.train_x.to(data_device), ds.train_y.to(data_device), t.batch_size, t.grad_accum,
-        accelerator.process_index, accelerator.num_processes, t.seed, recipe.augment,
-        resolve_input_size(recipe.model.name, recipe.model.input_size),
-    )
-    if batches.steps_per_epoch == 0:
-        raise ConfigError(
-            f"the effective batch ({batches.effective_batch} = train.batch_size {t.batch_size} x "
-            f"{accelerator.num_processes} processes x train.grad_accum {t.grad_accum}) is larger than the "
-            f"{len(ds.train_y)} training images; lower train.batch_size or train.grad_accum"
-        )
-    if accelerator.is_main_process and (gaps := label_gap_warning(ds)):
-        print(f"alexdist: warning: {gaps}", file=sys.stderr, flush=True)
-    return batches, ds.test_x.to(data_device), ds.test_y.to(data_device), ds.classes
-
-
-def _load_once(recipe: Recipe, accelerator):
-    """The dataset, decoded once per job when the cache is shared (rank 0 writes it, everyone else reads it) and
-    once per node when data.cache_dir is node-local (each node's first process finds no cache and writes its own;
-    the node's other processes then read it)."""
-    ds = None
-    if accelerator.is_main_process:
-        faults.slow_setup_point()
-        ds = load_dataset(recipe.data)
-    accelerator.wait_for_everyone()
-    with accelerator.local_main_process_first():
-        if not accelerator.is_main_process:
-            faults.slow_setup_point()
-            ds = load_dataset(recipe.data)
-    return ds
 
 
 def _model_and_optimizer(recipe: Recipe, accelerator, strategy: Strategy, batches: TrainBatches,
@@ -217,16 +201,18 @@ def _backend() -> str | None:
     return dist.get_backend() if dist.is_available() and dist.is_initialized() else None
 
 
-def _facts(recipe: Recipe, acc, strategy: Strategy, b: TrainBatches, total_steps: int, last_step: int,
+def _facts(recipe: Recipe, acc, strategy: Strategy, data: RunData, total_steps: int, last_step: int,
            n_params: int, input_size: int, state: TrainState, resumed: Path | None) -> dict:
     """The run's facts: config.yaml's companions in metrics.jsonl's start event, W&B and summary.json."""
+    b = data.batches
     return {
         "world_size": acc.num_processes, "strategy": strategy.name, "zero_stage": strategy.zero_stage,
         "effective_batch": b.effective_batch, "batch_size_per_process": recipe.train.batch_size,
         "steps_per_epoch": b.steps_per_epoch, "total_steps": total_steps, "last_step": last_step,
         "peak_lr": peak_lr(recipe.optim, b.effective_batch),
         "warmup_steps": warmup_steps(recipe.schedule, total_steps, b.steps_per_epoch), "params": n_params,
-        "input_size": input_size, "device": str(acc.device), "distributed_type": str(acc.distributed_type),
+        "input_size": input_size, "train_images": len(b.y), "val_images": 0 if data.val_y is None else len(data.val_y),
+        "val_split": data.val_fingerprint, "device": str(acc.device), "distributed_type": str(acc.distributed_type),
         "backend": _backend(), "command": train_command(acc.num_processes),
         "resumed_from": str(resumed) if resumed else None, "resumed_at_step": state.global_step,
         **elastic_facts(),
@@ -244,15 +230,3 @@ def _say_reformed(log: RunLog, info: dict, previous_world: int, state: TrainStat
               max_restarts=info["max_restarts"], world_size=info["world_size"], previous_world_size=previous_world)
     log.say(f"alexdist: the group re-formed (restart {info['restart_count']} of {info['max_restarts']}): "
             f"{previous_world} -> {info['world_size']} processes, resuming at step {state.global_step}")
-
-
-def _describe(r: Recipe, acc, strategy: Strategy, b: TrainBatches, info: dict, n_params: int,
-              resumed: Path | None, step: int) -> str:
-    """The one line that describes the run."""
-    return (
-        f"alexdist: {r.model.name} @ {info['input_size']}px ({n_params / 1e6:.2f} M params) on {acc.num_processes} x "
-        f"{acc.device}, {strategy.describe()} | effective batch {b.effective_batch} = {r.train.batch_size} per "
-        f"process x {acc.num_processes} processes x {r.train.grad_accum} accumulation | {b.steps_per_epoch} "
-        f"steps/epoch, {info['total_steps']} steps, peak lr {info['peak_lr']:.4g} | precision {r.precision} | "
-        f"output {r.output_dir}" + (f" | resumed from {resumed} at step {step}" if resumed else "")
-    )

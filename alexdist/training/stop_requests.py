@@ -1,5 +1,6 @@
-"""Stop requests: SIGTERM, SIGUSR1 or a STOP file in output_dir -> checkpoint at the next step and exit 75.
-A launcher that dies sends its workers SIGTERM too (processes.die_with_launcher): the same stop.
+"""Stop requests: SIGTERM, SIGUSR1, SIGHUP or a STOP file in output_dir -> checkpoint at the next step and exit
+75. A launcher that dies sends its workers SIGHUP (processes.die_with_launcher): the same stop, reported as "the
+launcher died"; without a launcher SIGHUP means the terminal closed.
 
 Every rank handles the signals itself (Slurm's `scancel` signals every process of a job). Launchers do not
 all forward signals: `torchrun` / `accelerate launch` do not pass SIGUSR1 on to their workers (pytorch #154849),
@@ -11,16 +12,17 @@ left.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from pathlib import Path
 
 import torch
 
-from alexdist.distributed.collectives import any_rank
+from alexdist.distributed.collectives import sum_over_ranks
+from alexdist.distributed.processes import LAUNCHER_DEATH_SIGNAL, launcher_death_armed
 
 STOP_FILE = "STOP"
+MEASURES = 2  # device floats a step can have summed over ranks in its agreement (the noise scale's two norms)
 # "Stopped on request, resumable" (EX_TEMPFAIL): the run saved a checkpoint and `resume: auto` continues it.
 STOPPED_EXIT_CODE = 75
 
@@ -30,35 +32,45 @@ class StopRequests:
         self.acc = accelerator
         self.stop_file = Path(output_dir) / STOP_FILE
         self.reason: str | None = None
-        self._parent = os.getppid()
-        # [asked to stop, bad step]: allocated once, filled in place each step (no host-to-device copy).
-        self._flags = torch.zeros(2, device=accelerator.device)
+        # [asked to stop, bad step, then the step's measures]: allocated once, filled in place each step (no
+        # host-to-device copy).
+        self._flags = torch.zeros(2 + MEASURES, device=accelerator.device)
         if accelerator.is_main_process:
             # A STOP file left by the request that stopped the previous attempt must not stop this one.
             self.stop_file.unlink(missing_ok=True)
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGUSR1, LAUNCHER_DEATH_SIGNAL):
                 signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         # Only a flag: the loop acts at the next step boundary. A repeated signal changes nothing (under Slurm,
         # `scancel` signals the workers and torchrun forwards its own SIGTERM too); what follows a graceful stop
         # that takes too long is the launcher's or Slurm's SIGKILL.
-        self.reason = self.reason or signal.Signals(signum).name
+        self.reason = self.reason or signal_reason(signum)
 
-    def agree(self, bad_step: torch.Tensor | bool = False) -> tuple[bool, bool]:
-        """(stop, bad): whether any rank has been asked to stop, and whether any rank flagged this step as bad
-        (NaN/inf, see guard.py; a device tensor, so nothing syncs before the all-reduce). One all-reduce and
-        one host sync for both, the same answer on every rank: call it on all ranks."""
+    def agree(self, bad_step: torch.Tensor | bool = False,
+              measures: torch.Tensor | None = None) -> tuple[bool, bool, list[float]]:
+        """(stop, bad, measures): whether any rank has been asked to stop, whether any rank flagged this step as
+        bad (NaN/inf, see divergence.py; a device tensor, so nothing syncs before the all-reduce), and `measures`
+        (up to MEASURES device floats, e.g. the noise scale's squared norms) summed over ranks. One all-reduce
+        and one host sync for all of it, the same answer on every rank: call it on all ranks."""
         # Rank 0 alone looks for the file (a stale listing on another node must not stop that node alone, nor
         # a STOP removed after a requeue stop the new attempt); the all-reduce tells the others.
         if self.reason is None and self.acc.is_main_process and self.stop_file.exists():
             self.reason = f"{STOP_FILE} file"
-        if self.reason == "SIGTERM" and os.getppid() != self._parent:  # reparented: processes.die_with_launcher
-            self.reason = "the launcher died (SIGTERM)"
         self._flags[0].fill_(1.0 if self.reason else 0.0)
         self._flags[1].copy_(torch.as_tensor(bad_step))
-        stop, bad = any_rank(self.acc, self._flags)
-        if stop and self.reason is None:
+        if measures is not None:
+            self._flags[2:2 + len(measures)].copy_(measures)
+        stop, bad, *summed = sum_over_ranks(self.acc, self._flags)
+        if stop > 0 and self.reason is None:
             self.reason = "another rank was asked"
-        return stop, bad
+        return stop > 0, bad > 0, summed
+
+def signal_reason(signum: int) -> str:
+    """What a stop signal means: its name, or, for the launcher-death signal, that the launcher died (the signal
+    itself says so: the kernel sends it when the launcher goes, whatever the parent pid reads at that moment)."""
+    name = signal.Signals(signum).name
+    if signum == LAUNCHER_DEATH_SIGNAL:
+        return f"the launcher died ({name})" if launcher_death_armed() else f"the terminal closed ({name})"
+    return name

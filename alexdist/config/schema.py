@@ -1,19 +1,12 @@
-"""Typed recipes: a YAML file plus `key=value` dotted overrides, validated before any work starts.
-
-The schema is a tree of pydantic models with `extra="forbid"`, so a typo is an error, not a silently ignored
-key. Errors are turned into one line that names the key (and the nearest valid one).
-"""
+"""The recipe schema: a tree of pydantic models with `extra="forbid"`, so a typo is an error, not a silently
+ignored key. Each key's comment is its documentation (`alexdist config RECIPE` prints it beside the value)."""
 
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from alexdist.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -42,8 +35,20 @@ class DataConfig(_Section):
     # The side the images are stored at: others are resized once, at decode time (antialiased bilinear, train and
     # test alike). A larger model.input_size upsamples the batches on the device.
     image_size: int = Field(default=32, ge=8, le=512)
+    # Images held out of the training set for model selection (the best checkpoint, stop_at_acc, time_to_acc,
+    # sweeps, compare): a count (5000) or a fraction (0.1), stratified by class, the same whatever train.seed.
+    # None: no split; selection then reads the test set.
+    val_split: int | float | None = None
     synthetic_train: int = Field(default=50_000, ge=1)
     synthetic_test: int = Field(default=10_000, ge=1)
+
+    @field_validator("val_split", mode="before")
+    @classmethod
+    def _count_or_fraction(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1) or (
+                isinstance(v, float) and 0 < v < 1):
+            return v
+        raise ValueError(f"give a count of images (e.g. 5000) or a fraction between 0 and 1 (e.g. 0.1), not {v!r}")
 
 
 class AugmentConfig(_Section):
@@ -65,8 +70,9 @@ class TrainConfig(_Section):
     # Evaluation has no backward pass: a larger batch than training's fits and runs faster.
     eval_batch_size: int = Field(default=500, ge=1)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
-    # End the run (checkpoint, final weights, summary status `target_reached`) at the first evaluation whose test
-    # accuracy is at or above this. tracking.target_acc only records when it was reached.
+    # End the run (checkpoint, final weights, summary status `target_reached`) at the first evaluation whose
+    # selection accuracy (validation with data.val_split, else test) is at or above this. tracking.time_to_acc
+    # only records when a level was reached, without stopping.
     stop_at_acc: float | None = Field(default=None, gt=0, le=1)
     seed: int = 0
     # Log the running train loss every N optimizer steps (0 = only at epoch ends).
@@ -81,12 +87,12 @@ class TrainConfig(_Section):
     ema_warmup: bool = True
     # The EMA is the run's model: its accuracy picks the best checkpoint and is the summary's, and the final
     # weights (and `alexdist export` of a checkpoint) are the EMA's.
-    ema_eval: bool = False
+    ema_is_model: bool = False
 
     @model_validator(mode="after")
-    def _ema_eval_needs_ema(self) -> TrainConfig:
-        if self.ema_eval and self.ema_decay is None:
-            raise ValueError("train.ema_eval=true needs train.ema_decay (e.g. 0.999)")
+    def _ema_is_model_needs_ema(self) -> TrainConfig:
+        if self.ema_is_model and self.ema_decay is None:
+            raise ValueError("train.ema_is_model=true needs train.ema_decay (e.g. 0.999)")
         return self
 
 
@@ -127,24 +133,30 @@ class ScheduleConfig(_Section):
     final_frac: float = Field(default=0.0, ge=0, le=1)
 
 
-class DistributedConfig(_Section):
-    # auto: what the launcher says (`accelerate launch --config_file recipes/accelerate/zero2.yaml` -> DeepSpeed),
-    # else DDP. An explicit value here that disagrees with the launcher stops the run (both are shown).
-    # fsdp: PyTorch's FSDP2 (parameters, gradients and optimizer state sharded; checkpoints reshard on load).
-    strategy: Literal["auto", "ddp", "deepspeed", "fsdp"] = "auto"
+class DeepSpeedConfig(_Section):
+    """Settings read only by distributed.strategy=deepspeed."""
+
     zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state in CPU memory
-    # fp16 under DeepSpeed: dynamic loss scaling starting at 2**initial_scale_power, halved on overflow (after
-    # `hysteresis` overflows), doubled after `loss_scale_window` clean steps, never below min_loss_scale.
+    # fp16: dynamic loss scaling starting at 2**initial_scale_power, halved on overflow (after `hysteresis`
+    # overflows), doubled after `loss_scale_window` clean steps, never below min_loss_scale.
     fp16_initial_scale_power: int = Field(default=16, ge=0, le=32)
     fp16_loss_scale_window: int = Field(default=1000, ge=1)
     fp16_hysteresis: int = Field(default=2, ge=1)
     # An int: DeepSpeed validates it as one (0.5 would fail at prepare).
     fp16_min_loss_scale: int = Field(default=1, ge=1)
+
+
+class DistributedConfig(_Section):
+    # auto: what the launcher says (`accelerate launch --config_file recipes/accelerate/zero2.yaml` -> DeepSpeed),
+    # else DDP. An explicit value here that disagrees with the launcher stops the run (both are shown).
+    # fsdp: PyTorch's FSDP2 (parameters, gradients and optimizer state sharded; checkpoints reshard on load).
+    strategy: Literal["auto", "ddp", "deepspeed", "fsdp"] = "auto"
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     # From the first optimizer step on, a collective that waits longer than this fails the run instead of
     # hanging: the bound for a rank that hangs, and on NCCL also for one that died (gloo notices a closed
     # connection at once; NCCL waits for this timeout). A step, an evaluation or a save takes far less.
-    timeout_s: int = Field(default=300, ge=10)
+    step_timeout_s: int = Field(default=300, ge=10)
     # The allowance before the first step: rank 0 decoding the dataset while the others wait, process-group
     # and NCCL set-up, a first torch.compile or DeepSpeed op build.
     setup_timeout_s: int = Field(default=1800, ge=10)
@@ -153,8 +165,8 @@ class DistributedConfig(_Section):
 class CheckpointConfig(_Section):
     # Save every N optimizer steps (0 = only at epoch ends, on stop requests and at the end).
     every_steps: int = Field(default=0, ge=0)
-    epoch_end: bool = True
-    keep: int = Field(default=2, ge=1, description="newest checkpoints kept, plus the best by test accuracy")
+    at_epoch_end: bool = True
+    keep: int = Field(default=2, ge=1, description="newest checkpoints kept, plus the best by selection accuracy")
     max_shard_size: str = "2GB"  # DDP weights: safetensors shards no larger than this
     # auto: continue from the newest complete checkpoint in output_dir (fresh start if none); never; or a path.
     resume: str = "auto"
@@ -179,8 +191,25 @@ class TrackingConfig(_Section):
     # Added to the automatic tags (model, strategy, precision, world size).
     tags: list[str] = Field(default_factory=list)
     run_name: str | None = None
-    # The summary records the training time and epoch at which test accuracy first reached this.
-    target_acc: float | None = Field(default=None, gt=0, le=1)
+    # The summary records the training time and epoch at which the selection accuracy (validation with
+    # data.val_split, else test) first reached this; the run goes on (train.stop_at_acc stops it).
+    time_to_acc: float | None = Field(default=None, gt=0, le=1)
+    # The gradient noise scale (McCandlish et al. 2018, B_simple): the critical batch, past which more data
+    # parallelism buys few steps. Measured from gradients the step already has (DDP's local gradients before
+    # the all-reduce, or with one process the first of train.grad_accum micro-batches), logged per epoch and in
+    # summary.json; a run whose effective batch is far above it says what that costs. FSDP2 and ZeRO keep their
+    # local gradients inside their engines: not measured there (one line says so).
+    noise_scale: bool = True
+    # [start, end]: a torch.profiler trace of optimizer steps start..end (1-based, inclusive) on rank 0, written
+    # to output_dir/profile/ (Chrome trace format, which TensorBoard's profiler plugin reads too).
+    profile_steps: list[int] | None = None
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _two_steps(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) != 2 or not 1 <= v[0] <= v[1]):
+            raise ValueError("tracking.profile_steps is [start, end] with 1 <= start <= end, e.g. [10, 12]")
+        return v
 
 
 class SpeedConfig(_Section):
@@ -207,16 +236,6 @@ class SpeedConfig(_Section):
     # CUDA only. cuDNN times its convolution algorithms on the first batch of each shape and keeps the fastest
     # (fixed 32 px shapes: a one-time cost; not bit-reproducible across runs).
     cudnn_benchmark: bool = True
-    # [start, end]: a torch.profiler trace of optimizer steps start..end (1-based, inclusive) on rank 0, written
-    # to output_dir/profile/ (Chrome trace format, which TensorBoard's profiler plugin reads too).
-    profile_steps: list[int] | None = None
-
-    @field_validator("profile_steps")
-    @classmethod
-    def _two_steps(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (len(v) != 2 or not 1 <= v[0] <= v[1]):
-            raise ValueError("speed.profile_steps is [start, end] with 1 <= start <= end, e.g. [10, 12]")
-        return v
 
 
 class EvalConfig(_Section):
@@ -264,137 +283,3 @@ class Recipe(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-def _valid_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model_cls.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += _valid_keys(ann, f"{prefix}{name}.")
-        else:
-            keys.append(f"{prefix}{name}")
-    return keys
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override '{dotted}': '{p}' is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _format_error(err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(x) for x in e["loc"])
-    if e["type"] == "extra_forbidden" and isinstance(e.get("input"), dict) and len(e["loc"]) == 1:
-        sections = [k for k in Recipe.model_fields if k not in ("name", "precision", "output_dir")]
-        near = difflib.get_close_matches(loc, sections, n=1, cutoff=0.5)
-        hint = f"did you mean '{near[0]}'?" if near else f"sections are: {', '.join(sections)}"
-        return f"unknown section '{loc}'; {hint}"
-    if e["type"] == "extra_forbidden":
-        valid = _valid_keys(Recipe)
-        near = difflib.get_close_matches(loc, valid, n=1, cutoff=0.5)
-        hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
-        return f"unknown key '{loc}'{hint}"
-    if e["type"] == "value_error":
-        return f"{loc + ': ' if loc else ''}{e['msg'].removeprefix('Value error, ')}"
-    got = e.get("input")
-    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"bad value for '{loc}': {e['msg'][0].lower() + e['msg'][1:]}{got_s}"
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """`a.b=1` -> ("a.b", 1); values are YAML scalars, so `true`, `3`, `1e-3`, `[a, b]` and `null` work."""
-    parsed = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override '{item}' is not key=value (example: train.epochs=5)")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        parsed.append((key.strip(), value))
-    return parsed
-
-
-RECIPES_DIR = Path(__file__).parent / "recipes"
-
-
-def shipped_recipes() -> dict[str, Path]:
-    """The recipes that ship inside the package, by name (`bn` -> .../alexdist/recipes/bn.yaml)."""
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
-
-
-def recipe_summary(path: Path) -> str:
-    """What a recipe reproduces: the first sentence of its leading comment."""
-    lines = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#") or line.startswith("#  "):
-            break
-        lines.append(line.lstrip("# ").strip())
-    text = " ".join(lines)
-    return text.split(". ")[0].rstrip(".") if text else ""
-
-
-def find_recipe(name_or_path: str | Path) -> Path:
-    """A recipe file: an existing path, else a shipped recipe's name (with or without `.yaml`)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = shipped_recipes()
-    name = path.name.removesuffix(".yaml")
-    if str(name_or_path) in (name, f"{name}.yaml", f"recipes/{name}.yaml") and name in shipped:
-        return shipped[name]  # e.g. `recipes/bn.yaml` typed outside a clone
-    near = difflib.get_close_matches(name, shipped, n=1)
-    hint = f"did you mean '{near[0]}'? " if near else ""
-    raise ConfigError(
-        f"recipe '{name_or_path}' not found; {hint}give a YAML file or a shipped recipe: {', '.join(shipped)} "
-        f"(`alexdist recipes` lists them)"
-    )
-
-
-def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Read a recipe (a file or a shipped recipe's name), apply dotted overrides, validate. Raises ConfigError
-    with a one-line message."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = find_recipe(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"recipe '{path}' is not valid YAML{where}: fix the syntax there") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"recipe '{path}' must be a mapping of sections (model:, data:, train:, ...)")
-        tree = loaded
-        tree.setdefault("name", path.stem)
-    for key, value in parse_overrides(list(overrides)):
-        _set_dotted(tree, key, value)
-    try:
-        return Recipe.model_validate(tree)
-    except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}: W&B's run table, filters and parallel coordinates want flat keys."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def dump_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

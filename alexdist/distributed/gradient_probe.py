@@ -1,0 +1,63 @@
+"""Where a step's small-batch gradient is seen, for the gradient noise scale (training/noise_scale.py): each
+probe leaves |G_small|^2 in a device tensor during the step, without a host sync; the loop sums it over ranks in
+the step's one all-reduce.
+
+- AccumulationProbe: the first of train.grad_accum micro-batches (B_small = the per-process batch), any world
+  size: DDP does not reduce before the last micro-batch.
+- CommHookProbe: without accumulation on several processes, each rank's local gradient just before DDP's
+  all-reduce, through a DDP communication hook (B_small = the per-process batch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class GradientProbe:
+    """Measures |G_small|^2 during a step (on the device); `b_small`: the small batch's size in examples."""
+
+    b_small: int
+
+    def __init__(self, device: torch.device):
+        self.small_sq = torch.zeros((), dtype=torch.float32, device=device)
+
+    def start_step(self) -> None:
+        self.small_sq.zero_()
+
+    def after_backward(self, micro: int, params: list[torch.nn.Parameter]) -> None:
+        """After micro-batch `micro`'s backward (0-based)."""
+
+
+class AccumulationProbe(GradientProbe):
+    """The first of `grad_accum` micro-batches against the whole step: after its backward a rank's gradients are
+    that micro-batch's alone (DDP does not reduce before the last micro-batch), divided by grad_accum
+    (Accelerate divides the loss)."""
+
+    def __init__(self, device: torch.device, batch_size: int, grad_accum: int):
+        super().__init__(device)
+        self.b_small, self.grad_accum = batch_size, grad_accum
+
+    def after_backward(self, micro: int, params: list[torch.nn.Parameter]) -> None:
+        if micro == 0:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                norm = torch.nn.utils.get_total_norm(grads)
+                self.small_sq.copy_((norm * self.grad_accum).square())
+
+
+class CommHookProbe(GradientProbe):
+    """DDP: the squared norm of every bucket of this rank's local gradient, summed, just before the bucket's
+    all-reduce (torch's own `allreduce_hook` then does what DDP does without a hook: divide by the world size
+    and all-reduce)."""
+
+    def __init__(self, device: torch.device, ddp_model, batch_size: int):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        super().__init__(device)
+        self.b_small = batch_size
+
+        def hook(state, bucket):
+            self.small_sq.add_(torch.linalg.vector_norm(bucket.buffer().detach(), dtype=torch.float32).square())
+            return allreduce_hook(state, bucket)
+
+        ddp_model.register_comm_hook(None, hook)

@@ -1,0 +1,120 @@
+"""The steps-to-target study's report (benchmarks/recipes.py report): per recipe and batch, the optimizer steps to
+the validation target; the scaling efficiency against batch 128; McCandlish's S = S_min (1 + B_crit / B) fitted
+to the steps, beside the noise scale the runs measured; and the log-log plot (Shallue et al.'s figure)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "results" / "steps_to_target"
+
+
+def fit_critical_batch(points: list[tuple[int, int]]) -> tuple[float, float] | None:
+    """(S_min, B_crit) of S = S_min (1 + B_crit / B) by least squares on log S (steps span decades), over a
+    log-spaced grid of B_crit with S_min in closed form; None with fewer than two points."""
+    if len(points) < 2:
+        return None
+    best = None
+    for i in range(601):  # B_crit from 1 to 1e6
+        b_crit = 10 ** (i / 100)
+        shape = [math.log(1 + b_crit / b) for b, _ in points]
+        log_s_min = sum(math.log(s) - f for (_, s), f in zip(points, shape, strict=True)) / len(points)
+        err = sum((math.log(s) - log_s_min - f) ** 2 for (_, s), f in zip(points, shape, strict=True))
+        if best is None or err < best[0]:
+            best = (err, math.exp(log_s_min), b_crit)
+    return best[1], best[2]
+
+
+def _cell(r: dict) -> str:
+    if r["returncode"] not in (0, None) or r["steps"] is None:
+        return "failed"
+    return f"{r['steps']}" if r["reached"] else f"> {r['steps']} (not reached)"
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.2f}"
+
+
+def table(rows: list[dict]) -> list[str]:
+    """One row per (recipe, batch) of the given runs."""
+    lines = ["| recipe | rule | batch | steps to target | epochs | val acc | test acc | efficiency vs 128 | "
+             "noise scale | wall (min) |", "|" + "---|" * 10]
+    base = {r["recipe"]: r["steps"] for r in rows if r["effective_batch"] == 128 and r["reached"]}
+    for r in sorted(rows, key=lambda r: (r["recipe"], r["effective_batch"])):
+        eff = "—"
+        if r["reached"] and r["recipe"] in base:
+            eff = f"{base[r['recipe']] / r['steps'] / (r['effective_batch'] / 128):.2f}"
+        noise = f"{r['noise_scale']:,.0f}" if r.get("noise_scale") else "—"
+        lines.append(f"| {r['recipe']} | {r['rule']} | {r['effective_batch']} | {_cell(r)} | {r['epochs']} | "
+                     f"{_pct(r['final_val_acc'])} | {_pct(r['final_test_acc'])} | {eff} | {noise} | "
+                     f"{r['wall_s'] / 60:.0f} |")
+    return lines
+
+
+def fits(rows: list[dict]) -> list[str]:
+    lines = ["| recipe | S_min | fitted B_crit | measured noise scale (median of the runs, at their end) | ratio |",
+             "|---|---|---|---|---|"]
+    for recipe in sorted({r["recipe"] for r in rows}):
+        mine = [r for r in rows if r["recipe"] == recipe and r["reached"]]
+        fit = fit_critical_batch([(r["effective_batch"], r["steps"]) for r in mine])
+        noise = sorted(r["noise_scale"] for r in mine if r.get("noise_scale"))
+        measured = noise[len(noise) // 2] if noise else None
+        if fit is None:
+            lines.append(f"| {recipe} | — | — | {measured or '—'} | — |")
+            continue
+        ratio = f"{max(fit[1], measured) / min(fit[1], measured):.1f}x" if measured else "—"
+        lines.append(f"| {recipe} | {fit[0]:,.0f} | {fit[1]:,.0f} | "
+                     f"{f'{measured:,.0f}' if measured else '—'} | {ratio} |")
+    return lines
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Steps to target against batch, log-log, per recipe: the runs, perfect scaling from batch 128, the fit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=100)
+    for i, recipe in enumerate(sorted({r["recipe"] for r in rows})):
+        color = f"C{i}"
+        mine = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["effective_batch"])
+        hit = [(r["effective_batch"], r["steps"]) for r in mine if r["reached"]]
+        miss = [(r["effective_batch"], r["steps"]) for r in mine if not r["reached"] and r["steps"]]
+        if hit:
+            label = f"{recipe} (target {100 * mine[0]['target']:g} %)"
+            ax.plot(*zip(*hit, strict=True), "o-", color=color, label=label)
+        if miss:
+            ax.plot(*zip(*miss, strict=True), "x", color=color, markersize=10, label=f"{recipe}: not reached")
+        base = next((s for b, s in hit if b == 128), None)
+        xs = [128 * 2 ** (k / 4) for k in range(25)]
+        if base:
+            ax.plot(xs, [base * 128 / x for x in xs], ":", color=color, alpha=0.6)
+        if fit := fit_critical_batch(hit):
+            ax.plot(xs, [fit[0] * (1 + fit[1] / x) for x in xs], "--", color=color, alpha=0.8,
+                    label=f"{recipe}: S_min(1 + B_crit/B), B_crit {fit[1]:,.0f}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("effective batch", fontsize=12)
+    ax.set_ylabel("optimizer steps to the validation target", fontsize=12)
+    ax.set_title("Steps to target on MNIST (x0.25 width); dotted: perfect scaling from batch 128", fontsize=12)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(results: list[dict], shipped: dict[str, str]) -> str:
+    """README.md of the results folder (and the plot): the shipped rules' grid, then every run."""
+    main = [r for r in results if shipped.get(r["recipe"]) == r["rule"] and r["epoch_cap"] == 35]
+    plot(main, OUT / "steps_to_target.png")
+    text = ["# Steps to a validation target against the batch", "",
+            "Produced by `python benchmarks/recipes.py report` from the JSON files beside it; one run each (no "
+            "seeds repeated). MNIST, x0.25 width, 2 CPU processes x accumulation; each recipe's shipped rule.", "",
+            *table(main), "", "Efficiency: steps(128) / steps(B) / (B / 128); 1 is perfect scaling.", "",
+            *fits(main), "", "![steps to target](steps_to_target.png)", "", "## Every run", "",
+            *table(results), ""]
+    (OUT / "README.md").write_text("\n".join(text))
+    return "\n".join(text)
