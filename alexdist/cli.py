@@ -5,6 +5,7 @@ usage: alexdist COMMAND [ARGS...]
 commands:
   train RECIPE [key=value ...]       train in this process (for several: accelerate launch -m alexdist.train)
   recipes                            list the shipped recipes (use them by name: alexdist train bn)
+  config RECIPE [key=value ...]      every key of a recipe, resolved, with defaults and what each does
   models [--input-size N]            list the models with parameters and FLOPs per image
   compare RUN_DIR... [--plots DIR]   a table (and plots) comparing runs, or W&B runs with --wandb
   export CHECKPOINT OUT.safetensors  one weights file from DDP shards, ZeRO partitions or FSDP shards
@@ -28,7 +29,7 @@ from alexdist import __version__
 
 # Each command's `main(argv, prog=...)`, imported only when used (train pulls in torch and Accelerate).
 COMMANDS = {name: f"alexdist.commands.{name}:main"
-            for name in ("train", "recipes", "models", "compare", "export", "evaluate", "predict")}
+            for name in ("train", "recipes", "config", "models", "compare", "export", "evaluate", "predict")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,10 +147,37 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def is_import_path(name: str) -> bool:
+    """Whether model.name names a model of your own ('my_pkg.models:build') rather than one of the registry."""
+    return ":" in name
+
+
+def import_model(path: str) -> Callable[..., nn.Module]:
+    """The callable an import path names ('package.module:attribute'); ConfigError in one line if there is none."""
+    import importlib
+
+    from alexdist.errors import ConfigError
+
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"model.name '{path}': cannot import {module_name} ({exc}); put its folder on PYTHONPATH "
+                          f"or install it (every process, on every node, must import it)") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"model.name '{path}': {module_name} has no callable '{attr}'; give "
+                          f"'module:function' of a function or class that returns an nn.Module")
+    return factory
+
+
 def build_model(name: str, input_size: int | None = None, dropout: float = 0.5, width_mult: float = 1.0,
                 num_classes: int = NUM_CLASSES) -> nn.Module:
-    """Build a registered model; `input_size=None` uses the model's default (227 for alexnet, else 32); the head
-    has one output per class of the data (10 for CIFAR-10)."""
+    """Build a model: one of the registry (`input_size=None` uses its default: 227 for alexnet, else 32), or your
+    own by import path, called with num_classes (and input_size, dropout, width_mult where its signature takes
+    them); the head has one output per class of the data (10 for CIFAR-10)."""
+    if is_import_path(name):
+        return _build_imported(name, resolve_input_size(name, input_size), dropout, width_mult, num_classes)
     spec = MODELS[name]
     size = input_size or spec.default_input_size
     model = spec.cls(input_size=size, dropout=dropout, width_mult=width_mult, num_classes=num_classes)
@@ -158,8 +185,27 @@ def build_model(name: str, input_size: int | None = None, dropout: float = 0.5, 
     return model
 
 
+def _build_imported(path: str, input_size: int, dropout: float, width_mult: float, num_classes: int) -> nn.Module:
+    import inspect
+
+    from alexdist.errors import ConfigError
+
+    factory = import_model(path)
+    offered = {"num_classes": num_classes, "input_size": input_size, "dropout": dropout, "width_mult": width_mult}
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    model = factory(**{k: v for k, v in offered.items() if k == "num_classes" or takes_any or k in params})
+    if not isinstance(model, nn.Module) or not any(True for _ in model.parameters()):
+        raise ConfigError(f"model.name '{path}' returned {type(model).__name__}, not an nn.Module with parameters")
+    return model
+
+
 def resolve_input_size(name: str, input_size: int | None) -> int:
-    return input_size or MODELS[name].default_input_size
+    """The input side a model gets: model.input_size, else the registry model's default (32 for your own)."""
+    return input_size or (32 if is_import_path(name) else MODELS[name].default_input_size)
 
 
 def count_params(model: nn.Module) -> int:

@@ -128,3 +128,34 @@ def test_batches_are_the_reference_augmentation_of_the_epoch_order(padding, flip
         want = augment(x[perm[pos]], params[pos], padding)
         assert torch.equal(yb, y[perm[pos]])
         assert torch.equal(xb, normalize(want, 8))
+
+
+def test_the_batches_keep_only_the_padded_source_never_the_images_twice():
+    from alexdist.data.batches import source_bytes
+
+    x, y = _data()
+    for flip in (True, False):
+        tb = TrainBatches(x, y, 8, 1, 0, 1, 0, AugmentConfig(crop_padding=4, flip=flip), 32)
+        assert not hasattr(tb, "x")  # the images were copied into the source, not kept beside it
+        assert tb._source.numel() == source_bytes(N, 32, 4, flip) == (2 if flip else 1) * N * 3 * 40 * 40
+
+
+@pytest.mark.parametrize("place", ["cuda", "cpu"])
+def test_training_data_that_would_not_fit_is_refused_in_one_line_with_the_figures(place, monkeypatch):
+    """CIFAR-10 at 224 px: 45,000 training images padded and mirrored take 14.5 GB (they once took ~40 GB at
+    peak, the images kept beside two padded copies), refused on a GPU with 10 GiB free, and on a host where 4
+    processes would each keep them."""
+    from alexdist.config import load_recipe
+    from alexdist.errors import SetupError
+    from alexdist.training import run_data
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(run_data, "available_memory", lambda: 32 * 2**30)
+    monkeypatch.setattr(run_data, "local_processes", lambda: 4)
+    recipe = load_recipe("bn", ["data.image_size=224"])
+    with pytest.raises(SetupError) as err:
+        run_data.check_memory(recipe, torch.device(place), 45_000, 15_000, 224)
+    words = ("15.6 GiB of GPU memory, more than the 10.0 GiB free on cuda; set speed.data_on_device=false"
+             if place == "cuda" else "15.6 GiB of host memory per process, 62.5 GiB for the 4 on this node")
+    assert words in str(err.value) and "\n" not in str(err.value)
+    run_data.check_memory(recipe, torch.device(place), 45_000, 15_000, 32)  # at 32 px: 0.3 GiB, fits

@@ -101,3 +101,35 @@ def test_an_installed_wheel_runs_the_quickstart_without_the_repository(tmp_path,
                      f"output_dir={tmp_path / 'run'}", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "alexdist: done at step 2" in proc.stdout
+
+
+def test_alexdist_config_prints_every_schema_key_with_its_default_and_description(tmp_path, capsys):
+    """`alexdist config RECIPE` is generated from the schema: every key of it appears, resolved, with a comment;
+    and what it prints is a recipe that loads back to the same values."""
+    import yaml
+
+    from alexdist.commands.config import main as config_main
+    from alexdist.config import flatten, load_recipe
+
+    assert config_main(["bn", "train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)
+    recipe = load_recipe("bn", ["train.epochs=3"])
+    assert set(flatten(printed)) == set(flatten(recipe.to_dict()))  # every key, nothing else
+    keyed = [line for line in out.splitlines() if not line.startswith("#") and ":" in line.split("#")[0]]
+    leaves = [line for line in keyed if line.split("#")[0].strip().split(":", 1)[1].strip()]
+    assert all("  # default " in line for line in leaves), [x for x in leaves if "  # default " not in x][:3]
+    assert "one of cosine, onecycle, constant" in out and ">= 1" in out  # choices and bounds from the schema
+    (tmp_path / "mine.yaml").write_text(out)
+    assert load_recipe(tmp_path / "mine.yaml").to_dict() == recipe.to_dict()
+
+
+def test_train_help_lists_the_sections_and_points_to_alexdist_config(capsys):
+    from alexdist.commands.train import main as train_main
+    from alexdist.config import Recipe
+
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in Recipe.model_fields if name not in ("name", "precision", "output_dir"))
+    assert "alexdist config RECIPE" in out

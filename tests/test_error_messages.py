@@ -50,6 +50,9 @@ TITLES = [  # the cases of _cases, in order: each is a test of its own
     'disk full while saving a checkpoint',
     'resume with another model',
     'resume with other data',
+    'resume at another image size',
+    'resume with another validation split',
+    'a validation split that leaves a class without validation images',
     'a checkpoint of another model, change allowed on purpose',
     'the only checkpoint damaged after its save (a truncated shard)',
     'resuming from a damaged checkpoint by path (a truncated optimizer file)',
@@ -60,8 +63,10 @@ TITLES = [  # the cases of _cases, in order: each is a test of its own
     'a truncated weights file (evaluate)',
     'a directory that is neither a checkpoint nor a run (export)',
     'a ZeRO-3 checkpoint on another world size',
+    'a ZeRO-3 checkpoint resumed with ZeRO-2',
     'a ZeRO checkpoint on another world size with another effective batch',
     'EMA with ZeRO-3',
+    'SyncBatchNorm on a CPU',
     'a tracker that is not installed',
     'a missing image (predict)',
     'ONNX export of a file that is not a weights file',
@@ -147,6 +152,8 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
     other_model = copy_of(base, "other-model")
     other_allowed = copy_of(base, "other-model-allowed")
     other_data = copy_of(base, "other-data")
+    other_size = copy_of(base, "other-size")
+    other_split = copy_of(base, "other-split")
     from alexdist.checkpoint.manifest import MANIFEST, write_manifest
 
     def truncated(name: str, file: str, keep: int | None, manifest: bool) -> Path:
@@ -174,6 +181,7 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
     weights = root / "weights-truncated.safetensors"
     weights.write_bytes((base / "model.safetensors").read_bytes()[:1000])
     zero3_moved = _zero_run(root, cache_dir, stage=3)
+    zero3_stage = copy_of(zero3_moved, "zero3-at-stage-2")
     zero_batch = copy_of(zero, "zero2-other-batch")
     from alexdist.config import DataConfig
     from alexdist.data.cache import cache_path, load_dataset
@@ -239,6 +247,13 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
              "model.name: 'alexnet_bn' -> 'alexnet_3x3'", after=_unchanged(other_model, snapshot(other_model))),
         Case("resume with other data", ["data.synthetic_train=512", f"output_dir={other_data}"], 5,
              "data.synthetic_train: 256 -> 512", after=_unchanged(other_data, snapshot(other_data))),
+        Case("resume at another image size", ["data.image_size=40", f"output_dir={other_size}"], 5,
+             "data.image_size: 32 -> 40", after=_unchanged(other_size, snapshot(other_size))),
+        Case("resume with another validation split", ["data.val_split=0.1", f"output_dir={other_split}"], 5,
+             "data.val_split: None -> 0.1", after=_unchanged(other_split, snapshot(other_split))),
+        Case("a validation split that leaves a class without validation images", ["data.val_split=3",
+             f"output_dir={root / 'tiny-split'}"], 3, "with no validation images",
+             normalize=lambda m: re.sub(r"class '\d+' \(\d+ training", "class '<k>' (<n> training", m)),
         Case("a checkpoint of another model, change allowed on purpose", ["model.name=alexnet_3x3",
              "checkpoint.allow_config_change=true", f"output_dir={other_allowed}"], 5, "could not load checkpoint",
              after=_unchanged(other_allowed, snapshot(other_allowed)),
@@ -265,12 +280,17 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
              "distributed.deepspeed.zero_stage=3", "train.global_batch=64", f"output_dir={zero3_moved}"], 4,
              "holds ZeRO-3 partitions for 2 processes, this run has 1",
              after=_unchanged(zero3_moved, snapshot(zero3_moved))),
+        Case("a ZeRO-3 checkpoint resumed with ZeRO-2", ["distributed.strategy=deepspeed",
+             "distributed.deepspeed.zero_stage=2", "train.global_batch=64", f"output_dir={zero3_stage}"], 4,
+             "was written by ZeRO-3, this run uses ZeRO-2", after=_unchanged(zero3_stage, snapshot(zero3_stage))),
         Case("a ZeRO checkpoint on another world size with another effective batch",
              ["distributed.strategy=deepspeed", f"output_dir={zero_batch}"], 2,
              "was trained with an effective batch of", after=_unchanged(zero_batch, snapshot(zero_batch))),
         Case("EMA with ZeRO-3", ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=3",
              "train.ema_decay=0.99", f"output_dir={root / 'ema-zero3'}"], 4,
              "train.ema_decay is not supported with ZeRO-3", nproc=2),
+        Case("SyncBatchNorm on a CPU", ["model.sync_bn=true", f"output_dir={root / 'sync-bn'}"], 4,
+             "model.sync_bn needs GPUs"),
         Case("a tracker that is not installed", ["tracking.log_with=[mlflow]", f"output_dir={root / 'tracker'}"],
              4, "pip install mlflow"),
         Case("a missing image (predict)", [str(root / "no-such.png"), "--weights", str(base / "model.safetensors")],

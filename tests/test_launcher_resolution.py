@@ -2,9 +2,11 @@
 of the environment `accelerate launch` sets and the recipe)."""
 
 import pytest
+import torch
+from conftest import ROOT
 
 from alexdist.config import Recipe
-from alexdist.distributed.accelerator import _check_launcher_precision, amp_mode
+from alexdist.distributed.accelerator import _check_launcher_precision, amp_mode, gpu_plan, make_accelerator
 from alexdist.distributed.strategy import resolve_strategy
 from alexdist.errors import SetupError
 
@@ -76,3 +78,46 @@ def test_launcher_mixed_precision_must_agree_with_the_recipe(monkeypatch, launch
 
 def test_fp64_is_a_dtype_not_an_accelerate_mixed_precision():
     assert amp_mode("fp64") == "no" and amp_mode("bf16") == "bf16" and amp_mode("no") == "no"
+
+
+@pytest.mark.parametrize("processes, gpus, says", [
+    (2, 0, None),  # a CPU machine: gloo ranks, any number
+    (2, 1, "error:2 processes on this node but 1 GPU visible; launch --num_processes 1"),  # the 1-GPU workstation
+    (2, 8, "2 processes on this node but 8 GPUs visible: 6 stay idle"),  # a packaged config on an 8-GPU node
+    (8, 8, None),
+])
+def test_processes_are_matched_to_the_gpus_a_node_has(processes, gpus, says):
+    plan = gpu_plan(processes, gpus)
+    assert plan == says if says is None else plan.startswith(says)
+
+
+def test_the_quickstart_runs_on_the_cpu_whatever_gpus_the_machine_has(monkeypatch):
+    """`make quickstart` hides the GPUs (CUDA_VISIBLE_DEVICES=), so its 2 processes are the README's 2 CPU
+    processes; without that a 1-GPU workstation refuses the launch in one line instead of failing in rank 1."""
+    import re
+
+    recipe = (ROOT / "Makefile").read_text().split("\nquickstart:")[1].split("\n\n")[0]
+    assert re.search(r"CUDA_VISIBLE_DEVICES= \S*accelerate launch --multi_gpu --num_processes 2", recipe)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SetupError, match="2 processes on this node but 1 GPU visible"):
+        make_accelerator(Recipe(), resolve_strategy(Recipe()))
+
+
+def test_sync_batchnorm_is_ddp_on_gpus_only_and_refused_elsewhere_in_one_line(monkeypatch):
+    from alexdist.distributed.ddp import DDPStrategy
+    from alexdist.distributed.fsdp import FSDP2Strategy
+    from alexdist.models import build_model
+
+    recipe = Recipe.model_validate({"model": {"sync_bn": True}})
+    with pytest.raises(SetupError, match="model.sync_bn needs GPUs"):  # torch's own error comes mid-forward
+        DDPStrategy().check(recipe)
+    with pytest.raises(SetupError, match="ddp strategy only"):
+        FSDP2Strategy().check(recipe)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    DDPStrategy().check(recipe)
+    model = DDPStrategy().shard(build_model("alexnet_bn", 32, 0.0, 0.25), recipe)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "SyncBatchNorm" in kinds and "BatchNorm2d" not in kinds
+    assert set(model.state_dict()) == set(build_model("alexnet_bn", 32, 0.0, 0.25).state_dict())  # same weights

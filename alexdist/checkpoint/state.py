@@ -50,6 +50,7 @@ class TrainState:
     target_reached: bool = False  # train.stop_at_acc was reached: the run is over
     classes: list[str] = field(default_factory=list)  # the data's class names (the model's head size)
     images_per_s: list[float] = field(default_factory=list)
+    noise_scale: dict | None = None  # the gradient noise scale's running averages (training/noise_scale.py)
 
     def forget_evaluation(self) -> None:
         """After a step: the figures measured at an earlier step no longer describe the weights."""

@@ -16,6 +16,7 @@ import re
 import sys
 
 from alexdist.config import load_recipe
+from alexdist.config.help import sections_help
 from alexdist.distributed.collectives import lost_peer
 from alexdist.errors import run_command
 from alexdist.ranks import launch_rank
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m alexdist.train") 
         prog=prog,
         description="Train from a recipe. Overrides are dotted key=value pairs, e.g. train.epochs=5 "
         "model.name=alexnet.",
+        epilog=f"recipe sections:\n{sections_help()}\n\nEvery key with its default, allowed values and what it "
+        f"does: alexdist config RECIPE [key=value ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("recipe", help="a shipped recipe's name (`alexdist recipes` lists them) or a recipe YAML file")
     ap.add_argument("overrides", nargs="*", help="key=value overrides")

@@ -11,6 +11,7 @@ What differs per strategy (DeepSpeed's plugin, `cpu=`, autocast) comes from Stra
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -37,8 +38,31 @@ def _check_launcher_precision(recipe: Recipe) -> None:
         )
 
 
+def local_processes() -> int:
+    """How many processes the launcher started on this node (torchrun's LOCAL_WORLD_SIZE; 1 without one)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def gpu_plan(processes: int, gpus: int) -> str | None:
+    """What to say about `processes` on a node with `gpus` visible GPUs: an error (more processes than GPUs: each
+    rank would ask for a GPU that is not there) starts with "error:", a note (GPUs left idle) does not."""
+    if gpus == 0 or processes == gpus:
+        return None
+    if processes > gpus:
+        return (f"error:{processes} processes on this node but {gpus} GPU{'s' if gpus > 1 else ''} visible; launch "
+                f"--num_processes {gpus}, or run on the CPU with CUDA_VISIBLE_DEVICES= (as `make quickstart` does)")
+    return (f"{processes} process{'es' if processes > 1 else ''} on this node but {gpus} GPUs visible: "
+            f"{gpus - processes} stay idle; launch --num_processes {gpus} to use them (the packaged accelerate "
+            f"configs say 2)")
+
+
 def make_accelerator(recipe: Recipe, strategy: Strategy, log_with: list[str] | None = None) -> Accelerator:
     """The Accelerator for a resolved strategy (distributed.strategy.resolve_strategy)."""
+    plan = gpu_plan(local_processes(), torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if plan and plan.startswith("error:"):
+        raise SetupError(plan.removeprefix("error:"))
+    if plan and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"alexdist: note: {plan}", file=sys.stderr, flush=True)
     if recipe.precision == "fp16" and not torch.cuda.is_available():
         raise SetupError(
             "precision=fp16 needs a GPU (on a CPU Accelerate silently trains in fp32); use precision=bf16 or "

@@ -56,6 +56,9 @@ class DeepSpeedStrategy(Strategy):
         return f"deepspeed ZeRO-{self.zero_stage}"
 
     def check(self, recipe: Recipe) -> None:
+        if recipe.model.sync_bn:  # not run under DeepSpeed on a GPU yet: refused rather than promised
+            raise SetupError("model.sync_bn is supported with the ddp strategy only (untested under DeepSpeed); drop "
+                             "model.sync_bn or use distributed.strategy=ddp")
         if recipe.precision == "fp64":
             raise SetupError("precision=fp64 is not supported by DeepSpeed; use precision=no (fp32) or the ddp "
                              "strategy")

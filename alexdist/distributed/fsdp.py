@@ -18,10 +18,12 @@ so could never be tested here. Accelerate still forms the process group, counts 
 the scheduler and RNG states; the model and optimizer are not handed to it (it would wrap the model in DDP,
 and its save_state writes the optimizer from rank 0 alone, while here every rank holds a different shard).
 
-Sharding units: each conv block (the layers between two pools) and the classifier; every BatchNorm is a unit
-of its own whose parameters stay fp32 under bf16 (its statistics are buffers, never cast, and `FP32BatchNorm2d`
-computes in fp32), as airbench keeps BatchNorm in fp32. Under bf16 the other units gather their parameters in
-bf16 and reduce gradients in fp32; the sharded master weights and the optimizer state stay fp32.
+Sharding units: for the registry's models each conv block (the layers between two pools) and the classifier;
+for a model of your own (model.name by import path) every child module of at least UNIT_PARAMS parameters,
+recursively (sharding_units); every BatchNorm is a unit of its own whose parameters stay fp32 under bf16 (its
+statistics are buffers, never cast, and `FP32BatchNorm2d` computes in fp32), as airbench keeps BatchNorm in fp32.
+Under bf16 the other units gather their parameters in bf16 and reduce gradients in fp32; the sharded master
+weights and the optimizer state stay fp32.
 
 A single process without a process group (`alexdist train`, `accelerate launch --num_processes 1`) has nothing
 to shard over: the model stays a plain module (autocast for bf16), and checkpoints are still DCP, so a run moves
@@ -50,6 +52,9 @@ class FSDP2Strategy(Strategy):
     whole_weights = False
 
     def check(self, recipe: Recipe) -> None:
+        if recipe.model.sync_bn:  # not run under FSDP2 on a GPU yet: refused rather than promised
+            raise SetupError("model.sync_bn is supported with the ddp strategy only (untested under FSDP2); drop "
+                             "model.sync_bn or use distributed.strategy=ddp")
         if recipe.precision == "fp16":
             raise SetupError("precision=fp16 is not supported with distributed.strategy=fsdp (FSDP2 would need a "
                              "sharded gradient scaler); use precision=bf16, or fp16 with the ddp or deepspeed strategy")
@@ -130,7 +135,7 @@ def conv_blocks(features: nn.Sequential) -> list[list[nn.Module]]:
 
 
 def shard_model(model: nn.Module, precision: str) -> nn.Module:
-    """Apply FSDP2 to a model of the registry, in place (nothing on one process). Call before building the
+    """Apply FSDP2 to a model, in place (nothing on one process). Call before building the
     optimizer: sharding replaces the parameters with DTensors."""
     half = HALF.get(precision)
     if not _grouped():
@@ -147,11 +152,44 @@ def shard_model(model: nn.Module, precision: str) -> nn.Module:
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 fully_shard(m, mp_policy=fp32)
-    for block in conv_blocks(model.features):
-        fully_shard([m for m in block if not isinstance(m, FSDPModule)], mp_policy=policy)
-    fully_shard(model.classifier, mp_policy=policy)
+    if hasattr(model, "features") and hasattr(model, "classifier"):  # the registry's models
+        for block in conv_blocks(model.features):
+            fully_shard([m for m in block if not isinstance(m, FSDPModule)], mp_policy=policy)
+        fully_shard(model.classifier, mp_policy=policy)
+    else:
+        for unit in sharding_units(model):
+            fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)  # the root: casts the inputs, owns whatever is left
     return model
+
+
+UNIT_PARAMS = 100_000  # a model of your own: modules at least this big are sharded as units of their own
+
+
+def sharding_units(module: nn.Module) -> list[nn.Module]:
+    """The units FSDP2 shards a model of your own by, knowing nothing of it: every child module with at least
+    UNIT_PARAMS parameters, or, where such a child has children that big, those instead (recursively); what is
+    left (small layers) belongs to the root. A parameter shared by two units cannot be sharded twice: refused."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units: list[nn.Module] = []
+    for child in module.children():
+        if isinstance(child, FSDPModule) or _params(child) < UNIT_PARAMS:
+            continue
+        inner = [c for c in child.children() if _params(c) >= UNIT_PARAMS]
+        units += sharding_units(child) if inner else [child]
+    seen: set[int] = set()
+    for unit in units:
+        mine = {id(p) for p in unit.parameters()}
+        if mine & seen:
+            raise SetupError(f"model.name: a parameter of {type(unit).__name__} is shared with another part of the "
+                             f"model (tied weights), which FSDP2 cannot shard as separate units; use the ddp strategy")
+        seen |= mine
+    return units
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

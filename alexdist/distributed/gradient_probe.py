@@ -19,10 +19,15 @@ class GradientProbe:
     b_small: int
 
     def __init__(self, device: torch.device):
-        self.small_sq = torch.zeros((), dtype=torch.float32, device=device)
+        self._small_sq = torch.zeros((), dtype=torch.float32, device=device)
+
+    @property
+    def small_sq(self) -> torch.Tensor:
+        """This step's |G_small|^2 so far, on the device."""
+        return self._small_sq
 
     def start_step(self) -> None:
-        self.small_sq.zero_()
+        self._small_sq.zero_()
 
     def after_backward(self, micro: int, params: list[torch.nn.Parameter]) -> None:
         """After micro-batch `micro`'s backward (0-based)."""
@@ -42,22 +47,38 @@ class AccumulationProbe(GradientProbe):
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
                 norm = torch.nn.utils.get_total_norm(grads)
-                self.small_sq.copy_((norm * self.grad_accum).square())
+                self._small_sq.copy_((norm * self.grad_accum).square())
 
 
 class CommHookProbe(GradientProbe):
-    """DDP: the squared norm of every bucket of this rank's local gradient, summed, just before the bucket's
-    all-reduce (torch's own `allreduce_hook` then does what DDP does without a hook: divide by the world size
-    and all-reduce)."""
+    """DDP: the squared norm of each parameter's local gradient, taken from every bucket just before its
+    all-reduce (torch's own `allreduce_hook` then does what DDP does without a hook: divide by the world size and
+    all-reduce). Kept per parameter and summed in parameter order: DDP rebuilds its buckets after the first
+    iteration, and a sum taken bucket by bucket would round differently in a resumed run's first step than in the
+    uninterrupted run's same step."""
 
     def __init__(self, device: torch.device, ddp_model, batch_size: int):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         super().__init__(device)
         self.b_small = batch_size
+        index = {id(p): i for i, p in enumerate(ddp_model.module.parameters())}
+        self._per_param = torch.zeros(len(index), dtype=torch.float32, device=device)
+        positions: dict[tuple[int, ...], torch.Tensor] = {}  # per bucket layout, made once (no copy per step)
 
         def hook(state, bucket):
-            self.small_sq.add_(torch.linalg.vector_norm(bucket.buffer().detach(), dtype=torch.float32).square())
+            key = tuple(id(p) for p in bucket.parameters())
+            if key not in positions:
+                positions[key] = torch.tensor([index[k] for k in key], device=device)
+            norms = torch._foreach_norm([g.detach() for g in bucket.gradients()])
+            self._per_param.index_copy_(0, positions[key], torch.stack(norms).float().square())
             return allreduce_hook(state, bucket)
 
         ddp_model.register_comm_hook(None, hook)
+
+    def start_step(self) -> None:
+        self._per_param.zero_()
+
+    @property
+    def small_sq(self) -> torch.Tensor:
+        return self._per_param.sum()

@@ -51,6 +51,9 @@ class Strategy:
     # -- building ----------------------------------------------------------------------------------------------
     def check(self, recipe: Recipe) -> None:
         """Refuse, in one line, what this strategy cannot run (before any work)."""
+        if recipe.model.sync_bn and not torch.cuda.is_available():
+            raise SetupError("model.sync_bn needs GPUs (torch's SyncBatchNorm layers only work with GPU modules); "
+                             "drop model.sync_bn on a CPU")
 
     def accelerator_kwargs(self, recipe: Recipe) -> dict:
         """The Accelerator's strategy-specific arguments."""
@@ -74,6 +77,8 @@ class Strategy:
 
     def shard(self, model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
         """The model as the optimizer will see it, before the optimizer exists."""
+        if recipe.model.sync_bn:  # the layers DDP's all-reduce then keeps in step (speed.bn_fp32 does not apply)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if recipe.speed.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model

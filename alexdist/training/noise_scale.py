@@ -69,6 +69,15 @@ class GradientNoiseScale:
             return None
         return self._trace / self._grad_sq
 
+    def state_dict(self) -> dict:
+        """The EMAs, for a checkpoint: a resumed run goes on with the same estimate as an uninterrupted one."""
+        return {"trace": self._trace, "grad_sq": self._grad_sq, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        # The small and big batches may differ after a move to another world size: each step's two estimates
+        # are unbiased whatever the pair, so the averages carry on.
+        self._trace, self._grad_sq, self.steps = state["trace"], state["grad_sq"], state["steps"]
+
     def facts(self) -> dict:
         """What summary.json records."""
         return {"b_simple": self.value, "steps": self.steps, "b_small": self.b_small, "b_big": self.b_big,

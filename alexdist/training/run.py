@@ -73,6 +73,7 @@ class Run:
         and the training time. The one place a TrainState is prepared for saving."""
         state.epoch_sums = self.meter.total(self.accelerator) if state.step_in_epoch else [0.0, 0.0, 0.0]
         state.train_time_s = time.time() - self.t_start
+        state.noise_scale = self.noise.state_dict() if self.noise else None
 
     def save_if_due(self, *, epoch_end: bool = False, final: bool = False) -> Path | None:
         """A checkpoint if the Checkpointer's policy says so (`final`: the run stops here)."""

@@ -10,11 +10,12 @@ import torch
 
 from alexdist import faults
 from alexdist.config import Recipe
-from alexdist.data.batches import TrainBatches
+from alexdist.data.batches import TrainBatches, source_bytes
 from alexdist.data.cache import load_dataset
-from alexdist.data.dataset import Dataset, label_gap_warning
+from alexdist.data.dataset import Dataset, available_memory, label_gap_warning
 from alexdist.data.validation import stratified_split
-from alexdist.errors import ConfigError
+from alexdist.distributed.accelerator import local_processes
+from alexdist.errors import ConfigError, SetupError
 from alexdist.models import resolve_input_size
 
 
@@ -41,10 +42,11 @@ def run_data(recipe: Recipe, accelerator) -> RunData:
         train_x, train_y = ds.train_x[split.train_idx], ds.train_y[split.train_idx]
         val_x, val_y, fingerprint = ds.train_x[split.val_idx], ds.train_y[split.val_idx], split.fingerprint
     place = accelerator.device if recipe.speed.data_on_device else torch.device("cpu")
+    n_eval = len(ds.test_y) + (0 if val_y is None else len(val_y))
+    check_memory(recipe, place, len(train_y), n_eval, ds.train_x.shape[-1])
     batches = TrainBatches(
-        train_x.to(place), train_y.to(place), t.batch_size, t.grad_accum, accelerator.process_index,
-        accelerator.num_processes, t.seed, recipe.augment,
-        resolve_input_size(recipe.model.name, recipe.model.input_size),
+        train_x, train_y, t.batch_size, t.grad_accum, accelerator.process_index, accelerator.num_processes, t.seed,
+        recipe.augment, resolve_input_size(recipe.model.name, recipe.model.input_size), device=place,
     )
     if batches.steps_per_epoch == 0:
         raise ConfigError(
@@ -54,6 +56,29 @@ def run_data(recipe: Recipe, accelerator) -> RunData:
         )
     return RunData(batches, None if val_x is None else val_x.to(place), None if val_y is None else val_y.to(place),
                    ds.test_x.to(place), ds.test_y.to(place), ds.classes, fingerprint)
+
+
+def check_memory(recipe: Recipe, place: torch.device, n_train: int, n_eval: int, size: int) -> None:
+    """Refuse, in one line with the figures, training data that would not fit where it is placed: the padded (and
+    mirrored) training images plus the evaluation images, in the GPU's free memory (speed.data_on_device), or in
+    host memory for every process on this node (each keeps its own)."""
+    a = recipe.augment
+    need = source_bytes(n_train, size, a.crop_padding, a.flip) + n_eval * 3 * size * size
+    what = (f"the training and evaluation images at data.image_size={size} ({n_train:,} training images kept "
+            f"zero-padded{' and mirrored' if a.flip else ''}, {n_eval:,} evaluation images)")
+    gib = 2**30
+    if place.type == "cuda":
+        free = torch.cuda.mem_get_info(place)[0]
+        if need > 0.9 * free:
+            raise SetupError(f"{what} take {need / gib:.1f} GiB of GPU memory, more than the {free / gib:.1f} GiB free "
+                             f"on {place}; set speed.data_on_device=false (batches built on the host), lower "
+                             f"data.image_size (model.input_size upsamples on the GPU), or use a larger GPU")
+        return
+    processes, have = local_processes(), available_memory()
+    if processes * need > 0.9 * have:
+        raise SetupError(f"{what} take {need / gib:.1f} GiB of host memory per process, {processes * need / gib:.1f} "
+                         f"GiB for the {processes} on this node, more than the {have / gib:.1f} GiB available; lower "
+                         f"data.image_size (model.input_size upsamples on the device) or run fewer processes per node")
 
 
 def _load_once(recipe: Recipe, accelerator) -> Dataset:

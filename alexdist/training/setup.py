@@ -110,6 +110,8 @@ def _build(recipe: Recipe, accelerator, strategy: Strategy, data: RunData, lock:
     previous_world = read_state(resumed_from).world_size if resumed_from else accelerator.num_processes
     if resumed_from:
         state = checkpointer.load(resumed_from)
+        if noise and state.noise_scale:
+            noise.load_state_dict(state.noise_scale)
     input_size = resolve_input_size(recipe.model.name, recipe.model.input_size)
     # The schedule is sized by epochs; max_steps only stops early, so a capped run resumes into the full one.
     last_step = min(total_steps, recipe.train.max_steps or total_steps)
