@@ -84,6 +84,19 @@ def worker_report(script: str, *args: str, nproc: int = 2, env: dict[str, str] |
     return json.loads(line[0].removeprefix("REPORT "))
 
 
+def plain_and_sharded(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """For the FSDP2 workers (a process group formed): a registry model in float64 (seed 0) and a copy of it
+    sharded by alexdist's FSDP2, with the same initial weights."""
+    from alexdist.distributed.fsdp import shard_model
+    from alexdist.models import build_model
+
+    torch.manual_seed(0)
+    plain = build_model(name, 32, 0.0, 0.25).double()
+    model = build_model(name, 32, 0.0, 0.25).double()
+    model.load_state_dict(plain.state_dict())
+    return plain, shard_model(model, "fp64")
+
+
 def unshare_refusal() -> str | None:
     """Why a PID namespace (`unshare --pid --fork --mount-proc`, a container's view: the launcher is PID 1) cannot
     be made on this machine; None when it can."""

@@ -9,18 +9,14 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import plain_and_sharded
 
 from alexdist.distributed.collectives import full
-from alexdist.distributed.fsdp import FSDP2Strategy, shard_model
-from alexdist.models import build_model
+from alexdist.distributed.fsdp import FSDP2Strategy
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-torch.manual_seed(0)
-plain = build_model("alexnet_3x3", 32, 0.0, 0.25).double()
-model = build_model("alexnet_3x3", 32, 0.0, 0.25).double()
-model.load_state_dict(plain.state_dict())
-shard_model(model, "fp64")
+plain, model = plain_and_sharded("alexnet_3x3")
 g = torch.Generator().manual_seed(1)
 x = torch.randn(2, 8, 3, 32, 32, generator=g, dtype=torch.float64)
 y = torch.randint(0, 10, (2, 8), generator=g)

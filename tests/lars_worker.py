@@ -10,21 +10,17 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import plain_and_sharded
 from torch.distributed.tensor.debug import CommDebugMode
 
 from alexdist.config import load_recipe
 from alexdist.distributed.collectives import full
-from alexdist.distributed.fsdp import shard_model
 from alexdist.models import build_model
 from alexdist.training.optim import make_optimizer
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-torch.manual_seed(0)
-plain = build_model("alexnet_bn", 32, 0.0, 0.25).double()
-model = build_model("alexnet_bn", 32, 0.0, 0.25).double()
-model.load_state_dict(plain.state_dict())
-shard_model(model, "fp64")
+plain, model = plain_and_sharded("alexnet_bn")
 recipe = load_recipe(None, ["optim.name=lars", "optim.lr=2.0", "optim.trust_coeff=0.01",
                             f"optim.trust_clip={sys.argv[1]}"])
 opts = make_optimizer(model, recipe, 2.0), make_optimizer(plain, recipe, 2.0)
