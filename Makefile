@@ -43,7 +43,7 @@ bench: setup
 gpu-check-dry-run: setup
 	OUT=$${OUT:-gpu_check_out} bash benchmarks/gpu_check.sh --cpu
 
-# The wheels the GPU machine lacks (deepspeed, pydantic, hjson) -> .whl/, to carry to it.
+# The wheels a GPU machine may lack (deepspeed, pydantic, hjson, timm) -> .whl/, to copy into its clone.
 gpu-wheels: setup
 	bash benchmarks/gpu_wheels.sh
 

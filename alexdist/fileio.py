@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from alexdist.errors import CheckpointError
 
 
 @contextlib.contextmanager
@@ -66,3 +69,14 @@ def fsync_tree(path: Path, missing_ok: bool = False) -> None:
                 if not missing_ok:
                     raise
         fsync_dir(Path(root))
+
+
+def check_space(output_dir: str | Path, needed: int,
+                what: str = "a new checkpoint beside the last one, plus the final weights") -> None:
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        mib = 2**20
+        raise CheckpointError(
+            f"'{output_dir}' has {free / mib:.0f} MiB free but this run needs about {needed / mib:.0f} MiB ({what}); "
+            f"free space or choose another output_dir"
+        )

@@ -25,6 +25,21 @@ def env() -> dict[str, str]:
     return e
 
 
+def error_line(stderr: str) -> str:
+    """What went wrong, as the user would want it: alexdist's one line, else the Python exception's last line (not
+    torchrun's ChildFailedError wrapper), else the last line."""
+    import re
+
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    ours = [line for line in lines if "alexdist: error:" in line]
+    if ours:
+        return ours[0][ours[0].index("alexdist: error:"):]
+    wrapper = re.compile(r"ChildFailedError|CalledProcessError|elastic|subprocess|launch\.py")
+    exc = [line for line in lines if re.match(r"^(\[rank\d+\]:\s*)?[\w.]+(Error|Exception|StopIteration)\b", line)
+           and not wrapper.search(line)]
+    return (exc[-1] if exc else lines[-1] if lines else "no output")[:300]
+
+
 def train_run(overrides: list[str], nproc: int = 1, timeout: int = 900) -> dict:
     """Run `alexdist.train` (1 process, or N CPU/GPU processes through accelerate launch) in a fresh output_dir;
     return its summary plus the events of metrics.jsonl."""

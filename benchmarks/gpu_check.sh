@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check in one call (see benchmarks/gpu_check.py): rows written to $OUT/gpu_check.{md,jsonl} as they finish.
 #
-#   bash benchmarks/gpu_wheels.sh           # here, once: the wheels the GPU machine lacks -> .whl/ (git-ignored)
-#   bash benchmarks/gpu_check.sh            # there, with .whl carried: ~8 minutes, each row capped at 120 s
+#   bash benchmarks/gpu_wheels.sh           # on a machine with a package index: the wheels a GPU machine may
+#                                           # lack -> .whl/ (git-ignored); copy the folder along with the clone
+#   bash benchmarks/gpu_check.sh            # on the GPU machine: ~8 minutes, each row capped at 120 s
 #   bash benchmarks/gpu_check.sh --cpu      # a dry run on a CPU: tiny runs, CUDA-only rows skipped (CI runs it)
 #
-# The device call (README "GPU check"): command `bash benchmarks/gpu_check.sh`, carry [".whl"], timeout_s 560.
-# First, in seconds: benchmarks/gpu_deps.py decides package by package whether the image's copy will do (at or
-# above its floor) or a carried wheel is needed, installs only those into /tmp/site, and stops with exit 2 and
+# First, in seconds: benchmarks/gpu_deps.py decides package by package whether the installed copy will do (at or
+# above its floor) or a wheel from .whl/ is needed, installs only those into /tmp/site, and stops with exit 2 and
 # one line when something needed is in neither place. Without DeepSpeed only the DeepSpeed rows are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."

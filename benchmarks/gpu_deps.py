@@ -1,10 +1,11 @@
-"""Which of the carried wheels the GPU machine needs: run by gpu_check.sh before anything else, stdlib only.
+"""Which of the wheels in .whl/ (benchmarks/gpu_wheels.sh) the GPU machine needs: run by gpu_check.sh before
+anything else, stdlib only.
 
     python3 benchmarks/gpu_deps.py WHEEL_DIR TARGET   # installs what is needed into TARGET; exit 2 if unmet
 
 A package is taken from the image when the image has it at or above its floor (pyproject.toml's `>=`, and what
-the carried wheels themselves require, e.g. pydantic's exact pydantic-core), and from a wheel only when the
-image lacks it or has an older one: a carried wheel never shadows a newer installed package. Prints one line
+the wheels themselves require, e.g. pydantic's exact pydantic-core), and from a wheel only when the
+image lacks it or has an older one: a wheel never shadows a newer installed package. Prints one line
 per package saying which was used. Exit 2, with one line, when a package the check needs is in neither place;
 DeepSpeed (and what only it needs) is optional: without it the DeepSpeed rows are skipped (`deepspeed: skip`
 is printed, and gpu_check.sh passes it on).
@@ -116,8 +117,9 @@ def main() -> int:
     install, lines, missing, ds_ok = plan(wheel_dir)
     print("\n".join(lines), file=sys.stderr)
     if missing:
-        print(f"gpu_check: missing {', '.join(missing)}, neither in the image nor in {wheel_dir}/: run `bash "
-              f"benchmarks/gpu_wheels.sh` here and carry [\".whl\"] in the device call", file=sys.stderr)
+        print(f"gpu_check: missing {', '.join(missing)}, neither installed nor in {wheel_dir}/: run `bash "
+              f"benchmarks/gpu_wheels.sh` where pip reaches a package index and copy its .whl/ folder here",
+              file=sys.stderr)
         return 2
     if install:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The wheels the GPU machine may lack, made here (it has no package index): -> .whl/, which git ignores.
-#   bash benchmarks/gpu_wheels.sh      then carry [".whl"] in the device call that runs benchmarks/gpu_check.sh
+# The wheels a GPU machine may lack, made where pip reaches a package index (the GPU machine may not): -> .whl/,
+# which git ignores.
+#   bash benchmarks/gpu_wheels.sh      then copy .whl/ into the clone on the GPU machine, beside benchmarks/
 # Works on a fresh clone: the versions are the venv's when there is one, else the ones pinned below (those CI
 # tests with). gpu_check.sh installs a wheel only where the image lacks the package or has it below its floor.
 # DeepSpeed ships only an sdist on PyPI: `pip wheel` builds its pure-Python wheel (ops are JIT-built when used;

@@ -108,7 +108,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def report(results: list[dict], shipped: dict[str, str]) -> str:
     """README.md of the results folder (and the plot): the shipped rules' grid, then every run."""
-    main = [r for r in results if shipped.get(r["recipe"]) == r["rule"] and r["epoch_cap"] == 35]
+    main = [r for r in results if shipped.get(r["recipe"]) == r["rule"]]
     plot(main, OUT / "steps_to_target.png")
     text = ["# Steps to a validation target against the batch", "",
             "Produced by `python benchmarks/recipes.py report` from the JSON files beside it; one run each (no "

@@ -55,41 +55,34 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--strategy", choices=["ddp", "zero1", "zero2", "zero3", "fsdp"], required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--workdir", required=True, help="scratch directory shared by the ranks (removed at the end)")
-    args = ap.parse_args()
-
-    from alexdist.checkpoint.checkpointer import Checkpointer
-    from alexdist.checkpoint.state import TrainState
+def build(strategy_name: str, workdir: Path):
+    """The recipe, strategy, Accelerator, prepared model and optimizer, as training/setup.py builds them."""
     from alexdist.config import load_recipe
     from alexdist.distributed.accelerator import make_accelerator
-    from alexdist.distributed.collectives import exit_now
-    from alexdist.distributed.strategy import resolve_strategy
+    from alexdist.distributed.strategies import resolve_strategy
     from alexdist.models import build_model
     from alexdist.training.optim import make_optimizer
 
     overrides = ["model.name=alexnet_bn", "data.source=synthetic", "tracking.wandb=false", "train.batch_size=16",
                  "model.dropout=0"]
-    if args.strategy == "fsdp":
+    if strategy_name == "fsdp":
         overrides += ["distributed.strategy=fsdp"]
-    elif args.strategy != "ddp":
-        overrides += ["distributed.strategy=deepspeed", f"distributed.deepspeed.zero_stage={args.strategy[-1]}"]
-    tmpdir = Path(args.workdir)
-    recipe = load_recipe("recipes/quickstart.yaml", overrides + [f"output_dir={tmpdir}"])
+    elif strategy_name != "ddp":
+        overrides += ["distributed.strategy=deepspeed", f"distributed.deepspeed.zero_stage={strategy_name[-1]}"]
+    recipe = load_recipe("recipes/quickstart.yaml", overrides + [f"output_dir={workdir}"])
     strategy = resolve_strategy(recipe)
     acc = make_accelerator(recipe, strategy)
     torch.manual_seed(0)
-    model = strategy.shard(build_model("alexnet_bn", 32, 0.0).to(acc.device), recipe)  # as training/setup.py
+    model = strategy.shard(build_model("alexnet_bn", 32, 0.0).to(acc.device), recipe)
     optimizer = make_optimizer(model, recipe, 0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     model, optimizer, _ = strategy.prepare(acc, model, optimizer, scheduler, recipe)
-    module = acc.unwrap_model(model)
+    return recipe, strategy, acc, model, optimizer
 
-    x = torch.randn(16, 3, 32, 32, device=acc.device)
-    y = torch.randint(0, 10, (16,), device=acc.device)
+
+def memory_row(acc, model, optimizer) -> dict[str, int]:
+    """This rank's bytes of parameters, gradients (at the moment the optimizer steps) and optimizer state."""
+    module = acc.unwrap_model(model)
     inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper -> torch / DeepSpeed optimizer
     measured = {}
 
@@ -116,16 +109,21 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
     inner.step = original_step
-    grad_bytes = measured["grad_bytes"]
-
     params = [getattr(p, "ds_tensor", p) for p in module.parameters()]
     torch_opt = getattr(inner, "optimizer", inner)  # DeepSpeed's ZeRO optimizer wraps the torch one
     opt_tensors = [s for st in torch_opt.state.values() for s in st.values() if torch.is_tensor(s)]
     for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
         opt_tensors += list(_flatten(getattr(inner, attr, None)))
-    row = {"params_bytes": _bytes(params), "grad_bytes": grad_bytes, "optimizer_bytes": _bytes(opt_tensors)}
+    return {"params_bytes": _bytes(params), "grad_bytes": measured["grad_bytes"],
+            "optimizer_bytes": _bytes(opt_tensors)}
 
-    # Checkpoint cost, through the run's own Checkpointer (atomic rename, per-rank files).
+
+def checkpoint_costs(recipe, strategy, acc, model, optimizer) -> tuple[dict, dict]:
+    """Seconds and bytes of a save and a load through the run's own Checkpointer (atomic rename, per-rank files);
+    and the final weights (a collective)."""
+    from alexdist.checkpoint.checkpointer import Checkpointer
+    from alexdist.checkpoint.state import TrainState
+
     ckpt = Checkpointer(acc, recipe, strategy, model, optimizer, steps_per_epoch=1)
     t0 = time.perf_counter()
     path = ckpt.save(TrainState(global_step=1, world_size=acc.num_processes, strategy=strategy.name,
@@ -134,31 +132,44 @@ def main() -> None:
     acc.wait_for_everyone()
     t0 = time.perf_counter()
     strategy.load_checkpoint(acc, model, optimizer, path, acc.num_processes)
-    load_s = time.perf_counter() - t0
-    state_dict = strategy.final_weights(acc, model, recipe.precision)
+    costs = {"save_s": save_s, "load_s": time.perf_counter() - t0, "bytes": _dir_bytes(path)}
+    return costs, strategy.final_weights(acc, model, recipe.precision)
 
+
+def plain_safetensors_costs(state_dict: dict, workdir: Path) -> dict:
+    from safetensors.torch import load_file, save_file
+
+    plain = workdir / "plain.safetensors"
+    t0 = time.perf_counter()
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(plain))
+    save_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    load_file(str(plain))
+    return {"save_s": save_s, "load_s": time.perf_counter() - t0, "bytes": plain.stat().st_size}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--strategy", choices=["ddp", "zero1", "zero2", "zero3", "fsdp"], required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workdir", required=True, help="scratch directory shared by the ranks (removed at the end)")
+    args = ap.parse_args()
+    from alexdist.distributed.collectives import exit_now
+
+    workdir = Path(args.workdir)
+    recipe, strategy, acc, model, optimizer = build(args.strategy, workdir)
+    row = memory_row(acc, model, optimizer)
+    costs, state_dict = checkpoint_costs(recipe, strategy, acc, model, optimizer)
     per_rank = acc.gather(torch.tensor([list(row.values())], dtype=torch.float64, device=acc.device)).tolist()
     if acc.is_main_process:
-        from safetensors.torch import load_file, save_file
-
-        plain = tmpdir / "plain.safetensors"
-        t0 = time.perf_counter()
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(plain))
-        plain_save_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        load_file(str(plain))
-        plain_load_s = time.perf_counter() - t0
-        result = {
-            "strategy": args.strategy, "world_size": acc.num_processes,
-            "per_rank": [dict(zip(row, r, strict=False)) for r in per_rank],
-            "checkpoint": {"save_s": save_s, "load_s": load_s, "bytes": _dir_bytes(path)},
-            "plain_safetensors": {"save_s": plain_save_s, "load_s": plain_load_s, "bytes": plain.stat().st_size},
-        }
+        result = {"strategy": args.strategy, "world_size": acc.num_processes,
+                  "per_rank": [dict(zip(row, r, strict=False)) for r in per_rank], "checkpoint": costs,
+                  "plain_safetensors": plain_safetensors_costs(state_dict, workdir)}
         out = Path(args.out)
         data = json.loads(out.read_text()) if out.is_file() else {}
         data[args.strategy] = result
         out.write_text(json.dumps(data, indent=2) + "\n")
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
     acc.wait_for_everyone()
     exit_now(0)
 

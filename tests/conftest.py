@@ -45,7 +45,7 @@ def run_env(cache_dir: Path, **extra: str) -> dict[str, str]:
 
 def launch_command(overrides: list[str], nproc: int = 1, launcher: str = "accelerate",
                    recipe: str = "recipes/quickstart.yaml", config_file: str | None = None) -> list[str]:
-    """The command a user would type (see alexdist.launcher.launch_command), for `recipe` + overrides."""
+    """The command a user would type (see alexdist.distributed.launcher.launch_command), for `recipe` + overrides."""
     return _launch_command([recipe, *overrides], nproc, launcher, config_file)
 
 

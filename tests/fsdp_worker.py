@@ -1,6 +1,7 @@
 """Run by test_fsdp.py under `torchrun --nproc_per_node 2`: one optimizer step of 2 micro-batches on a model
-sharded by alexdist.fsdp, reporting after each micro-batch whether the sharded gradients exist yet (FSDP2 writes
-them only when it reduce-scatters) and the step's total gradient norm against the same step unsharded."""
+sharded by alexdist.distributed.fsdp, reporting after each micro-batch whether the sharded gradients exist yet
+(FSDP2 writes them only when it reduce-scatters) and the step's total gradient norm against the same step
+unsharded."""
 
 import json
 import os

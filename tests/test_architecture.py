@@ -1,5 +1,6 @@
-"""The layout holds what the developer notes promise: every module imports, no import cycles, strategy names
-compared only inside alexdist/distributed/, no function over 60 lines, no module over 400."""
+"""The layout holds what the developer notes promise: every module imports, no import cycle (imports inside
+functions count), each floor imports only the floors below it, strategy names compared only inside
+alexdist/distributed/, no function over 60 lines and no module over 400 (benchmarks/ included)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,18 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def top_level_imports(path: Path) -> set[str]:
-    """alexdist modules `path` imports at module level (imports inside functions are deferred on purpose)."""
-    found = set()
-    for node in ast.parse(path.read_text()).body:
+def _type_checking_only(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def alexdist_imports(path: Path) -> set[str]:
+    """alexdist modules `path` imports anywhere, inside functions too (a deferred import is still a dependency);
+    only `if TYPE_CHECKING:` blocks, which never run, are left out."""
+    found, tree = set(), ast.parse(path.read_text())
+    skipped = {id(n) for node in ast.walk(tree) if _type_checking_only(node) for n in ast.walk(node)}
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("alexdist"):
             for alias in node.names:  # `from alexdist.x import y`: y may itself be a module
                 sub = f"{node.module}.{alias.name}"
@@ -56,10 +65,39 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_there_are_no_import_cycles():
-    graph = {module_name(p): top_level_imports(p) for p in MODULES}
+def test_there_are_no_import_cycles_not_even_through_imports_inside_functions():
+    graph = {module_name(p): alexdist_imports(p) for p in MODULES}
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check sees one (control)
+    deferred = "def f():\n    from alexdist.training import loop\n"
+    hidden = Path(__file__).with_name("_architecture_probe.py")
+    try:  # an import inside a function is counted (control)
+        hidden.write_text(deferred)
+        assert "alexdist.training.loop" in alexdist_imports(hidden)
+    finally:
+        hidden.unlink()
+
+
+# DEVELOPERS.md's floors, lowest first: each module may import its own floor and the ones below, never above.
+FLOORS = [
+    {"alexdist", "alexdist.ranks", "alexdist.errors", "alexdist.fileio", "alexdist.pickle_checks", "alexdist.faults",
+     "alexdist.models"},
+    {"config"}, {"data"}, {"distributed"}, {"checkpoint"}, {"tracking"}, {"training"}, {"artifacts"}, {"commands"},
+    {"alexdist.cli", "alexdist.train", "alexdist.__main__"},
+]
+
+
+def floor_of(module: str) -> int:
+    parts = module.split(".")
+    return next(i for i, f in enumerate(FLOORS) if module in f or (len(parts) > 1 and parts[1] in f))
+
+
+def test_each_floor_imports_only_the_floors_below_it():
+    upward = [f"{module_name(p)} -> {dep}" for p in MODULES for dep in sorted(alexdist_imports(p))
+              if floor_of(dep) > floor_of(module_name(p))]
+    assert not upward, upward
+    assert floor_of("alexdist.training.loop") > floor_of("alexdist.data.batches")  # the order is seen (control)
+    assert all(floor_of(module_name(p)) is not None for p in MODULES)
 
 
 STRATEGY_NAME = re.compile(r"""(==|!=)\s*["'](ddp|deepspeed|fsdp)["']|["'](ddp|deepspeed|fsdp)["']\s*(==|!=)""")
@@ -73,12 +111,13 @@ def test_no_strategy_name_is_compared_outside_distributed():
 
 
 def test_no_function_is_longer_than_60_lines_and_no_module_longer_than_400():
-    long_functions = [f"{p.relative_to(PACKAGE)}:{node.name} ({node.end_lineno - node.lineno + 1})"
-                      for p in MODULES for node in ast.walk(ast.parse(p.read_text()))
+    files = MODULES + sorted((PACKAGE.parent / "benchmarks").glob("*.py"))
+    long_functions = [f"{p.relative_to(PACKAGE.parent)}:{node.name} ({node.end_lineno - node.lineno + 1})"
+                      for p in files for node in ast.walk(ast.parse(p.read_text()))
                       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                       and node.end_lineno - node.lineno + 1 > 60]
     assert not long_functions, long_functions
-    long_modules = [f"{p.relative_to(PACKAGE)} ({n})" for p in MODULES
+    long_modules = [f"{p.relative_to(PACKAGE.parent)} ({n})" for p in files
                     if (n := len(p.read_text().splitlines())) > 400]
     assert not long_modules, long_modules
 
@@ -95,3 +134,37 @@ def test_the_readme_fits_a_few_screens_and_every_relative_link_in_the_docs_resol
                 broken.append(f"{page.relative_to(root)} -> {target}")
     assert not broken, broken
     assert len(pages) >= 10  # README, DEVELOPERS.md and the topic pages
+
+
+MENTION = re.compile(r"(?<![\w/.])alexdist/[\w/]+\.py|(?<![\w/.-])alexdist(?:\.[a-z_][a-z0-9_]*)+")
+
+
+def _exists(mention: str) -> bool:
+    """Whether a path (alexdist/x/y.py) or a dotted name (alexdist.x.y, possibly ending in an attribute) names
+    something in the package."""
+    root = PACKAGE.parent
+    if "/" in mention:
+        return (root / mention).is_file()
+    parts = mention.split(".")
+    for n in range(len(parts), 0, -1):  # the longest prefix that is a module; the rest must be an attribute of it
+        path = root.joinpath(*parts[:n])
+        if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+            if n == len(parts):
+                return True
+            module = importlib.import_module(".".join(parts[:n]))
+            return hasattr(module, parts[n])
+    return False
+
+
+def test_every_module_the_code_and_docs_mention_exists():
+    """Comments, docstrings, docs and recipes named modules of the old flat layout (alexdist/ema.py,
+    alexdist.compare, ...); every `alexdist/....py` path and `alexdist.x.y` name they give must exist."""
+    root = PACKAGE.parent
+    texts = [*MODULES, *sorted((root / "docs").rglob("*.md")), *sorted((root / "benchmarks").glob("*.py")),
+             *sorted(f for f in (root / "tests").glob("*.py") if f.name != "test_architecture.py"),
+             *sorted(PACKAGE.rglob("*.yaml")), root / "README.md",
+             root / "DEVELOPERS.md", *sorted((root / "slurm").rglob("*")), *sorted((root / "docker").glob("*"))]
+    stale = sorted({f"{p.relative_to(root)}: {m}" for p in texts if p.is_file() and p.suffix != ".whl"
+                    for m in MENTION.findall(p.read_text(errors="ignore")) if not _exists(m.rstrip("."))})
+    assert not stale, stale
+    assert not _exists("alexdist.compare") and _exists("alexdist.tracking.compare.build_row")  # (control)

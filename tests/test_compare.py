@@ -1,4 +1,4 @@
-"""`alexdist.compare` on real runs, from run directories and from what W&B itself recorded offline."""
+"""`alexdist compare` on real runs, from run directories and from what W&B itself recorded offline."""
 
 import json
 import subprocess

@@ -187,7 +187,7 @@ class _RunsCode:
 def test_dataset_pickles_may_hold_numpy_arrays_and_nothing_that_runs_code(torchvision_dir, tmp_path, capsys):
     import io
 
-    from alexdist.checkpoint.pickle_checks import load_numpy_pickle
+    from alexdist.pickle_checks import load_numpy_pickle
 
     arrays = {"data": np.arange(6, dtype=np.uint8).reshape(2, 3), "labels": [1, 2]}
     back = load_numpy_pickle(io.BytesIO(pickle.dumps(arrays, protocol=2)))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alexdist.config import Recipe
-from alexdist.distributed.strategy import strategy_named
+from alexdist.distributed.strategies import strategy_named
 from alexdist.training.divergence import DivergenceGuard, diverged
 
 

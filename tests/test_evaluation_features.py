@@ -91,7 +91,7 @@ def test_predict_reads_images_of_any_size_and_names_the_top_classes(run, tmp_pat
     # The PNGs are the test images unchanged (32x32, lossless): predict must name exactly the classes the
     # weights give those images through the evaluation's own path, and a trained run gets most of them right.
     from alexdist.artifacts.export import load_source
-    from alexdist.artifacts.weights import model_for
+    from alexdist.checkpoint.weights import model_for
     from alexdist.data.batches import normalize
 
     weights, meta, _ = load_source(run / "model.safetensors")
@@ -126,7 +126,7 @@ def test_export_writes_an_onnx_model_and_a_hub_folder_that_match_the_run(run, tm
     import onnxruntime
     from safetensors.torch import load_file
 
-    from alexdist.artifacts.weights import load_weights, model_for
+    from alexdist.checkpoint.weights import load_weights, model_for
     from alexdist.config import load_recipe
     from alexdist.data.batches import normalize
     from alexdist.data.cache import load_dataset

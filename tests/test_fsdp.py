@@ -172,7 +172,7 @@ def test_fsdp_refuses_fp16_and_zero_offload_in_one_line():
 
 
 def test_a_crafted_dcp_metadata_is_refused_without_running_it(tmp_path, runs):
-    from alexdist.checkpoint.dcp import check_dcp_metadata
+    from alexdist.distributed.dcp import check_dcp_metadata
 
     good = sorted((runs["fsdp"] / "checkpoints").glob("step-*"))[-1] / "dcp"
     check_dcp_metadata(good)  # a real run's metadata passes

@@ -7,7 +7,7 @@ from conftest import ROOT
 
 from alexdist.config import Recipe
 from alexdist.distributed.accelerator import _check_launcher_precision, amp_mode, gpu_plan, make_accelerator
-from alexdist.distributed.strategy import resolve_strategy
+from alexdist.distributed.strategies import resolve_strategy
 from alexdist.errors import SetupError
 
 DS = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}

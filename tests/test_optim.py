@@ -127,7 +127,7 @@ def test_lars_settings_without_lars_and_lars_with_a_fused_kernel_are_refused():
 def test_optimizer_state_is_put_where_torchs_loader_puts_it_after_deepspeeds_universal_load():
     """DeepSpeed's universal loader sets `step` as a CPU tensor; a fused or capturable kernel reads it through a
     device pointer, unchecked. A `meta` parameter stands in for a GPU one: the logic is the same on any device."""
-    from alexdist.checkpoint.zero_universal import align_optimizer_state
+    from alexdist.distributed.zero_universal import align_optimizer_state
 
     fused_p = torch.nn.Parameter(torch.empty(3, device="meta"))
     plain_p = torch.nn.Parameter(torch.empty(3, device="meta"))

@@ -6,7 +6,7 @@ switches."""
 import pytest
 import torch
 
-from alexdist.distributed.strategy import strategy_named
+from alexdist.distributed.strategies import strategy_named
 from alexdist.models import FP32BatchNorm2d, build_model, keep_batchnorm_fp32, restore_fp32_buffers
 from alexdist.training.precision import configure_cuda_math, loss_input
 

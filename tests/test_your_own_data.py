@@ -100,7 +100,7 @@ def test_an_image_folder_trains_and_predict_names_its_classes(tmp_path, cache_di
     assert ds.classes == ["cat", "dog", "fox"] and len(ds.train_y) == 12 and ds.train_x.shape[1:] == (3, 32, 32)
     run = tmp_path / "run"
     check(launch(SMALL + [f"data.source={root}", "train.batch_size=4", f"output_dir={run}"], cache_dir))
-    from alexdist.artifacts.weights import classes_of, load_weights
+    from alexdist.checkpoint.weights import classes_of, load_weights
 
     assert classes_of(load_weights(run / "model.safetensors")[1]) == ["cat", "dog", "fox"]  # in the metadata
     proc = subprocess.run([sys.executable, "-m", "alexdist", "predict", str(root / "test" / "fox" / "0.png"),

@@ -110,9 +110,10 @@ def test_export_and_evaluate_agree_with_the_logged_accuracy_for_ddp_and_zero3(ze
 
 def test_a_zero2_sgd_run_moves_from_2_to_1_to_2_processes_with_its_momentum(zero_runs, tmp_path, cache_dir):
     """The shipped recipes' SGD through DeepSpeed's universal checkpoint (the momentum carried under Adam's name
-    through DeepSpeed's converter, alexdist.universal): the run equals the uninterrupted ZeRO-2 run within the
-    fp32 rounding of that training, measured against float64 DDP as the equivalence tests do (measured 1.2e-9,
-    bound 4.7e-6); training without momentum differs by 1.4e-4, so a move that lost it could not pass."""
+    through DeepSpeed's converter, alexdist.distributed.zero_universal): the run equals the uninterrupted ZeRO-2
+    run within the fp32 rounding of that training, measured against float64 DDP as the equivalence tests do
+    (measured 1.2e-9, bound 4.7e-6); training without momentum differs by 1.4e-4, so a move that lost it could not
+    pass."""
     sgd = EQUIV + ["train.global_batch=16", "train.grad_accum=2", "train.grad_clip=0.2",
                    "distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"]
     moved = tmp_path / "moved"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from alexdist.artifacts.export import load_source
-from alexdist.artifacts.weights import classes_of
+from alexdist.checkpoint.weights import classes_of
 from alexdist.config import load_recipe
 from alexdist.data.cache import load_dataset
 from alexdist.errors import DataError

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from alexdist.artifacts.weights import load_weights
 from alexdist.checkpoint.consolidate import consolidate
 from alexdist.checkpoint.state import STATE_FILE, complete_checkpoints
+from alexdist.checkpoint.weights import load_weights
 from alexdist.errors import DataError
 
 FINAL_WEIGHTS = "model.safetensors"  # what a finished run writes into its output_dir

@@ -1,6 +1,6 @@
 """A folder in the Hugging Face Hub's model layout, which `hf upload USER/REPO DIR .` publishes as it is:
 
-    model.safetensors   the weights (alexdist.weights' format: metadata names the model, input size, classes)
+    model.safetensors   the weights (alexdist.checkpoint.weights' format: metadata names the model, input size, classes)
     config.json         what rebuilding and feeding the model needs (architecture, width, input size, classes,
                         normalisation) plus its test results
     README.md           the model card: Hub metadata (YAML front matter), the recipe, the data, test accuracy
@@ -17,7 +17,7 @@ import yaml
 from huggingface_hub import ModelCardData
 
 from alexdist import __version__
-from alexdist.artifacts.weights import save_weights
+from alexdist.checkpoint.weights import save_weights
 from alexdist.data.batches import CIFAR_MEAN, CIFAR_STD
 from alexdist.fileio import atomic_write_text
 
@@ -41,7 +41,7 @@ def _training_facts(source: Path) -> tuple[dict, str | None]:
 
 def write_hub_dir(source: str | Path, weights: dict[str, torch.Tensor], meta: dict[str, str], evaluation: dict,
                   out_dir: str | Path) -> Path:
-    """Write the folder; `evaluation` is `alexdist.evaluate.evaluate_weights`' result for these weights."""
+    """Write the folder; `evaluation` is `alexdist.artifacts.evaluation.evaluate_weights`' result for these weights."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_weights(out / "model.safetensors", weights, meta)

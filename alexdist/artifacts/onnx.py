@@ -1,7 +1,7 @@
 """A weights file as an ONNX model, checked with onnxruntime against PyTorch's logits.
 
 The graph takes normalised images (float32 N x 3 x S x S, S the model's input size, CIFAR-10's mean and std
-as in alexdist.batches) with any batch size, and returns logits (N x 10).
+as in alexdist.data.batches) with any batch size, and returns logits (N x 10).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from alexdist.artifacts.weights import model_for
+from alexdist.checkpoint.weights import model_for
 from alexdist.errors import SetupError
 from alexdist.fileio import atomic_path
 

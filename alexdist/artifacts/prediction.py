@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from alexdist.artifacts.export import load_source
-from alexdist.artifacts.weights import classes_of, model_for
+from alexdist.checkpoint.weights import classes_of, model_for
 from alexdist.data.batches import normalize
 from alexdist.errors import DataError
 

@@ -41,7 +41,6 @@ import torch
 
 from alexdist import faults
 from alexdist.checkpoint.manifest import damage, write_manifest
-from alexdist.checkpoint.pickle_checks import check_pickles
 from alexdist.checkpoint.policy import keep_after_rotation, save_due
 from alexdist.checkpoint.state import STATE_FILE, TrainState, complete_checkpoints, config_changes, read_state, step_of
 from alexdist.config import Recipe, dump_yaml
@@ -49,6 +48,7 @@ from alexdist.distributed.collectives import any_rank, from_main, local, plain_m
 from alexdist.distributed.strategy import Strategy
 from alexdist.errors import AlexdistError, CheckpointError, DivergedError, SetupError, brief
 from alexdist.fileio import fsync_dir, fsync_tree
+from alexdist.pickle_checks import check_pickles
 
 
 class Checkpointer:

@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from alexdist.artifacts.weights import plain_weights, weights_metadata
 from alexdist.checkpoint.manifest import damage
-from alexdist.checkpoint.pickle_checks import check_pickles
 from alexdist.checkpoint.state import STATE_FILE, read_state
+from alexdist.checkpoint.weights import plain_weights, weights_metadata
 from alexdist.config import Recipe
 from alexdist.data.dataset import CIFAR10_CLASSES
-from alexdist.distributed.strategy import checkpoint_strategy
+from alexdist.distributed.strategies import checkpoint_strategy
 from alexdist.errors import CheckpointError, DataError
 from alexdist.models import build_model, resolve_input_size
+from alexdist.pickle_checks import check_pickles
 
 EMA_FILE = "custom_checkpoint_0.pkl"  # Accelerate's name for the first object registered for checkpointing
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -158,14 +157,3 @@ def checkpoint_bytes(n_params: int, recipe: Recipe, master_copies: int = 0) -> i
     strategy keeps (Strategy.master_copies: DeepSpeed's masters)."""
     slots = 2 if recipe.optim.name == "adamw" else (1 if recipe.optim.momentum > 0 else 0)
     return 4 * n_params * (1 + slots + master_copies)
-
-
-def check_space(output_dir: str | Path, needed: int,
-                what: str = "a new checkpoint beside the last one, plus the final weights") -> None:
-    free = shutil.disk_usage(output_dir).free
-    if free < needed:
-        mib = 2**20
-        raise CheckpointError(
-            f"'{output_dir}' has {free / mib:.0f} MiB free but this run needs about {needed / mib:.0f} MiB ({what}); "
-            f"free space or choose another output_dir"
-        )

@@ -7,7 +7,7 @@
 DDP checkpoints hold (possibly sharded) safetensors weights; ZeRO-1/2/3 checkpoints hold DeepSpeed's
 partitions, which DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint` merges into fp32 weights; FSDP
 checkpoints hold DCP shards, which DCP reads into the whole model in one process (checkpoint/consolidate.py).
-The file is the format of `alexdist.artifacts.weights`, the same as the final weights a run writes.
+The file is the format of `alexdist.checkpoint.weights`, the same as the final weights a run writes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from alexdist.artifacts.export import load_source
-from alexdist.artifacts.weights import save_weights
+from alexdist.checkpoint.weights import save_weights
 from alexdist.errors import run_command
 
 

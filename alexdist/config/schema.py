@@ -179,7 +179,8 @@ class TrainConfig(Section):
         gt=0,
         lt=1,
         description=(
-            "An exponential moving average of the weights (alexdist/ema.py), e.g. 0.999: every evaluation also reports "
+            "An exponential moving average of the weights (alexdist/training/ema.py), e.g. 0.999: every evaluation "
+            "also reports "
             "the EMA's test loss and accuracy, and every checkpoint holds it. timm's warm-up unless ema_warmup=false."
         ),
     )

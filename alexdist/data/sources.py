@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alexdist.checkpoint.pickle_checks import load_numpy_pickle
 from alexdist.config import DataConfig
 from alexdist.data.dataset import CIFAR10_CLASSES, Dataset, check_fits, image_tensor, resize
 from alexdist.data.imagefolder import read_image_folder
 from alexdist.errors import DataError
+from alexdist.pickle_checks import load_numpy_pickle
 
 
 def detect_layout(path: Path) -> str:

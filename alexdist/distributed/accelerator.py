@@ -13,15 +13,18 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
 from alexdist.config import Recipe
-from alexdist.distributed.strategy import Strategy
 from alexdist.errors import SetupError
 from alexdist.ranks import launched_world_size
+
+if TYPE_CHECKING:  # the strategy's base imports this module's amp_mode
+    from alexdist.distributed.strategy import Strategy
 
 
 def amp_mode(precision: str) -> str:

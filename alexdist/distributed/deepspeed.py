@@ -12,7 +12,7 @@
   rank 1 continues from what the uninterrupted rank 1 had (rank 0's, since the save). Training never reads them.
 - ZeRO-3: parameters are partitioned, every forward gathers them (a collective); no EMA, no rank checksums.
 - Checkpoints: DeepSpeed's partitioned files under `pytorch_model/`. On another world size, ZeRO-1/2 go through
-  DeepSpeed's universal checkpoint (checkpoint/zero_universal.py); ZeRO-3 is refused with the way out.
+  DeepSpeed's universal checkpoint (distributed/zero_universal.py); ZeRO-3 is refused with the way out.
 - Refused: precision=fp64 (DeepSpeed has none) and LARS (its optimizer would see ZeRO's flat partitions).
 """
 
@@ -27,9 +27,9 @@ import torch
 from alexdist.config import Recipe
 from alexdist.distributed.collectives import broadcast_buffers, plain_module
 from alexdist.distributed.strategy import HALF, Strategy
+from alexdist.distributed.zero_universal import DS_TAG
 from alexdist.errors import AlexdistError, SetupError
 
-DS_TAG = "pytorch_model"  # the tag Accelerate's save_state gives DeepSpeed's checkpoint
 # The words of DeepSpeed's DynamicLossScaler when the scale is at its minimum and the step still overflows
 # (deepspeed/runtime/fp16/loss_scaler.py raises a plain Exception inside backward).
 DEEPSPEED_MIN_SCALE = "loss scale already at minimum"
@@ -136,7 +136,7 @@ class DeepSpeedStrategy(Strategy):
         return None
 
     def resume_refusal(self, path: Path, saved_world: int, world: int) -> AlexdistError | None:
-        from alexdist.checkpoint.zero_universal import refusal
+        from alexdist.distributed.zero_universal import refusal
 
         return refusal(path, saved_world, world, self.zero_stage) if saved_world != world else None
 
@@ -144,7 +144,7 @@ class DeepSpeedStrategy(Strategy):
         if saved_world == accelerator.num_processes:
             accelerator.load_state(str(path))
             return
-        from alexdist.checkpoint.zero_universal import load_on_this_world_size
+        from alexdist.distributed.zero_universal import load_on_this_world_size
 
         load_on_this_world_size(accelerator, model, path)
 
@@ -156,7 +156,7 @@ class DeepSpeedStrategy(Strategy):
     def consolidate(cls, path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from alexdist.checkpoint.pickle_checks import check_pickles
+        from alexdist.pickle_checks import check_pickles
 
         check_pickles(path / DS_TAG)  # DeepSpeed unpickles with weights_only=False
         return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)

@@ -1,6 +1,6 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`): what differs from DDP. Parameters, gradients and optimizer
 state are sharded over the ranks, and checkpoints go through `torch.distributed.checkpoint` (DCP, in
-checkpoint/dcp.py), which reshards on load.
+distributed/dcp.py), which reshards on load.
 
 - Sharded before the optimizer exists (sharding replaces the parameters); the optimizer uses foreach kernels
   (the fused ones have no DTensor rule); Accelerate prepares only the scheduler.
@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alexdist.checkpoint import dcp
 from alexdist.config import Recipe
+from alexdist.distributed import dcp
 from alexdist.distributed.collectives import broadcast_buffers
 from alexdist.distributed.strategy import HALF, Strategy
 from alexdist.errors import SetupError

@@ -12,12 +12,12 @@ is DDP's behaviour), `deepspeed.py`, `fsdp.py`.
 - checkpoints: the backend (safetensors shards, ZeRO partitions, DCP), moving to another world size, and the
   offline consolidation `alexdist export` uses.
 
-`resolve_strategy(recipe)` picks the strategy from the recipe and the launcher by one rule.
+The registry (distributed/strategies.py) imports the three and picks one (`resolve_strategy`); this base
+imports none of them.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -150,80 +150,3 @@ class Strategy:
     def consolidate(cls, path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The whole model's weights from one of this strategy's checkpoints, in one process, no group."""
         raise NotImplementedError
-
-
-def strategies() -> list[type[Strategy]]:
-    from alexdist.distributed.ddp import DDPStrategy
-    from alexdist.distributed.deepspeed import DeepSpeedStrategy
-    from alexdist.distributed.fsdp import FSDP2Strategy
-
-    return [DDPStrategy, DeepSpeedStrategy, FSDP2Strategy]
-
-
-def strategy_named(name: str, zero_stage: int | None = None) -> Strategy:
-    cls = next(c for c in strategies() if c.name == name)
-    return cls(zero_stage) if zero_stage is not None else cls()
-
-
-def checkpoint_strategy(path: Path) -> type[Strategy]:
-    """The strategy whose files a checkpoint directory holds (DDP's safetensors shards when none claims it)."""
-    return next((c for c in reversed(strategies()) if c.owns_checkpoint(path)), strategies()[0])
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").lower() == "true"
-
-
-def resolve_strategy(recipe: Recipe) -> Strategy:
-    """The strategy from the recipe and the launcher, by one rule; written back into the recipe.
-
-    The launcher speaks through the environment `accelerate launch` sets from its config file. A recipe value
-    of `auto` follows the launcher (DDP if it says nothing); an explicit recipe value must agree with the
-    launcher, else the run stops with both values shown. Nothing is resolved silently, and the resolved values
-    are what config.yaml and the trackers record.
-    """
-    name, stage = _resolve(recipe)
-    d = recipe.distributed
-    d.strategy = name
-    if stage is not None:
-        d.deepspeed.zero_stage = stage
-    if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower() == "cpu":
-        d.deepspeed.offload_optimizer = True
-    strategy = strategy_named(name, stage)
-    strategy.check(recipe)
-    return strategy
-
-
-def _resolve(recipe: Recipe) -> tuple[str, int | None]:
-    d = recipe.distributed
-    if _env_flag("ACCELERATE_USE_FSDP"):  # `accelerate launch --use_fsdp` or recipes/accelerate/fsdp.yaml
-        if d.strategy not in ("auto", "fsdp"):
-            raise SetupError(
-                f"the launcher config says FSDP but the recipe says distributed.strategy={d.strategy}; drop one of "
-                f"them (distributed.strategy=auto follows the launcher)"
-            )
-        return "fsdp", None
-    launcher_ds = _env_flag("ACCELERATE_USE_DEEPSPEED")
-    launcher_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    if d.strategy == "ddp" and launcher_ds:
-        raise SetupError(
-            "the launcher config says DeepSpeed but the recipe says distributed.strategy=ddp; drop one of them "
-            "(distributed.strategy=auto follows the launcher)"
-        )
-    if launcher_ds:
-        stage = int(launcher_stage) if launcher_stage else d.deepspeed.zero_stage
-        if d.strategy == "deepspeed" and launcher_stage and stage != d.deepspeed.zero_stage:
-            raise SetupError(
-                f"the launcher config says ZeRO stage {stage} but the recipe says distributed.deepspeed.zero_stage="
-                f"{d.deepspeed.zero_stage}; make them agree or set distributed.strategy=auto to follow the launcher"
-            )
-        gas = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
-        if gas and gas.isdigit() and int(gas) != recipe.train.grad_accum:
-            raise SetupError(
-                f"the launcher config says gradient_accumulation_steps={gas} but the recipe says train.grad_accum="
-                f"{recipe.train.grad_accum}; set it in one place (the recipe is the usual one)"
-            )
-        return "deepspeed", stage
-    if d.strategy in ("deepspeed", "fsdp"):
-        return d.strategy, d.deepspeed.zero_stage if d.strategy == "deepspeed" else None
-    return "ddp", None

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from alexdist import faults
-from alexdist.artifacts.weights import save_weights, weights_metadata
+from alexdist.checkpoint.weights import save_weights, weights_metadata
 from alexdist.config import Recipe
 from alexdist.data.batches import to_device
 from alexdist.distributed.collectives import set_step_timeout

@@ -14,15 +14,17 @@ from pathlib import Path
 import torch
 
 from alexdist.checkpoint.checkpointer import Checkpointer
-from alexdist.checkpoint.run_dir import RunLock, check_space, check_writable, checkpoint_bytes
+from alexdist.checkpoint.run_dir import RunLock, check_writable, checkpoint_bytes
 from alexdist.checkpoint.state import TrainState, read_state
 from alexdist.config import Recipe
 from alexdist.data.batches import TrainBatches
 from alexdist.distributed.accelerator import make_accelerator
 from alexdist.distributed.collectives import from_main, plain_module
 from alexdist.distributed.launcher import elastic_facts, shared_store_warning, train_command
-from alexdist.distributed.strategy import Strategy, resolve_strategy
+from alexdist.distributed.strategies import resolve_strategy
+from alexdist.distributed.strategy import Strategy
 from alexdist.errors import ConfigError, SetupError
+from alexdist.fileio import check_space
 from alexdist.models import build_model, count_params, keep_batchnorm_fp32, resolve_input_size
 from alexdist.ranks import launched_world_size
 from alexdist.tracking.profiling import StepProfiler

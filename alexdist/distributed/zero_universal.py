@@ -23,9 +23,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from alexdist.checkpoint.run_dir import check_space
-from alexdist.distributed.deepspeed import DS_TAG
 from alexdist.errors import CheckpointError, SetupError, brief
+from alexdist.fileio import check_space
+
+DS_TAG = "pytorch_model"  # the tag Accelerate's save_state gives DeepSpeed's checkpoint
 
 
 def refusal(path: Path, saved_world: int, world: int, stage: int) -> SetupError | None:
