@@ -1,15 +1,18 @@
 # Setup and the two everyday commands. The venv pins torch 2.14.1 / torchvision 0.29.1 (the builds this
-# project is tested with); everything else comes from pyproject.toml.
+# project is tested with); everything else comes from pyproject.toml. PyPI's Linux wheel of torch 2.14.1 is
+# built for CUDA 13.0 (NVIDIA driver 580 or newer); TORCH_PIP passes pip options for another build, e.g.
+#   make setup TORCH_PIP="--index-url URL-OF-A-CUDA-12.8-WHEEL-INDEX"      (docs/development.md)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+TORCH_PIP ?=
 
 .PHONY: setup mnist quickstart test test-fast lint bench gpu-check-dry-run gpu-wheels docker-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q $(TORCH_PIP) torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[test,deepspeed]'
 	$(MAKE) mnist
 	touch $@

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     module, func = COMMANDS[name].split(":")
     code = getattr(importlib.import_module(module), func)(argv[1:], prog=f"alexdist {name}")
     if name == "train":
-        from alexdist.distributed.collectives import exit_now
+        from alexdist.distributed.processes import exit_now
 
         exit_now(code)  # see exit_now: gloo may abort at interpreter teardown
     return code

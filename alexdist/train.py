@@ -15,6 +15,6 @@ die_with_launcher(_PARENT_AT_START)  # before the heavy imports: a launcher kill
 from alexdist.commands.train import main  # noqa: E402
 
 if __name__ == "__main__":
-    from alexdist.distributed.collectives import exit_now
+    from alexdist.distributed.processes import exit_now
 
     exit_now(main())

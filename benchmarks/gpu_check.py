@@ -163,6 +163,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from alexdist.distributed.collectives import exit_now
+    from alexdist.distributed.processes import exit_now
 
     exit_now(main())  # a probe's gloo group can abort at interpreter exit (pytorch#190489)

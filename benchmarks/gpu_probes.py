@@ -84,7 +84,7 @@ def bare_loop(s: Setting, precision: str, options: list[str]) -> dict:
 
 def _probe_run(s: Setting, precision: str, tmp: str, options: list[str] = (), out: str | None = None):
     from alexdist.config import load_recipe
-    from alexdist.training.setup import setup
+    from alexdist.training.build_run import build_run
 
     os.environ["ALEXDIST_CACHE"] = tmp
     recipe = load_recipe("bn", [*SGD, "data.source=synthetic", "data.val_split=null",
@@ -92,7 +92,7 @@ def _probe_run(s: Setting, precision: str, tmp: str, options: list[str] = (), ou
                                 f"train.batch_size={s.batch}", f"model.width_mult={s.width}", f"precision={precision}",
                                 "tracking.wandb=false", "train.log_every=0", f"output_dir={out or tmp + '/run'}",
                                 *options])
-    return setup(recipe)
+    return build_run(recipe)
 
 
 def _steps(run, batches, n: int) -> None:

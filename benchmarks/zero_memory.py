@@ -56,7 +56,7 @@ def _dir_bytes(path: Path) -> int:
 
 
 def build(strategy_name: str, workdir: Path):
-    """The recipe, strategy, Accelerator, prepared model and optimizer, as training/setup.py builds them."""
+    """The recipe, strategy, Accelerator, prepared model and optimizer, as training/build_run.py builds them."""
     from alexdist.config import load_recipe
     from alexdist.distributed.accelerator import make_accelerator
     from alexdist.distributed.strategies import resolve_strategy
@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--workdir", required=True, help="scratch directory shared by the ranks (removed at the end)")
     args = ap.parse_args()
-    from alexdist.distributed.collectives import exit_now
+    from alexdist.distributed.processes import exit_now
 
     workdir = Path(args.workdir)
     recipe, strategy, acc, model, optimizer = build(args.strategy, workdir)

@@ -65,6 +65,18 @@ ACCELERATE=${ALEXDIST_ACCELERATE:-accelerate}
 MULTI=(--multi_gpu)
 [ "$NUM_PROCESSES" -gt 1 ] || MULTI=()
 
+# NCCL (GPU jobs; gloo on CPUs ignores these). Each is only a default: a value set before sbatch wins.
+# - NCCL_DEBUG=WARN: NCCL's own errors and warnings in the job's log, not its per-call INFO (set INFO to see which
+#   network and transport it picked, e.g. whether InfiniBand is used).
+# - TORCH_NCCL_ASYNC_ERROR_HANDLING=1: a collective that fails or passes distributed.step_timeout_s aborts the
+#   process (torchrun's own default, set here too for a launcher that does not set it); a dead peer otherwise
+#   blocks its partners until the timeout, and with 0 forever. (NCCL_ASYNC_ERROR_HANDLING is its old name.)
+# - NCCL_SOCKET_IFNAME and NCCL_IB_HCA: left unset, NCCL picks the interface and the InfiniBand adapters itself;
+#   on nodes with several networks set them to the fast one (e.g. NCCL_SOCKET_IFNAME=ib0, or ^docker0,lo to
+#   exclude), as the cluster's documentation says. NCCL_IB_DISABLE=1 forces TCP when InfiniBand misbehaves.
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+
 echo "alexdist/slurm: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} | $NNODES node(s) x $PROCS_PER_NODE process(es) | $CPUS CPUs per node, $OMP_NUM_THREADS thread(s) per process | head $HEAD:$PORT | output $OUTPUT_DIR"
 
 STARTED=$(date +%s)

@@ -289,11 +289,11 @@ def build_run(tmp_path: Path, monkeypatch, overrides: list[str]):
     """`training.setup.setup` of the quickstart recipe with `overrides`, in this process (one rank), ready to
     step."""
     from alexdist.config import load_recipe
+    from alexdist.training.build_run import build_run
     from alexdist.training.evaluation import EpochMeter
-    from alexdist.training.setup import setup
 
     monkeypatch.setenv("ALEXDIST_CACHE", str(tmp_path / "cache"))
-    run = setup(load_recipe("quickstart", [*overrides, "tracking.wandb=false", f"output_dir={tmp_path / 'run'}"]))
+    run = build_run(load_recipe("quickstart", [*overrides, "tracking.wandb=false", f"output_dir={tmp_path / 'run'}"]))
     run.meter = EpochMeter(run.accelerator.device)
     return run
 

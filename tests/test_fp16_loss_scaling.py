@@ -27,7 +27,7 @@ def _fp16_accelerator_on_cpu(recipe, strategy, log_with=None):
 
 @pytest.fixture
 def run(tmp_path, monkeypatch, fresh_accelerate_state):
-    monkeypatch.setattr("alexdist.training.setup.make_accelerator", _fp16_accelerator_on_cpu)
+    monkeypatch.setattr("alexdist.training.build_run.make_accelerator", _fp16_accelerator_on_cpu)
     return build_run(tmp_path, monkeypatch, [
         "model.name=alexnet_3x3", "data.source=synthetic", "data.synthetic_train=256", "data.synthetic_test=32",
         "train.batch_size=16", "precision=fp16", "train.max_bad_steps=5"])

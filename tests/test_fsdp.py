@@ -168,7 +168,7 @@ def test_fsdp_refuses_fp16_and_zero_offload_in_one_line():
     for override, words in [("precision=fp16", "use precision=bf16"),
                             ("distributed.deepspeed.offload_optimizer=true", "is a DeepSpeed .ZeRO-Offload. option")]:
         with pytest.raises(SetupError, match=words):
-            FSDP2Strategy().check(load_recipe("quickstart", [override]))
+            FSDP2Strategy().refuse_unsupported(load_recipe("quickstart", [override]))
 
 
 def test_a_crafted_dcp_metadata_is_refused_without_running_it(tmp_path, runs):

@@ -112,11 +112,11 @@ def test_sync_batchnorm_is_ddp_on_gpus_only_and_refused_elsewhere_in_one_line(mo
 
     recipe = Recipe.model_validate({"model": {"sync_bn": True}})
     with pytest.raises(SetupError, match="model.sync_bn needs GPUs"):  # torch's own error comes mid-forward
-        DDPStrategy().check(recipe)
+        DDPStrategy().refuse_unsupported(recipe)
     with pytest.raises(SetupError, match="ddp strategy only"):
-        FSDP2Strategy().check(recipe)
+        FSDP2Strategy().refuse_unsupported(recipe)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    DDPStrategy().check(recipe)
+    DDPStrategy().refuse_unsupported(recipe)
     model = DDPStrategy().shard(build_model("alexnet_bn", 32, 0.0, 0.25), recipe)
     kinds = {type(m).__name__ for m in model.modules()}
     assert "SyncBatchNorm" in kinds and "BatchNorm2d" not in kinds

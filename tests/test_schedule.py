@@ -6,8 +6,8 @@ import pytest
 
 from alexdist.config import Recipe, ScheduleConfig
 from alexdist.errors import ConfigError
+from alexdist.training.build_run import resolve_batch_size
 from alexdist.training.optim import lr_factor, peak_lr, warmup_steps
-from alexdist.training.setup import resolve_batch_size
 
 
 def test_warmup_rises_linearly_to_the_peak_in_optimizer_steps():

@@ -7,16 +7,16 @@ import os
 import sys
 
 from alexdist.config import load_recipe
-from alexdist.distributed.collectives import exit_now, group_timeouts
+from alexdist.distributed.processes import exit_now, group_timeouts
+from alexdist.training.build_run import build_run
 from alexdist.training.evaluation import EpochMeter
 from alexdist.training.loop import record_step, train_step
-from alexdist.training.setup import setup
 
 recipe = load_recipe("quickstart", ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2",
                                     "distributed.step_timeout_s=42", "data.source=synthetic",
                                     "data.synthetic_train=256", "data.synthetic_test=32", "tracking.wandb=false",
                                     f"output_dir={sys.argv[1]}"])
-run = setup(recipe)
+run = build_run(recipe)
 run.meter = EpochMeter(run.accelerator.device)
 before = group_timeouts()
 record_step(run, train_step(run, next(run.batches.epoch(0)), 1), 0)

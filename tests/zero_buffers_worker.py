@@ -9,17 +9,17 @@ import sys
 import torch
 
 from alexdist.config import load_recipe
-from alexdist.distributed.collectives import exit_now
+from alexdist.distributed.processes import exit_now
+from alexdist.training.build_run import build_run
 from alexdist.training.epoch_end import evaluate_epoch
 from alexdist.training.evaluation import EpochMeter
 from alexdist.training.loop import record_step, train_step
-from alexdist.training.setup import setup
 
 recipe = load_recipe("quickstart", ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2",
                                     "data.source=synthetic", "data.synthetic_train=512", "data.synthetic_test=64",
                                     "train.batch_size=8", "train.grad_accum=2", "tracking.wandb=false",
                                     f"output_dir={sys.argv[1]}"])
-run = setup(recipe)
+run = build_run(recipe)
 run.meter = EpochMeter(run.accelerator.device)
 calls = []
 real = torch.distributed.broadcast

@@ -41,7 +41,8 @@ def _training_facts(source: Path) -> tuple[dict, str | None]:
 
 def write_hub_dir(source: str | Path, weights: dict[str, torch.Tensor], meta: dict[str, str], evaluation: dict,
                   out_dir: str | Path) -> Path:
-    """Write the folder; `evaluation` is `alexdist.artifacts.evaluation.evaluate_weights`' result for these weights."""
+    """Write the folder; `evaluation` is the result of `alexdist.artifacts.weights_evaluation.evaluate_weights`
+    for these weights."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_weights(out / "model.safetensors", weights, meta)

@@ -56,7 +56,7 @@ class Checkpointer:
 
     def __init__(self, accelerator, recipe: Recipe, strategy: Strategy, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, steps_per_epoch: int, val_fingerprint: str | None = None):
-        self.acc = accelerator
+        self.accelerator = accelerator
         self.val_fingerprint = val_fingerprint  # the run's validation split (data.val_split), None without
         self.strategy = strategy
         self.model = model
@@ -92,12 +92,12 @@ class Checkpointer:
         """Where to resume from (None: a fresh start), decided on rank 0 and handed to every rank (a collective):
         one look at the shared filesystem, so a stale listing on another node cannot make the ranks disagree."""
         choice = None
-        if self.acc.is_main_process:
+        if self.accelerator.is_main_process:
             try:
                 choice = self._choose_resume()
             except AlexdistError as exc:
                 choice = exc
-        choice = from_main(self.acc, choice)
+        choice = from_main(self.accelerator, choice)
         if isinstance(choice, AlexdistError):
             raise choice
         return choice
@@ -143,7 +143,7 @@ class Checkpointer:
 
     def load(self, path: Path) -> TrainState:
         """Continue from checkpoint `path`: weights, optimizer, scheduler, RNG states, on this world size."""
-        state, world = read_state(path), self.acc.num_processes
+        state, world = read_state(path), self.accelerator.num_processes
         if state.strategy != self.strategy.name:
             raise SetupError(
                 f"checkpoint {path} was written by {state.strategy}, this run uses {self.strategy.name}; resume with "
@@ -173,7 +173,7 @@ class Checkpointer:
             )
         check_pickles(path)
         try:
-            self.strategy.load_checkpoint(self.acc, self.model, self.optimizer, path, state.world_size)
+            self.strategy.load_checkpoint(self.accelerator, self.model, self.optimizer, path, state.world_size)
         except AlexdistError:
             raise
         except Exception as exc:  # shapes of another model, a truncated shard, a missing file...
@@ -189,10 +189,10 @@ class Checkpointer:
     def save(self, state: TrainState) -> Path | None:
         final = self.root / f"step-{state.global_step:07d}"
         # e.g. an epoch end that is also an every_steps boundary. Rank 0 looks; every rank hears its answer.
-        exists = self.acc.is_main_process and final.exists()
-        if any_rank(self.acc, torch.tensor([1.0 if exists else 0.0], device=self.acc.device))[0]:
+        exists = self.accelerator.is_main_process and final.exists()
+        if any_rank(self.accelerator, torch.tensor([1.0 if exists else 0.0], device=self.accelerator.device))[0]:
             return None
-        if not self._agree(all_finite(plain_module(self.acc, self.model).state_dict().values())):
+        if not self._agree(all_finite(plain_module(self.accelerator, self.model).state_dict().values())):
             raise DivergedError(
                 f"the weights hold NaN/inf at step {state.global_step}: not saving them over the good checkpoints "
                 f"in {self.root}; lower optim.lr or set train.grad_clip and resume from the last checkpoint"
@@ -202,7 +202,7 @@ class Checkpointer:
         tmp = self.root / f".tmp-step-{step:07d}"
         error: OSError | None = None
         try:
-            if self.acc.is_main_process:
+            if self.accelerator.is_main_process:
                 self.root.mkdir(parents=True, exist_ok=True)
                 for stale in [*self.root.glob(".tmp-step-*"), *self.root.glob(".del-step-*"),
                               *self.root.glob(".universal-step-*")]:
@@ -211,17 +211,17 @@ class Checkpointer:
         except OSError as exc:
             error = exc
         self._raise_if_failed(error, tmp, step)  # a collective: no rank writes before the directory exists
-        self.strategy.before_save(self.acc, self.model)  # a collective: here, where every rank arrives
+        self.strategy.before_save(self.accelerator, self.model)  # a collective: here, where every rank arrives
         error = self._write(tmp, state)
         self._raise_if_failed(error, tmp, step)  # also: every rank's files are on disk
         faults.kill_point("save.before_rename", step, out)
-        if self.acc.is_main_process:
+        if self.accelerator.is_main_process:
             write_manifest(tmp)
             os.replace(tmp, final)
             fsync_dir(self.root)
             faults.kill_point("save.after_rename", step, out)
             self._rotate()
-        self.acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
         return final
 
     def _write(self, tmp: Path, state: TrainState) -> OSError | None:
@@ -230,12 +230,12 @@ class Checkpointer:
         try:
             faults.kill_point("save.begin", step, out)
             # A collective, first: DCP agrees on failures itself.
-            if self.strategy.save_sharded(self.acc, self.model, self.optimizer, tmp):
+            if self.strategy.save_sharded(self.accelerator, self.model, self.optimizer, tmp):
                 self._weights_written()
             faults.disk_full_point(step)
-            self.acc.save_state(str(tmp))
+            self.accelerator.save_state(str(tmp))
             faults.kill_point("save.state", step, out)
-            if self.acc.is_main_process:
+            if self.accelerator.is_main_process:
                 (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")  # tmp/: atomic as a whole
                 (tmp / "config.yaml").write_text(dump_yaml(self.recipe))
             # Every rank (on a network filesystem only the writer's node can flush its files); another rank may
@@ -247,16 +247,16 @@ class Checkpointer:
 
     def _agree(self, ok: bool) -> bool:
         """True on every rank if `ok` holds on every rank (a collective)."""
-        return not any_rank(self.acc, torch.tensor([0.0 if ok else 1.0], device=self.acc.device))[0]
+        return not any_rank(self.accelerator, torch.tensor([0.0 if ok else 1.0], device=self.accelerator.device))[0]
 
     def _raise_if_failed(self, error: OSError | None, tmp: Path, step: int) -> None:
         if self._agree(error is None):
             return
-        if self.acc.is_main_process:
+        if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         kept = complete_checkpoints(self.recipe.output_dir)
         mine = f"{error.strerror or error} ({error.filename})" if error else None
-        if self.acc.num_processes == 1:
+        if self.accelerator.num_processes == 1:
             what = mine
         else:  # every rank's report (a collective): the message names the rank that failed, and how
             from accelerate.utils import gather_object

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from alexdist.artifacts.evaluation import evaluate_weights, log_eval_run, report
+from alexdist.artifacts.weights_evaluation import evaluate_weights, log_eval_run, report
 from alexdist.errors import run_command
 
 

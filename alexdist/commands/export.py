@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None, prog: str = "alexdist export") -> int:
             diff = export_onnx(weights, meta, args.onnx)
             print(f"alexdist: wrote {args.onnx} (onnxruntime vs PyTorch logits: max difference {diff:.1e})")
         if args.hub_dir:
-            from alexdist.artifacts.evaluation import evaluate_weights
             from alexdist.artifacts.hub import write_hub_dir
+            from alexdist.artifacts.weights_evaluation import evaluate_weights
 
             out = write_hub_dir(source, weights, meta, evaluate_weights(source), args.hub_dir)
             print(f"alexdist: wrote the Hub folder {out} (publish it with: hf upload USER/REPO {out} .)")

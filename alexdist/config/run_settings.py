@@ -171,8 +171,8 @@ class SpeedConfig(Section):
         default=False,
         description=(
             "torch.compile (inductor) through Accelerate's dynamo plugin. Costs compile time in the first steps (tens "
-            "of seconds on a GPU, minutes on a CPU) and again for each new input shape (e.g. the last evaluation "
-            "batch)."
+            "of seconds on a GPU, 20-30 s for a small model on a 2-core CPU) and again for each new input shape (e.g. "
+            "the last evaluation batch)."
         ),
     )
     bn_fp32: bool = Field(

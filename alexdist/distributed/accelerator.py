@@ -91,7 +91,7 @@ def make_accelerator(recipe: Recipe, strategy: Strategy, log_with: list[str] | N
         project_config=ProjectConfiguration(project_dir=recipe.output_dir,
                                             logging_dir=os.path.join(recipe.output_dir, "tensorboard")),
     )
-    strategy.verify(accelerator)
+    strategy.confirm_accelerator(accelerator)
     if accelerator.num_processes != launched_world_size() or (
         accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO
     ):

@@ -5,8 +5,6 @@ Each function that communicates is a collective: call it on every rank, in the s
 
 from __future__ import annotations
 
-import os
-import sys
 from datetime import timedelta
 
 import torch
@@ -117,15 +115,3 @@ def group_timeouts() -> list[float]:
     """Each process group's current timeout in seconds (its backend's options), for tests and the GPU check."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return [group._get_backend(device).options._timeout.total_seconds() for group in process_groups()]
-
-
-def exit_now(code: int) -> None:
-    """Leave without running interpreter teardown.
-
-    With gloo, about 1 run in 8 aborts at interpreter exit ("terminate called without an active exception",
-    pytorch#190489: a gloo thread outlives the Python objects it refers to), after training has finished.
-    Everything we write is closed and flushed before this is called, so skipping teardown loses nothing.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

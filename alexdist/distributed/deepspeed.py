@@ -55,7 +55,7 @@ class DeepSpeedStrategy(Strategy):
     def describe(self) -> str:
         return f"deepspeed ZeRO-{self.zero_stage}"
 
-    def check(self, recipe: Recipe) -> None:
+    def refuse_unsupported(self, recipe: Recipe) -> None:
         if recipe.model.sync_bn:  # not run under DeepSpeed on a GPU yet: refused rather than promised
             raise SetupError("model.sync_bn is supported with the ddp strategy only (untested under DeepSpeed); drop "
                              "model.sync_bn or use distributed.strategy=ddp")
@@ -76,7 +76,7 @@ class DeepSpeedStrategy(Strategy):
         return {"cpu": False, "mixed_precision": amp_mode(recipe.precision),
                 "deepspeed_plugin": deepspeed_plugin(recipe, self.zero_stage)}
 
-    def verify(self, accelerator) -> None:
+    def confirm_accelerator(self, accelerator) -> None:
         from accelerate.utils import DistributedType
 
         if accelerator.distributed_type != DistributedType.DEEPSPEED:

@@ -51,7 +51,7 @@ class FSDP2Strategy(Strategy):
     sharded_forward = True
     whole_weights = False
 
-    def check(self, recipe: Recipe) -> None:
+    def refuse_unsupported(self, recipe: Recipe) -> None:
         if recipe.model.sync_bn:  # not run under FSDP2 on a GPU yet: refused rather than promised
             raise SetupError("model.sync_bn is supported with the ddp strategy only (untested under FSDP2); drop "
                              "model.sync_bn or use distributed.strategy=ddp")

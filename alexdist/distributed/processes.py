@@ -1,5 +1,5 @@
-"""Process trees: run a launcher with a time limit and leave nothing behind when it is cut short; and a worker
-that does not outlive its launcher (die_with_launcher).
+"""Process lives: run a launcher with a time limit and leave nothing behind when it is cut short; a worker that
+does not outlive its launcher (die_with_launcher); and leaving without interpreter teardown (exit_now).
 
 `torchrun` (and `accelerate launch`, which runs it) starts each worker in a session of its own, so killing the
 launcher's process group misses the workers: they live on, holding GPUs. Here the whole tree is found through
@@ -106,3 +106,15 @@ def die_with_launcher(parent_at_start: int) -> None:
 def launcher_death_armed() -> bool:
     """Whether this process asked the kernel for LAUNCHER_DEATH_SIGNAL when its launcher dies."""
     return _armed
+
+
+def exit_now(code: int) -> None:
+    """Leave without running interpreter teardown.
+
+    With gloo, about 1 run in 8 aborts at interpreter exit ("terminate called without an active exception",
+    pytorch#190489: a gloo thread outlives the Python objects it refers to), after training has finished.
+    Everything we write is closed and flushed before this is called, so skipping teardown loses nothing.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -49,7 +49,7 @@ def resolve_strategy(recipe: Recipe) -> Strategy:
     if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower() == "cpu":
         d.deepspeed.offload_optimizer = True
     strategy = strategy_named(name, stage)
-    strategy.check(recipe)
+    strategy.refuse_unsupported(recipe)
     return strategy
 
 

@@ -4,8 +4,8 @@ The loop, the Checkpointer and export hold a `Strategy` and call it; none of the
 see what one strategy does differently, read its file: `ddp.py` (the reference: every method's default here
 is DDP's behaviour), `deepspeed.py`, `fsdp.py`.
 
-- building: what it refuses (`check`), the Accelerator's arguments, the model before its optimizer exists
-  (`shard`), `prepare`;
+- building: what it refuses (`refuse_unsupported`), the Accelerator's arguments (and `confirm_accelerator` that
+  it runs this strategy), the model before its optimizer exists (`shard`), `prepare`;
 - a step: gradient sync under accumulation, who clips, who detects a skipped step, where a small batch's
   gradient is seen (the noise scale);
 - evaluation and the final weights: whether forwards are collectives, the full state dict;
@@ -49,7 +49,7 @@ class Strategy:
         return self.name
 
     # -- building ----------------------------------------------------------------------------------------------
-    def check(self, recipe: Recipe) -> None:
+    def refuse_unsupported(self, recipe: Recipe) -> None:
         """Refuse, in one line, what this strategy cannot run (before any work)."""
         if recipe.model.sync_bn and not torch.cuda.is_available():
             raise SetupError("model.sync_bn needs GPUs (torch's SyncBatchNorm layers only work with GPU modules); "
@@ -64,7 +64,7 @@ class Strategy:
         return {"cpu": not torch.cuda.is_available(), "mixed_precision": amp_mode(recipe.precision),
                 "gradient_accumulation_steps": recipe.train.grad_accum}
 
-    def verify(self, accelerator) -> None:
+    def confirm_accelerator(self, accelerator) -> None:
         """After the Accelerator is built: that it runs this strategy."""
 
     def compute_dtype(self, precision: str) -> torch.dtype:

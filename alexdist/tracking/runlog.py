@@ -40,7 +40,7 @@ class RunLog:
     """The run directory's files and the trackers, for the main process (a no-op on the others)."""
 
     def __init__(self, accelerator, recipe: Recipe):
-        self.acc = accelerator
+        self.accelerator = accelerator
         self.recipe = recipe
         self.dir = Path(recipe.output_dir)
         self.main = accelerator.is_main_process
@@ -91,10 +91,10 @@ class RunLog:
             if run_id:
                 wandb_kwargs.update(id=run_id, resume="allow")
             init_kwargs["wandb"] = wandb_kwargs
-        self.acc.init_trackers(t.project, init_kwargs=init_kwargs)
-        for tracker in self.acc.trackers:
+        self.accelerator.init_trackers(t.project, init_kwargs=init_kwargs)
+        for tracker in self.accelerator.trackers:
             tracker.store_init_configuration(config if tracker.name == "wandb" else plain_config(config))
-        return self.acc.get_tracker("wandb", unwrap=True).id if self.mode else run_id
+        return self.accelerator.get_tracker("wandb", unwrap=True).id if self.mode else run_id
 
     def event(self, event: str, step: int, epoch: int, **values: Any) -> None:
         """Append one event to metrics.jsonl and send its numbers to the trackers as `<event>/<key>`."""
@@ -104,7 +104,7 @@ class RunLog:
         self._metrics.write(json.dumps(rec) + "\n")
         if self.trackers and event != "start":
             nums = {f"{event}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
-            self.acc.log({**nums, "epoch": epoch}, step=step)
+            self.accelerator.log({**nums, "epoch": epoch}, step=step)
 
     def confusion(self, step: int, classes: list[str], matrix: list[list[int]]) -> None:
         """An evaluation's confusion matrix: output_dir/confusion.png (eval.confusion_png) and, in W&B, a per-class
@@ -119,11 +119,11 @@ class RunLog:
             import wandb
 
             k = len(classes)
-            acc = [[classes[i], matrix[i][i] / max(1, sum(matrix[i]))] for i in range(k)]
+            per_class = [[classes[i], matrix[i][i] / max(1, sum(matrix[i]))] for i in range(k)]
             truth = [i for i in range(k) for j in range(k) for _ in range(matrix[i][j])]
             preds = [j for i in range(k) for j in range(k) for _ in range(matrix[i][j])]
-            self.acc.get_tracker("wandb").log(  # W&B's own objects: for W&B only
-                {"test/per_class_acc": wandb.Table(columns=["class", "accuracy"], data=acc),
+            self.accelerator.get_tracker("wandb").log(  # W&B's own objects: for W&B only
+                {"test/per_class_acc": wandb.Table(columns=["class", "accuracy"], data=per_class),
                  "test/confusion": wandb.plot.confusion_matrix(y_true=truth, preds=preds, class_names=classes)},
                 step=step)
 
@@ -140,10 +140,10 @@ class RunLog:
             summary = {**summary, "wall_time_s": round(time.time() - self.t0, 2)}
             atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             if self.mode:
-                run = self.acc.get_tracker("wandb", unwrap=True)
+                run = self.accelerator.get_tracker("wandb", unwrap=True)
                 run.summary.update({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
             self._metrics.close()
-            for tracker in self.acc.trackers:
+            for tracker in self.accelerator.trackers:
                 tracker.finish()
-        self.acc.wait_for_everyone()
-        self.acc.state.destroy_process_group()  # what Accelerate's end_training does after closing the trackers
+        self.accelerator.wait_for_everyone()
+        self.accelerator.state.destroy_process_group()  # what Accelerate's end_training does after closing the trackers

@@ -30,7 +30,7 @@ from alexdist.errors import DivergedError
 
 class DivergenceGuard:
     def __init__(self, accelerator, optimizer, recipe: Recipe, strategy: Strategy):
-        self.acc = accelerator
+        self.accelerator = accelerator
         self.optimizer = optimizer
         self.max_bad = recipe.train.max_bad_steps
         self.min_scale = recipe.distributed.deepspeed.fp16_min_loss_scale
@@ -51,7 +51,7 @@ class DivergenceGuard:
         One foreach copy into tensors allocated once; the buffers are looked up once (unwrapping the model costs
         milliseconds: Accelerate probes the installed packages)."""
         if self._live is None:
-            self._live = [b.detach() for b in plain_module(self.acc, model).buffers()]
+            self._live = [b.detach() for b in plain_module(self.accelerator, model).buffers()]
             self._saved = [b.clone() for b in self._live]
         elif self._live:
             torch._foreach_copy_(self._saved, self._live)
@@ -74,7 +74,7 @@ class DivergenceGuard:
             return (torch.ones_like(bad) if skipped else bad), None
         if total_norm is None:
             if self.fp16_scaler:
-                self.acc.unscale_gradients()  # the scaler's own inf check; its step() then sees the result
+                self.accelerator.unscale_gradients()  # the scaler's own inf check; its step() then sees the result
             if self._params is None:
                 self._params = list(model.parameters())
             grads = [p.grad for p in self._params if p.grad is not None]
@@ -84,12 +84,12 @@ class DivergenceGuard:
 
     def loss_scale_tensor(self) -> torch.Tensor | None:
         """The fp16 GradScaler's current scale on the device (no sync), None without one."""
-        return self.acc.scaler._get_scale_async() if self.fp16_scaler else None
+        return self.accelerator.scaler._get_scale_async() if self.fp16_scaler else None
 
     def loss_scale(self) -> float | None:
         """The current fp16 loss scale (GradScaler or DeepSpeed), None when there is none. A host sync."""
         if self.fp16_scaler:
-            return float(self.acc.scaler.get_scale())
+            return float(self.accelerator.scaler.get_scale())
         inner = getattr(self.optimizer, "optimizer", None)
         scale = getattr(inner, "loss_scale", None) if inner is not None else None
         return float(scale) if isinstance(scale, (int, float)) and getattr(inner, "dynamic_loss_scale", False) else None

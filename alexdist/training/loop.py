@@ -21,13 +21,13 @@ from alexdist.distributed.collectives import set_step_timeout
 from alexdist.tracking.profiling import peak_memory_bytes
 from alexdist.tracking.progress import Progress
 from alexdist.tracking.summary import Ending, run_summary
+from alexdist.training.build_run import build_run
 from alexdist.training.divergence import diverged, nan_like
 from alexdist.training.epoch_end import end_epoch
 from alexdist.training.evaluation import EpochMeter, batch_stats
 from alexdist.training.noise_scale import cost_line
 from alexdist.training.precision import loss_input
 from alexdist.training.run import Run
-from alexdist.training.setup import setup
 from alexdist.training.stop_requests import STOPPED_EXIT_CODE
 
 
@@ -43,7 +43,7 @@ def why_stop(run: Run) -> Ending | None:
 
 def train(recipe: Recipe) -> dict:
     """Train (or continue) the run a recipe describes; returns its summary."""
-    with setup(recipe) as run:  # holds output_dir until the run ends, however it ends
+    with build_run(recipe) as run:  # holds output_dir until the run ends, however it ends
         progress = Progress(run.accelerator.is_main_process, run.total_steps, run.batches.effective_batch,
                             run.state.global_step)
         ending = why_stop(run)  # a finished run resumed again ends at once

@@ -1,4 +1,4 @@
-"""One training run, as `setup` builds it: every piece the loop reads, complete from the start."""
+"""One training run, as `build_run` builds it: every piece the loop reads, complete from the start."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from alexdist.training.stop_requests import StopRequests
 @dataclass(kw_only=True)
 class Run:
     """The recipe, the strategy and what it prepared, the data, and the run's bookkeeping: every field set by
-    `setup`, by keyword."""
+    `build_run`, by keyword."""
 
     recipe: Recipe
     accelerator: object

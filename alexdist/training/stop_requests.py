@@ -29,7 +29,7 @@ STOPPED_EXIT_CODE = 75
 
 class StopRequests:
     def __init__(self, accelerator, output_dir: str | Path):
-        self.acc = accelerator
+        self.accelerator = accelerator
         self.stop_file = Path(output_dir) / STOP_FILE
         self.reason: str | None = None
         # [asked to stop, bad step, then the step's measures]: allocated once, filled in place each step (no
@@ -56,13 +56,13 @@ class StopRequests:
         and one host sync for all of it, the same answer on every rank: call it on all ranks."""
         # Rank 0 alone looks for the file (a stale listing on another node must not stop that node alone, nor
         # a STOP removed after a requeue stop the new attempt); the all-reduce tells the others.
-        if self.reason is None and self.acc.is_main_process and self.stop_file.exists():
+        if self.reason is None and self.accelerator.is_main_process and self.stop_file.exists():
             self.reason = f"{STOP_FILE} file"
         self._flags[0].fill_(1.0 if self.reason else 0.0)
         self._flags[1].copy_(torch.as_tensor(bad_step))
         if measures is not None:
             self._flags[2:2 + len(measures)].copy_(measures)
-        stop, bad, *summed = sum_over_ranks(self.acc, self._flags)
+        stop, bad, *summed = sum_over_ranks(self.accelerator, self._flags)
         if stop > 0 and self.reason is None:
             self.reason = "another rank was asked"
         return stop > 0, bad > 0, summed

@@ -1,4 +1,4 @@
-"""Everything a training run is made of, built from a recipe in one place: `setup(recipe) -> Run`.
+"""Everything a training run is made of, built from a recipe in one place: `build_run(recipe) -> Run`.
 
 Order matters for exact resume and for equal runs on any number of processes: the initial weights come from
 `train.seed` before anything else draws random numbers; the per-rank seed for dropout is set after `prepare`;
@@ -65,7 +65,7 @@ def resolve_batch_size(recipe: Recipe, world: int) -> None:
     t.batch_size = per
 
 
-def setup(recipe: Recipe) -> Run:
+def build_run(recipe: Recipe) -> Run:
     """Strategy, Accelerator, data, the run directory held, model, optimizer, schedule, checkpointer, trackers, and
     the resume if there is one."""
     sweep_output_dir(recipe)
