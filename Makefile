@@ -32,8 +32,9 @@ quickstart: setup
 test: setup
 	$(BIN)/pytest -q --durations=30
 
+# The unit tests (every module imported) and a thin end-to-end smoke: each strategy through the real launcher.
 test-fast: setup
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q tests/unit tests/e2e/test_smoke.py
 
 lint: setup
 	$(BIN)/ruff check .

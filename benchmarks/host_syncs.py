@@ -3,7 +3,7 @@
 On CUDA, torch's own sync debug mode reports each one as a warning. On a CPU there is no device to wait for, so
 the calls that would sync on CUDA are counted instead: reading a value (`item`, `tolist`, `bool`, `float`,
 `int`), copying to the host (`cpu`, `numpy`), building a device tensor from host data (`torch.tensor(...,
-device=...)`). Used by tests/test_host_syncs.py (CPU) and the GPU check (both).
+device=...)`). Used by tests/unit/test_host_syncs.py (CPU) and the GPU check (both).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Run the benchmarks and write benchmarks/results/SUMMARY.md with the headline ratios.
 
-    .venv/bin/python benchmarks/run_all.py           # data pipeline, step overhead, scaling, 2 vs 1 process
+    .venv/bin/python benchmarks/run_all.py           # data pipeline, step overhead (noise scale too), scaling,
+                                                     # 2 vs 1 process
     .venv/bin/python benchmarks/run_all.py --all     # + ZeRO memory and stop latency (about 5 more minutes)
     .venv/bin/python benchmarks/run_all.py --summary # only rewrite SUMMARY.md from the JSON results
 
@@ -18,7 +19,7 @@ import time
 
 from common import RESULTS, ROOT, env, machine
 
-PERFORMANCE = ["data_pipeline", "step_overhead", "scaling", "distributed_overhead"]
+PERFORMANCE = ["data_pipeline", "step_overhead", "noise_scale_overhead", "scaling", "distributed_overhead"]
 OTHERS = ["zero_memory", "stop_latency"]
 
 
@@ -46,6 +47,12 @@ def summary() -> str:
             if not name.startswith("_"):
                 lines.append(f"| step time, alexdist loop / bare loop, {name} | {r['step_time_ratio']:.3f} | <= 1.05 | "
                              f"{'yes' if r['step_time_ratio'] <= 1.05 else 'no'} |")
+    if d := _load("noise_scale_overhead"):
+        for name, r in d.items():
+            if not name.startswith("_"):
+                ratio = r["step_time_ratio"]
+                lines.append(f"| step time with / without the gradient noise scale, {name} | {ratio:.3f} | <= 1.02 "
+                             f"| {'yes' if ratio <= 1.02 else 'no'} |")
     if d := _load("distributed_overhead"):
         for name, r in d.items():
             if not name.startswith("_"):

@@ -1,5 +1,5 @@
 """Jobs on a real Slurm cluster (slurm/local/start_local_slurm.sh starts one, CI two nodes): the helpers of
-tests/test_slurm.py and tests/test_slurm_two_nodes.py."""
+tests/e2e/test_slurm.py and tests/e2e/test_slurm_two_nodes.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_env
+from helpers import ROOT, run_env
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 

@@ -19,7 +19,7 @@ def peak_lr(o: OptimConfig, effective_batch: int) -> float:
 
 
 # Warmup in epochs never takes more than this share of a run's optimizer steps: a 1-epoch run of a recipe with
-# one warmup epoch would otherwise be all warmup and never decay (tests/test_recipes_learn.py measures it). A
+# one warmup epoch would otherwise be all warmup and never decay (tests/e2e/test_recipes_learn.py measures it). A
 # quarter keeps the warmup the study tuned (one epoch of five: 20 %) and leaves three quarters of any run to the
 # decay; Goyal et al. warm up for 5 of 90 epochs (6 %). An explicit schedule.warmup_frac is taken as given.
 WARMUP_CAP = 0.25
