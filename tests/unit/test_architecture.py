@@ -135,7 +135,7 @@ def test_the_readme_fits_a_few_screens_and_every_relative_link_in_the_docs_resol
 
 
 MENTION = re.compile(r"(?<![\w/.])(?:alexdist|tests)/[\w/]+\.py|(?<![\w/.-])alexdist(?:\.[a-z_][a-z0-9_]*)+")
-FROM_IMPORT = re.compile(r"from (alexdist(?:\.\w+)*) import \(?(\w+)")  # the name imported must exist too
+FROM_IMPORT = re.compile(r"from (alexdist(?:\.\w+)*) import (\([^)]*\)|[\w ,]+)")  # every name imported must exist
 
 
 def _exists(mention: str) -> bool:
@@ -166,7 +166,9 @@ def test_every_module_the_code_and_docs_mention_exists():
              root / "DEVELOPERS.md", *sorted((root / "slurm").rglob("*")), *sorted((root / "docker").glob("*"))]
     read = {p: p.read_text(errors="ignore") for p in texts if p.is_file() and p.suffix != ".whl"}
     mentions = {(p, m) for p, text in read.items() for m in MENTION.findall(text)}
-    mentions |= {(p, ".".join(m)) for p, text in read.items() for m in FROM_IMPORT.findall(text)}
+    mentions |= {(p, f"{module}.{name.split(' as ')[0].strip()}") for p, text in read.items()
+                 for module, names in FROM_IMPORT.findall(text) for name in names.strip("()").split(",")
+                 if name.strip()}
     stale = sorted(f"{p.relative_to(root)}: {m}" for p, m in mentions if not _exists(m.rstrip(".")))
     assert not stale, stale
     assert not _exists("alexdist.compare") and _exists("alexdist.tracking.compare.build_row")  # (control)

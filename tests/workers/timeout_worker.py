@@ -7,7 +7,8 @@ import os
 import sys
 
 from alexdist.config import load_recipe
-from alexdist.distributed.processes import exit_now, group_timeouts
+from alexdist.distributed.collectives import group_timeouts
+from alexdist.distributed.processes import exit_now
 from alexdist.training.build_run import build_run
 from alexdist.training.evaluation import EpochMeter
 from alexdist.training.loop import record_step, train_step
