@@ -143,8 +143,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
     ap.add_argument("--cpu", action="store_true", help="dry run on a CPU: tiny runs, CUDA-only rows skipped")
-    ap.add_argument("--budget", type=int, default=450, help="seconds for all rows together")
-    ap.add_argument("--row-timeout", type=int, default=120)
+    # The limits fit the GPU run into a 10-minute slot. The CPU dry run checks that every row works, not how fast:
+    # its limits only stop a hang, so a slower or busier machine does not fail it (a ZeRO row took >120 s on 2
+    # cores with other jobs running).
+    ap.add_argument("--budget", type=int, help="seconds for all rows together (GPU: 450, --cpu: 2400)")
+    ap.add_argument("--row-timeout", type=int, help="seconds for one row (GPU: 120, --cpu: 600)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--precision", default="no", help=argparse.SUPPRESS)
     ap.add_argument("--option", action="append", default=[], help=argparse.SUPPRESS)
@@ -152,6 +155,8 @@ def main() -> int:
     ap.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed rows (DeepSpeed not installed)")
     args = ap.parse_args()
     s = CPU if args.cpu else GPU
+    args.budget = args.budget or (2400 if args.cpu else 450)
+    args.row_timeout = args.row_timeout or (600 if args.cpu else 120)
     if args.child:
         return child_main(args.child, s, args.precision, args.option)
     import torch

@@ -26,7 +26,7 @@ def test_the_error_column_shows_alexdists_line_or_the_exception_not_the_launcher
 def test_the_dry_run_writes_every_row_of_the_plan(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path)}
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
+                          text=True, timeout=2700, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     plan = gpu_check.plan(gpu_check.CPU)
@@ -35,7 +35,7 @@ def test_the_dry_run_writes_every_row_of_the_plan(tmp_path):
         if row.needs_cuda:
             assert r["skipped"] == "needs CUDA"
         else:
-            assert "error" not in r and r.get("ok", True), r
+            assert "error" not in r and "skipped" not in r and r.get("ok", True), r  # none left "out of time"
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.count("\n| ") == len(plan) + 1  # header + one line per row
     headline = next(r for r in records if r["row"].startswith("headline"))
