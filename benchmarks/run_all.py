@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from common import RESULTS, ROOT, env, machine
+from common import RESULTS, ROOT, env
 
 PERFORMANCE = ["data_pipeline", "step_overhead", "noise_scale_overhead", "scaling", "distributed_overhead"]
 OTHERS = ["zero_memory", "stop_latency"]
@@ -28,11 +28,20 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _machines() -> list[str]:
+    """Each result's own machine (results are rerun one at a time, so they may come from different machines)."""
+    seen: dict[str, list[str]] = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        m = json.loads(path.read_text()).get("_machine")
+        if m:
+            seen.setdefault(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}", []).append(path.stem)
+    return [f"- {where}: {', '.join(names)}" for where, names in seen.items()]
+
+
 def summary() -> str:
-    m = machine()
-    lines = ["# Benchmark summary", "", f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, accelerate "
-             f"{m['accelerate']}, deepspeed {m['deepspeed']}. Regenerate: `python benchmarks/run_all.py`. Details "
-             "and each result's own commit in the NAME.md files beside this one.", "",
+    lines = ["# Benchmark summary", "", "Regenerate: `python benchmarks/run_all.py`. Details and each result's own "
+             "commit in the NAME.md files beside this one. Ratios are measured within one run on one machine; the "
+             "machines the results come from:", "", *_machines(), "",
              "| benchmark | figure | goal | met |", "|---|---|---|---|"]
     if d := _load("data_pipeline"):
         for size in ("32px", "227px"):
