@@ -21,12 +21,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-command -v docker >/dev/null && command -v debootstrap >/dev/null || apt-get install -y -q docker.io debootstrap
+if ! { command -v docker >/dev/null && command -v debootstrap >/dev/null; }; then
+  apt-get install -y -q docker.io debootstrap \
+    || { apt-get update -q && apt-get install -y -q docker.io debootstrap; } \
+    || { echo "docker-check: could not install docker.io and debootstrap (apt)"; exit 3; }
+fi
 if ! docker info >/dev/null 2>&1; then
   dockerd --bridge=none --iptables=false >"$work/dockerd.log" 2>&1 &
   dockerd_pid=$!
   for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-  # Exit 3: this machine cannot run containers at all (no privileges for dockerd), which CI reports, not fails.
+  # Exit 3 (also above): this machine cannot run containers at all (no docker, no privileges for dockerd), which
+  # CI reports, not fails.
   docker info >/dev/null 2>&1 || { echo "docker-check: dockerd did not start:"; tail -20 "$work/dockerd.log"; exit 3; }
 fi
 
