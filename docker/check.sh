@@ -30,8 +30,8 @@ if ! docker info >/dev/null 2>&1; then
   dockerd --bridge=none --iptables=false >"$work/dockerd.log" 2>&1 &
   dockerd_pid=$!
   for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-  # Exit 3 (also above): this machine cannot run containers at all (no docker, no privileges for dockerd), which
-  # CI reports, not fails.
+  # Exit 3 (also above): this machine cannot run containers at all (no docker, no privileges for dockerd), as
+  # opposed to an image or a run that fails (exit 1).
   docker info >/dev/null 2>&1 || { echo "docker-check: dockerd did not start:"; tail -20 "$work/dockerd.log"; exit 3; }
 fi
 
