@@ -117,7 +117,8 @@ def report(results: list[dict], shipped: dict[str, str]) -> str:
             *table(main), "", "Efficiency: steps(128) / steps(B) / (B / 128); 1 is perfect scaling.", "",
             *fits(main), "", "A run's noise scale is a moving average over its steps, and the estimate grows as "
             "the loss falls (McCandlish et al.): a large-batch run, which reaches the target in few steps, ends with "
-            "an average that still holds its early, small values. Read the critical batch from the small-batch runs and the fit.",
+            "an average that still holds its early, small values. Read the critical batch from the small-batch runs "
+            "and the fit.",
             "", "![steps to target](steps_to_target.png)", "", "## Every run", "",
             *table(results), ""]
     (OUT / "README.md").write_text("\n".join(text))
