@@ -28,9 +28,11 @@ quickstart: setup
 	CUDA_VISIBLE_DEVICES= $(BIN)/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
 		--mixed_precision no --dynamo_backend no -m alexdist.train quickstart
 
-# The whole suite, multi-process tests included.
+# The whole suite, multi-process tests included, two test files at a time (pytest-xdist, in file order; each file
+# stays on one worker and tests/conftest.py names the files that share one): launched runs leave the cores idle
+# while they start, rendezvous and wait.
 test: setup
-	$(BIN)/pytest -q --durations=30
+	$(BIN)/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=30
 
 # The unit tests (every module imported) and a thin end-to-end smoke: each strategy through the real launcher.
 test-fast: setup

@@ -68,6 +68,25 @@ def fresh_accelerate_state():
         signal.signal(s, h)
 
 
+# -- running two test files at once (`make test`: pytest-xdist, `-n 2 --dist loadgroup`) ---------------------
+
+# Files whose tests must share one worker beyond their own module: the session's fp32 digits band (several minutes
+# of training) is measured once, and Slurm jobs queue on one cluster instead of competing for its two nodes.
+SHARED_WORKER = {"test_speed_options.py": "digits-band", "test_fsdp.py": "digits-band",
+                 "test_slurm.py": "slurm", "test_slurm_two_nodes.py": "slurm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist each test file is one unit of work (its module-scoped runs are built once), so the suite runs
+    two files at a time: the e2e tests spend much of their time in process starts, rendezvous and waits, not on
+    both cores."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(name, str(item.path.relative_to(config.rootpath)))))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """One line for the Slurm tests a plain run skips (no cluster answered), so a skip is never silent."""
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if "slurm" in r.nodeid]
