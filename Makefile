@@ -32,7 +32,7 @@ quickstart: setup
 # stays on one worker and tests/conftest.py names the files that share one): launched runs leave the cores idle
 # while they start, rendezvous and wait.
 test: setup
-	$(BIN)/pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=30
+	$(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
 # The unit tests (every module imported) and a thin end-to-end smoke: each strategy through the real launcher.
 test-fast: setup

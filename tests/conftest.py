@@ -68,23 +68,26 @@ def fresh_accelerate_state():
         signal.signal(s, h)
 
 
-# -- running two test files at once (`make test`: pytest-xdist, `-n 2 --dist loadgroup`) ---------------------
+# -- running two test files at once (`make test`: pytest-xdist, `-n 2 --dist loadfile`) ----------------------
 
-# Files whose tests must share one worker beyond their own module: the session's fp32 digits band (several minutes
-# of training) is measured once, and Slurm jobs queue on one cluster instead of competing for its two nodes.
+# Files whose tests must share one worker beyond their own file: the session's fp32 digits band (minutes of
+# training) is measured once, and Slurm jobs queue on one cluster instead of competing for its two nodes.
 SHARED_WORKER = {"test_speed_options.py": "digits-band", "test_fsdp.py": "digits-band",
                  "test_slurm.py": "slurm", "test_slurm_two_nodes.py": "slurm"}
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under xdist each test file is one unit of work (its module-scoped runs are built once), so the suite runs
-    two files at a time: the e2e tests spend much of their time in process starts, rendezvous and waits, not on
-    both cores."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(name, str(item.path.relative_to(config.rootpath)))))
+def pytest_xdist_make_scheduler(config, log):
+    """Each test file is one unit of work, so its module-scoped runs are built once; the files of SHARED_WORKER
+    share one. (xdist's own `--dist loadgroup` marks no longer reach the scheduler under pytest 9, which ignores
+    the test-id suffix they rely on; its scheduler hook is the supported way to choose the units.)"""
+    from xdist.scheduler import LoadFileScheduling
+
+    class ByFile(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return SHARED_WORKER.get(Path(file).name, file)
+
+    return ByFile(config, log)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
