@@ -76,6 +76,7 @@ SHARED_WORKER = {"test_speed_options.py": "digits-band", "test_fsdp.py": "digits
                  "test_slurm.py": "slurm", "test_slurm_two_nodes.py": "slurm"}
 
 
+@pytest.hookimpl(optionalhook=True)  # plain `pytest` (no xdist installed) must still run
 def pytest_xdist_make_scheduler(config, log):
     """Each test file is one unit of work, so its module-scoped runs are built once; the files of SHARED_WORKER
     share one. (xdist's own `--dist loadgroup` marks no longer reach the scheduler under pytest 9, which ignores
