@@ -41,8 +41,8 @@ def reached(run_dir: Path, step: int) -> bool:
         try:
             if json.loads(line).get("step", 0) >= step:
                 return True
-        except ValueError:
-            pass
+        except ValueError:  # the line the run is writing right now: read it on the next poll
+            continue
     return False
 
 
