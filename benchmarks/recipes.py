@@ -23,7 +23,7 @@ validation accuracy only.
 Rules (optimizer overrides on top of the recipe; lr always given for the recipe's ref_batch of 128):
 - `shipped`: what the recipe file holds now (the run's id names it explicitly, SHIPPED);
 - `<sgd|lars>-<linear|sqrt|none>-lr<lr>-<wu<warmup epochs>|wf<warmup fraction>>[-tc<trust coeff>][-gc<grad
-  clip>]`: explicit.
+  clip>][-ep<epochs>]`: explicit; `ep` raises the epoch cap (MIN_EPOCHS) for that rule, at every batch alike.
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ SHIPPED = {"bn": "lars-sqrt-lr1-wu1", "vgg": "sgd-linear-lr0.02-wf0.05", "alexne
 
 
 def rule_overrides(rule: str) -> list[str]:
-    """<sgd|lars>-<linear|sqrt|none>-lr<lr>-<wu<epochs>|wf<fraction>>[-tc<coeff>][-gc<clip>] as overrides."""
+    """<sgd|lars>-<linear|sqrt|none>-lr<lr>-<wu<epochs>|wf<fraction>>[-tc<coeff>][-gc<clip>][-ep<epochs>] as
+    overrides (`ep` is the epoch cap's, see epoch_cap)."""
+    value = _rule_values(rule)
     parts = rule.split("-")
-    value = {p[:2]: float(p[2:]) for p in parts[2:]}
     out = [f"optim.name={parts[0]}", f"optim.lr={value['lr']}", f"optim.lr_scaling={parts[1]}",
            f"schedule.warmup_frac={value.get('wf', 0)}", f"schedule.warmup_epochs={value.get('wu', 0)}"]
     if "tc" in value:
@@ -72,6 +73,10 @@ def rule_overrides(rule: str) -> list[str]:
     if "gc" in value:
         out.append(f"train.grad_clip={value['gc']}")
     return out
+
+
+def _rule_values(rule: str) -> dict[str, float]:
+    return {p[:2]: float(p[2:]) for p in rule.split("-")[2:]}
 
 
 def layout(batch: int) -> tuple[int, int]:
@@ -82,9 +87,10 @@ def layout(batch: int) -> tuple[int, int]:
     return per, accum
 
 
-def epoch_cap(batch: int) -> int:
-    """MIN_EPOCHS, or enough epochs for MIN_STEPS optimizer steps at this batch."""
-    return max(MIN_EPOCHS, -(-MIN_STEPS // (TRAIN_IMAGES // batch)))
+def epoch_cap(batch: int, rule: str = "") -> int:
+    """MIN_EPOCHS (or the rule's `ep`), or enough epochs for MIN_STEPS optimizer steps at this batch."""
+    least = int(_rule_values(rule).get("ep", MIN_EPOCHS))
+    return max(least, -(-MIN_STEPS // (TRAIN_IMAGES // batch)))
 
 
 def run_id(recipe: str, batch: int, rule: str) -> str:
@@ -93,7 +99,7 @@ def run_id(recipe: str, batch: int, rule: str) -> str:
 
 def command_args(recipe: str, batch: int, rule: str, out: str) -> list[str]:
     per, accum = layout(batch)
-    cap = epoch_cap(batch)
+    cap = epoch_cap(batch, rule)
     steps = cap * (TRAIN_IMAGES // batch)
     return [recipe, "data.source=mnist", f"model.width_mult={WIDTH}", f"train.epochs={cap}",
             f"train.batch_size={per}", f"train.grad_accum={accum}", f"train.stop_at_acc={TARGET[recipe]}",
@@ -120,7 +126,7 @@ def run_one(recipe: str, batch: int, rule: str) -> dict | None:
              *[a for a in args if not a.startswith("output_dir=")], f"output_dir=runs/study/{rid}"]
     result = {
         "id": rid, "recipe": recipe, "effective_batch": batch, "rule": rule, "width": WIDTH,
-        "target": TARGET[recipe], "epoch_cap": epoch_cap(batch), "overrides": rule_overrides(rule),
+        "target": TARGET[recipe], "epoch_cap": epoch_cap(batch, rule), "overrides": rule_overrides(rule),
         "per_process_batch": layout(batch)[0], "grad_accum": layout(batch)[1], "processes": NPROC,
         "returncode": proc.returncode, "status": s.get("status"),
         "reached": s.get("status") == "target_reached", "steps": s.get("steps"), "epochs": s.get("epochs_run"),
