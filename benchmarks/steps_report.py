@@ -40,11 +40,12 @@ def table(rows: list[dict]) -> list[str]:
     """One row per (recipe, batch) of the given runs."""
     lines = ["| recipe | rule | batch | steps to target | epochs | val acc | test acc | efficiency vs 128 | "
              "noise scale | wall (min) |", "|" + "---|" * 10]
-    base = {r["recipe"]: r["steps"] for r in rows if r["effective_batch"] == 128 and r["reached"]}
-    for r in sorted(rows, key=lambda r: (r["recipe"], r["effective_batch"])):
+    # Against batch 128 under the same rule: another rule's steps (another step budget) would not compare.
+    base = {(r["recipe"], r["rule"]): r["steps"] for r in rows if r["effective_batch"] == 128 and r["reached"]}
+    for r in sorted(rows, key=lambda r: (r["recipe"], r["rule"], r["effective_batch"])):
         eff = "—"
-        if r["reached"] and r["recipe"] in base:
-            eff = f"{base[r['recipe']] / r['steps'] / (r['effective_batch'] / 128):.2f}"
+        if r["reached"] and (r["recipe"], r["rule"]) in base:
+            eff = f"{base[r['recipe'], r['rule']] / r['steps'] / (r['effective_batch'] / 128):.2f}"
         noise = f"{r['noise_scale']:,.0f}" if r.get("noise_scale") else "—"
         lines.append(f"| {r['recipe']} | {r['rule']} | {r['effective_batch']} | {_cell(r)} | {r['epochs']} | "
                      f"{_pct(r['final_val_acc'])} | {_pct(r['final_test_acc'])} | {eff} | {noise} | "
