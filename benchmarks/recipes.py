@@ -88,7 +88,7 @@ def layout(batch: int) -> tuple[int, int]:
     return per, accum
 
 
-def epoch_cap(batch: int, rule: str = "") -> int:
+def epoch_cap(batch: int, rule: str) -> int:
     """MIN_EPOCHS (or the rule's `ep`), or enough epochs for MIN_STEPS optimizer steps at this batch."""
     least = int(_rule_values(rule).get("ep", MIN_EPOCHS))
     return max(least, -(-MIN_STEPS // (TRAIN_IMAGES // batch)))
