@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -168,6 +169,7 @@ def deepspeed_plugin(recipe: Recipe, stage: int):
 
     if importlib.util.find_spec("deepspeed") is None:
         raise SetupError("distributed.strategy=deepspeed needs DeepSpeed: pip install 'alexdist[deepspeed]'")
+    environment_tools_first()
     if importlib.util.find_spec("transformers") is None:
         # Accelerate 1.15's plugin setup reads transformers' version for a ZeRO-3 hook that only transformers
         # models use; without transformers installed it raises PackageNotFoundError.
@@ -203,3 +205,19 @@ def deepspeed_plugin(recipe: Recipe, stage: int):
         "wall_clock_breakdown": False,
     }
     return DeepSpeedPlugin(hf_ds_config=config)
+
+
+def environment_tools_first() -> None:
+    """Put this interpreter's bin folder first on PATH, as an activated environment does.
+
+    DeepSpeed JIT-builds its CPU communication op at its first init, with whichever `ninja` PATH finds: pip
+    installs one into the environment (1.13), the system may have another (Debian's 1.11). The two hash a
+    build's command differently, so each rebuilds what the other built: a job launched without the environment
+    on PATH (`.venv/bin/accelerate ...`) beside one launched with it (a Slurm job that activates it) rebuilds
+    the op at every launch, and every rank of both jobs waits on the build's lock meanwhile. Measured on one AMD
+    EPYC machine with both cores busy: 175-195 s for each rebuild against 0.2 s to load the built op, enough to
+    push a ZeRO launch past its timeout. With the same ninja everywhere the op is built once per environment.
+    """
+    bindir = str(Path(sys.executable).parent)
+    parts = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != bindir]
+    os.environ["PATH"] = os.pathsep.join([bindir, *parts])
