@@ -13,6 +13,9 @@ rank that faults (default 0, `*` for every rank). Examples:
     nan:5-:1             rank 1's loss is NaN at every step from 5 on
     enospc:8             saving step 8 fails as if the disk were full
     lose_optimizer:5:*   a resume from step 5 zeroes the optimizer state on every rank (momentum, Adam's moments)
+    universal_load:2:1   rank 1 fails to load the universal copy of ZeRO checkpoint step 2 (a resume on another
+                         world size)
+    stop:40              rank 0 is asked to stop during step 40 (as by SIGTERM or the STOP file): deterministic
 
 Nothing happens unless the variable is set. A kill writes `fault-<rank>.json` (point, step, time) into the
 output directory first, so a test can measure how long the other ranks take to go down.
@@ -45,10 +48,13 @@ POINTS = {
     "slow_setup": "the rank takes STEPS seconds longer to load its data (the others wait in a collective)",
     "slow_start": "the rank pauses STEPS seconds before it asks to die with its launcher (a launcher killed "
                   "meanwhile leaves an orphan that processes.die_with_launcher must catch)",
+    "stop": "a stop request arrives during the step (as SIGTERM or output_dir/STOP would), seen at its end",
     "nan": "the loss becomes NaN (not a kill)",
     "enospc": "the checkpoint save raises 'No space left on device' (not a kill)",
     "lose_optimizer": "a resume at this step loads the weights but zeroes the optimizer state (a control: tests "
                       "show their bounds catch a resume that lost it)",
+    "universal_load": "loading the universal copy of the ZeRO checkpoint of this step fails with an I/O error (not "
+                      "a kill)",
 }
 
 
@@ -125,6 +131,17 @@ def slow_setup_point(point: str = "slow_setup") -> None:
 def disk_full_point(step: int) -> None:
     if hit("enospc", step):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"injected by {ENV}")
+
+
+def stop_point(step: int) -> str | None:
+    """The reason of an injected stop request during `step` on this rank, None if none is set."""
+    return f"{ENV} stop:{step}" if hit("stop", step) else None
+
+
+def universal_load_point(step: int) -> None:
+    """Fail this rank's load of the universal copy of checkpoint `step`, as an unreadable file would."""
+    if hit("universal_load", step):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), f"injected by {ENV}")
 
 
 def poisoned(step: int) -> bool:

@@ -40,14 +40,15 @@ from pathlib import Path
 import torch
 
 from alexdist import faults
+from alexdist.checkpoint.config_changes import config_changes, refusal
 from alexdist.checkpoint.manifest import damage, write_manifest
 from alexdist.checkpoint.policy import keep_after_rotation, save_due
-from alexdist.checkpoint.state import STATE_FILE, TrainState, complete_checkpoints, config_changes, read_state, step_of
+from alexdist.checkpoint.state import STATE_FILE, TrainState, complete_checkpoints, read_state, step_of
 from alexdist.config import Recipe, dump_yaml
 from alexdist.distributed.collectives import any_rank, from_main, local, plain_module
 from alexdist.distributed.strategy import Strategy
 from alexdist.errors import AlexdistError, CheckpointError, DivergedError, SetupError, brief
-from alexdist.fileio import fsync_dir, fsync_tree
+from alexdist.fileio import atomic_write_text, fsync_dir, fsync_tree
 from alexdist.pickle_checks import check_pickles
 
 
@@ -157,13 +158,9 @@ class Checkpointer:
             )
         if refused := self.strategy.resume_refusal(path, state.world_size, world):
             raise refused
-        changed = config_changes(path, self.recipe)
-        if changed and not self.cfg.allow_config_change:
-            raise CheckpointError(
-                f"checkpoint {path} was trained with another model or data ({'; '.join(changed)}); resume with "
-                f"the checkpoint's values, choose another output_dir, or set checkpoint.allow_config_change=true "
-                f"if the change is on purpose"
-            )
+        changes = config_changes(path, self.recipe)
+        if (refused := refusal(path, changes, state.global_step)) and not self.cfg.allow_config_change:
+            raise CheckpointError(refused)
         if state.val_fingerprint != self.val_fingerprint:
             raise CheckpointError(
                 f"checkpoint {path} was trained with another validation split (held-out images "
@@ -183,6 +180,8 @@ class Checkpointer:
             ) from None
         faults.lose_optimizer_point(self.optimizer, state.global_step)
         state.world_size = world
+        if changes.guarded or changes.free:  # what the run's record keeps: config.yaml holds only the new values
+            state.config_changes.append({"step": state.global_step, "changes": changes.guarded + changes.free})
         return state
 
     # -- save ---------------------------------------------------------------------------------------------
@@ -191,6 +190,9 @@ class Checkpointer:
         # e.g. an epoch end that is also an every_steps boundary. Rank 0 looks; every rank hears its answer.
         exists = self.accelerator.is_main_process and final.exists()
         if any_rank(self.accelerator, torch.tensor([1.0 if exists else 0.0], device=self.accelerator.device))[0]:
+            if self.accelerator.is_main_process:
+                self._add_evaluation(final, state)
+            self.accelerator.wait_for_everyone()
             return None
         if not self._agree(all_finite(plain_module(self.accelerator, self.model).state_dict().values())):
             raise DivergedError(
@@ -223,6 +225,16 @@ class Checkpointer:
             self._rotate()
         self.accelerator.wait_for_everyone()
         return final
+
+    def _add_evaluation(self, path: Path, state: TrainState) -> None:
+        """Rank 0: the checkpoint of this very step was saved before its evaluation (a stop request, or
+        every_steps, at a step a relaunch then ended at); its tensors are this step's, so only trainer_state.json
+        gains the evaluation, then the manifest is rewritten. Each file is replaced atomically; a crash between
+        the two leaves a checkpoint the manifest calls damaged, from which `resume: auto` falls back."""
+        if not state.evaluated or read_state(path).evaluated:
+            return
+        atomic_write_text(path / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
+        write_manifest(path)
 
     def _write(self, tmp: Path, state: TrainState) -> OSError | None:
         """Every file of the checkpoint into `tmp`, this rank's part; the error that stopped it, if any."""

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from alexdist.fileio import atomic_path
+
 MANIFEST = "manifest.json"
 
 
@@ -25,15 +27,16 @@ def _sha256(path: Path) -> str:
 
 
 def _files(checkpoint: Path) -> list[Path]:
-    return sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST)
+    """The checkpoint's files, less the manifest and a temporary that a crash left (fileio.atomic_path's)."""
+    return sorted(p for p in checkpoint.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and not (p.name.startswith(".") and ".tmp-" in p.name))
 
 
 def write_manifest(checkpoint: str | Path) -> None:
     """Record every file of a finished checkpoint directory (sizes and checksums), synced to disk."""
     checkpoint = Path(checkpoint)
     files = {str(p.relative_to(checkpoint)): [p.stat().st_size, _sha256(p)] for p in _files(checkpoint)}
-    path = checkpoint / MANIFEST
-    with open(path, "w") as fh:
+    with atomic_path(checkpoint / MANIFEST) as tmp, open(tmp, "w") as fh:  # rewritten in place when amended
         json.dump({"files": files}, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())

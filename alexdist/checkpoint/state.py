@@ -11,10 +11,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from alexdist.config import Recipe, flatten
-
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
@@ -51,6 +47,16 @@ class TrainState:
     classes: list[str] = field(default_factory=list)  # the data's class names (the model's head size)
     images_per_s: list[float] = field(default_factory=list)
     noise_scale: dict | None = None  # the gradient noise scale's running averages (training/noise_scale.py)
+    # A resume that changed train.epochs alone: [step, progress, warmup steps] where the decay continues from
+    # (training/optim.py, LRSchedule), so that the lr never jumps up.
+    schedule_anchor: list[float] | None = None
+    # Every resume that changed the recipe: {"step": N, "changes": ["key: old -> new", ...]} (summary.json).
+    config_changes: list[dict] = field(default_factory=list)
+
+    @property
+    def evaluated(self) -> bool:
+        """Whether the figures of an evaluation at exactly this step are recorded."""
+        return self.test_acc is not None
 
     def forget_evaluation(self) -> None:
         """After a step: the figures measured at an earlier step no longer describe the weights."""
@@ -74,18 +80,3 @@ def read_state(path: Path) -> TrainState:
     data = json.loads((Path(path) / STATE_FILE).read_text())
     known = TrainState.__dataclass_fields__
     return TrainState(**{k: v for k, v in data.items() if k in known})
-
-
-# Recipe keys a resumed run must share with its checkpoint: others (epochs, lr, ...) may change on purpose.
-RUN_DEFINING = ("model.name", "model.width_mult", "model.input_size", "data.source", "data.revision",
-                "data.image_size", "data.val_split", "data.synthetic_train", "data.synthetic_test")
-
-
-def config_changes(checkpoint: Path, recipe: Recipe) -> list[str]:
-    """`key: saved -> now` for each run-defining key that differs from the checkpoint's config.yaml."""
-    saved_file = Path(checkpoint) / "config.yaml"
-    if not saved_file.is_file():
-        return []
-    saved = flatten(yaml.safe_load(saved_file.read_text()) or {})
-    now = flatten(recipe.to_dict())
-    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in RUN_DEFINING if saved.get(k) != now.get(k)]

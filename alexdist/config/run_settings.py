@@ -92,7 +92,9 @@ class CheckpointConfig(Section):
     allow_config_change: bool = Field(
         default=False,
         description=(
-            "Resuming with another model or data than the checkpoint's is refused unless this is true (on purpose)."
+            "Resuming with another model, data or optimizer, or other training settings (optim.*, schedule.*, "
+            "train.epochs, train.seed, augment.*, ...) than the checkpoint's is refused unless this is true; the "
+            "new settings then apply from the resumed step (docs/checkpoints.md: what a resume may change)."
         ),
     )
 
@@ -139,7 +141,9 @@ class TrackingConfig(Section):
             "parallelism buys few steps. Measured from gradients the step already has (DDP's local gradients before "
             "the all-reduce, or with one process the first of train.grad_accum micro-batches), logged per epoch and in "
             "summary.json; a run whose effective batch is far above it says what that costs. FSDP2 and ZeRO keep their "
-            "local gradients inside their engines: not measured there (one line says so)."
+            "local gradients inside their engines, SyncBatchNorm (model.sync_bn) mixes the ranks' gradients, and DDP "
+            "under torch's optimize_ddp='python_reducer' takes no communication hook: not measured there (one line "
+            "says so). None until the estimate has settled (both of its averages positive), never negative."
         ),
     )
     profile_steps: list[int] | None = Field(

@@ -23,7 +23,8 @@ class ModelConfig(Section):
         default="alexnet_bn",
         description=(
             "A model of the registry (alexnet, alexnet_3x3, alexnet_bn: `alexdist models`) or your own by import "
-            "path, 'my_pkg.models:build' (a callable taking num_classes, and input_size if it accepts one)."
+            "path, 'my_pkg.models:build' (a callable taking num_classes; input_size, dropout and width_mult only if "
+            "its signature names them: torchvision.models:resnet18 and timm.models:resnet18 work)."
         ),
     )
     input_size: int | None = Field(
@@ -311,9 +312,19 @@ class Recipe(Section):
         ),
     )
     output_dir: str = Field(
-        default="runs/default",
-        description='The run directory: config, metrics, checkpoints, weights, summary; held by one run at a time.',
+        default="runs/recipe",
+        description=(
+            "The run directory: config, metrics, checkpoints, weights, summary; held by one run at a time. Unset: "
+            "runs/<the recipe's name>, so two recipes never resume each other's run."
+        ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_dir_of_the_recipe(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("output_dir") is None:
+            data = {**data, "output_dir": f"runs/{data.get('name') or 'recipe'}"}
+        return data
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -58,4 +58,6 @@ def run_summary(recipe: Recipe, state: TrainState, info: dict, ending: Ending, p
         "peak_memory_bytes_per_rank": peaks,
         "peak_memory_bytes": peaks[rank] if device_type == "cuda" else None,
         "wandb_run_id": state.wandb_run_id,
+        # Each resume that changed the recipe (config.yaml holds the latest values): the step and the changes.
+        "config_changes": state.config_changes,
     }

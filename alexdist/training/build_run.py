@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from alexdist.checkpoint.checkpointer import Checkpointer
+from alexdist.checkpoint.config_changes import saved_config
 from alexdist.checkpoint.run_dir import RunLock, check_writable, checkpoint_bytes
 from alexdist.checkpoint.state import TrainState, read_state
 from alexdist.config import Recipe
@@ -35,7 +36,16 @@ from alexdist.training.divergence import DivergenceGuard
 from alexdist.training.ema import ModelEMA
 from alexdist.training.evaluation import EpochMeter
 from alexdist.training.noise_scale import GradientNoiseScale
-from alexdist.training.optim import lr_factor, make_optimizer, peak_lr, warmup_steps
+from alexdist.training.optim import (
+    LRSchedule,
+    apply_recipe_settings,
+    make_optimizer,
+    optimizer_settings,
+    peak_lr,
+    resumed_anchor,
+    schedule_step,
+    warmup_steps,
+)
 from alexdist.training.precision import configure_cuda_math
 from alexdist.training.run import Run
 from alexdist.training.run_data import RunData, run_data
@@ -97,8 +107,8 @@ def _build(recipe: Recipe, accelerator, strategy: Strategy, data: RunData, lock:
     batches = data.batches
     stop_requests = StopRequests(accelerator, recipe.output_dir)  # SIGTERM / SIGUSR1 / SIGHUP / output_dir/STOP
     total_steps = recipe.train.epochs * batches.steps_per_epoch
-    model, optimizer, scheduler, n_params = _model_and_optimizer(recipe, accelerator, strategy, batches, total_steps,
-                                                                 len(data.classes))
+    model, optimizer, scheduler, n_params, schedule = _model_and_optimizer(recipe, accelerator, strategy, batches,
+                                                                           total_steps, len(data.classes))
     # Dropout masks come from the global RNG: distinct per rank (as with separate GPUs), reproducible per seed.
     torch.manual_seed(recipe.train.seed * 1000 + accelerator.process_index + 1)
     ema = _ema(recipe, accelerator, strategy, model)  # before the resume, which restores it
@@ -111,7 +121,10 @@ def _build(recipe: Recipe, accelerator, strategy: Strategy, data: RunData, lock:
     resumed_from = _resume(checkpointer, batches, accelerator)
     previous_world = read_state(resumed_from).world_size if resumed_from else accelerator.num_processes
     if resumed_from:
+        settings = optimizer_settings(optimizer)  # the recipe's, before the checkpoint's overwrite them
         state = checkpointer.load(resumed_from)
+        _apply_recipe(recipe, resumed_from, state, optimizer, scheduler, settings, schedule, batches)
+        accelerator.step = 0  # Accelerate restores its micro-step count: every step starts its accumulation anew
         if noise and state.noise_scale:
             noise.load_state_dict(state.noise_scale)
     input_size = resolve_input_size(recipe.model.name, recipe.model.input_size)
@@ -178,10 +191,22 @@ def _model_and_optimizer(recipe: Recipe, accelerator, strategy: Strategy, batche
     check_space(recipe.output_dir, 2 * checkpoint_bytes(n_params, recipe, strategy.master_copies))
     model = strategy.shard(model, recipe)  # before the optimizer: sharding replaces the parameters
     optimizer = make_optimizer(model, recipe, peak_lr(recipe.optim, batches.effective_batch))
-    warmup = warmup_steps(recipe.schedule, total_steps, batches.steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                  lambda s: lr_factor(s, total_steps, recipe.schedule, warmup))
-    return (*strategy.prepare(accelerator, model, optimizer, scheduler, recipe), n_params)
+    # A closure, not the object: LambdaLR would save a callable object's attributes and restore the old ones.
+    schedule = LRSchedule(recipe.schedule, total_steps,
+                          warmup_steps(recipe.schedule, total_steps, batches.steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s))
+    return (*strategy.prepare(accelerator, model, optimizer, scheduler, recipe), n_params, schedule)
+
+
+def _apply_recipe(recipe: Recipe, path: Path, state: TrainState, optimizer, scheduler, settings: list[dict],
+                  schedule: LRSchedule, batches: TrainBatches) -> None:
+    """A resumed run trains with its recipe (checkpoint.allow_config_change let any change through): the
+    recipe's optimizer settings, peak lr and schedule from the resumed step on, over the checkpoint's state."""
+    saved = saved_config(path) or {}
+    schedule.anchor = resumed_anchor(saved, recipe, state.schedule_anchor, schedule_step(scheduler),
+                                     batches.steps_per_epoch)
+    state.schedule_anchor = schedule.anchor
+    apply_recipe_settings(optimizer, scheduler, settings, schedule)
 
 
 def _resume(checkpointer: Checkpointer, batches: TrainBatches, accelerator) -> Path | None:

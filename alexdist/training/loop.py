@@ -47,6 +47,8 @@ def train(recipe: Recipe) -> dict:
         progress = Progress(run.accelerator.is_main_process, run.total_steps, run.batches.effective_batch,
                             run.state.global_step)
         ending = why_stop(run)  # a finished run resumed again ends at once
+        if ending is not None and not run.state.evaluated:
+            ending = evaluate_owed(run)
         while ending is None:
             ending = run_epoch(run, run.state.epoch, progress)
         return finish(run, ending)
@@ -66,15 +68,29 @@ def run_epoch(run: Run, epoch: int, progress: Progress) -> Ending | None:
         result = train_step(run, micro, state.global_step + 1)
         record_step(run, result, epoch)
         log_step(run, result, epoch, progress)
+        if why_stop(run):  # the attempt's last step: its end (evaluation, final checkpoint, weights, summary)
+            if result.stop_requested:  # takes priority over a stop request, so that no checkpoint is left
+                run.log.say(f"alexdist: stop requested ({run.stop_requests.reason}) during the last step: "
+                            f"finishing the run first")  # at its end without the evaluation it owes
+            break
         if result.stop_requested:
             progress.end_epoch()
             checkpoint_and_leave(run, epoch)
             return Ending.STOP_REQUESTED
-        if why_stop(run):
-            break
         run.save_if_due()
     progress.end_epoch()
     end_epoch(run, epoch, started, why_stop)
+    return why_stop(run)
+
+
+def evaluate_owed(run: Run) -> Ending | None:
+    """The run's steps are done but its checkpoint holds no evaluation of them: it was written at a step that is
+    now the attempt's last (a stop request there, or an every_steps checkpoint, then train.max_steps lowered to
+    it). Evaluate, record and checkpoint those weights as the uninterrupted run did after that step."""
+    state = run.state
+    run.meter = EpochMeter(run.accelerator.device, state.epoch_sums if state.step_in_epoch else None,
+                           run.accelerator.is_main_process)
+    end_epoch(run, state.epoch, (time.time(), state.step_in_epoch), why_stop)
     return why_stop(run)
 
 
@@ -93,6 +109,8 @@ def train_step(run: Run, micro: list[tuple[torch.Tensor, torch.Tensor]], step: i
     sums = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     stop = bad = False
     run.profiler.before_step(step)
+    if injected := faults.stop_point(step):  # tests: a stop request at an exact step, not a race with a file
+        run.stop_requests.reason = run.stop_requests.reason or injected
     run.guard.remember_buffers(model)
     if run.probe:
         run.probe.start_step()

@@ -32,20 +32,108 @@ def warmup_steps(cfg: ScheduleConfig, total: int, steps_per_epoch: int) -> int:
     return max(int(cfg.warmup_frac * total), in_epochs)
 
 
-def lr_factor(step: int, total: int, cfg: ScheduleConfig, warmup: int | None = None) -> float:
+def lr_factor(step: int, total: int, cfg: ScheduleConfig, warmup: int | None = None,
+              anchor: list[float] | None = None) -> float:
     """Multiplier of the peak lr after `step` optimizer steps out of `total`, `warmup` of them warming up
-    (default: schedule.warmup_frac of them)."""
+    (default: schedule.warmup_frac of them). `anchor` [step, progress, warmup]: the decay's progress continues
+    from `progress` at that step to 1 at `total` (a resume that changed train.epochs: LRSchedule.extend)."""
     warmup = int(cfg.warmup_frac * total) if warmup is None else warmup
+    if anchor is not None:
+        warmup = int(anchor[2])
     if step < warmup:
         return (step + 1) / warmup
     if cfg.name == "constant":
         return 1.0
-    t = (step - warmup) / max(1, total - warmup)
+    t = _progress(step, total, warmup, anchor)
     if cfg.name == "cosine":
         shape = 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
     else:  # onecycle: linear warmup (above), then linear decay
         shape = max(0.0, 1.0 - t)
     return cfg.final_frac + (1 - cfg.final_frac) * shape
+
+
+def _progress(step: int, total: int, warmup: int, anchor: list[float] | None) -> float:
+    """How far the decay is, from 0 (end of warmup) to 1 (the last step)."""
+    if anchor is None:
+        return (step - warmup) / max(1, total - warmup)
+    start, done = anchor[0], anchor[1]
+    return done + (1 - done) * (step - start) / max(1, total - start)
+
+
+class LRSchedule:
+    """The lr multiplier per optimizer step (lr_factor) for a run of `total` steps. A resume that changed
+    train.epochs (and not the schedule itself) continues the decay from where the checkpoint's schedule was
+    (`extend`): the lr never jumps up when epochs are added; a changed schedule.* applies as written."""
+
+    def __init__(self, cfg: ScheduleConfig, total: int, warmup: int, anchor: list[float] | None = None):
+        self.cfg, self.total, self.warmup, self.anchor = cfg, total, warmup, anchor
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.total, self.cfg, self.warmup, self.anchor)
+
+    def progress(self, step: int) -> float:
+        warmup = int(self.anchor[2]) if self.anchor is not None else self.warmup
+        return min(1.0, max(0.0, _progress(step, self.total, warmup, self.anchor)))
+
+    def anchor_at(self, step: int) -> list[float]:
+        """Where a longer (or shorter) run resumed at `step` goes on from: the warmup keeps its length and the
+        decay its progress at this step (at the warmup's end if `step` is still in it)."""
+        warmup = int(self.anchor[2]) if self.anchor is not None else self.warmup
+        start = max(step, warmup)
+        return [start, self.progress(start), warmup]
+
+
+def resumed_anchor(saved: dict, recipe: Recipe, anchor: list[float] | None, position: int,
+                   steps_per_epoch: int) -> list[float] | None:
+    """The schedule anchor of a resumed run, from the checkpoint's flat config `saved`: a changed schedule.*
+    applies as written (None); a changed train.epochs alone continues the checkpoint's decay from `position`;
+    otherwise the checkpoint's anchor (an earlier extension) stays."""
+    now = {f"schedule.{k}": v for k, v in recipe.schedule.model_dump(mode="json").items()}
+    if any(saved.get(k, v) != v for k, v in now.items()):
+        return None
+    old_epochs = saved.get("train.epochs", recipe.train.epochs)
+    if old_epochs == recipe.train.epochs:
+        return anchor
+    old_total = old_epochs * steps_per_epoch
+    old = LRSchedule(recipe.schedule, old_total, warmup_steps(recipe.schedule, old_total, steps_per_epoch), anchor)
+    return old.anchor_at(position)
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's settings as built from the recipe (lr, momentum, weight decay, LARS's trust
+    settings, ...), taken before a checkpoint's optimizer state overwrites them."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in innermost(optimizer).param_groups]
+
+
+def schedule_step(scheduler) -> int:
+    """The schedule's position: optimizer steps taken, less the skipped (NaN/inf) ones."""
+    return getattr(scheduler, "scheduler", scheduler).last_epoch  # Accelerate's wrapper holds the LambdaLR
+
+
+def apply_recipe_settings(optimizer: torch.optim.Optimizer, scheduler, settings: list[dict],
+                          schedule: LRSchedule) -> None:
+    """After a resume: the recipe's optimizer settings over the checkpoint's (its momentum buffers and other
+    state stay), and the lr of the schedule's position under the recipe's peak lr and `schedule`. With an
+    unchanged recipe this writes back exactly what was loaded (the same base lr times the same factor LambdaLR
+    computes)."""
+    groups = innermost(optimizer).param_groups
+    if len(groups) != len(settings):
+        raise SetupError(f"the checkpoint's optimizer has {len(groups)} parameter groups, this run's has "
+                         f"{len(settings)}; resume with the checkpoint's optim.* settings")
+    factor = schedule(schedule_step(scheduler))
+    for group, fresh in zip(groups, settings, strict=True):
+        group.update(fresh)
+        group["lr"] = fresh["initial_lr"] * factor
+    lambda_lr = getattr(scheduler, "scheduler", scheduler)
+    lambda_lr.base_lrs = [g["initial_lr"] for g in groups]
+    lambda_lr._last_lr = [g["lr"] for g in groups]  # what get_last_lr() reports until the next step
+
+
+def innermost(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's and DeepSpeed's wrappers (whose parameter groups are its own)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def kernel_kwargs(impl: str, device_type: str, sharded: bool = False) -> dict:

@@ -76,3 +76,20 @@ def test_ddp_resumes_across_world_sizes_2_1_2_with_the_global_batch_kept(tmp_pat
     proc = launch(plain + [f"output_dir={moved}"], cache_dir, nproc=1)
     assert proc.returncode == 2
     assert "set train.global_batch=16" in error_line(proc)
+
+
+# A resume may change train.grad_accum at the same effective batch. Accelerate restores its micro-step count from
+# the checkpoint: without a reset, after 1 -> 2 at an odd step each update mixed two steps' halves.
+ACCUM = ["train.global_batch=48"]
+
+
+@pytest.mark.parametrize("before, after, at", [(1, 2, 3), (2, 3, 4), (2, 1, 3)])  # 2 -> 1: the guard
+def test_a_resume_with_another_accumulation_at_the_same_effective_batch_trains_the_same(
+        before, after, at, tmp_path, cache_dir):
+    ref, run = tmp_path / "uninterrupted", tmp_path / "changed"
+    check(launch(EQUIV + FP64 + ACCUM + [f"train.grad_accum={before}", f"output_dir={ref}"], cache_dir))
+    check(launch(EQUIV + FP64 + ACCUM + [f"train.grad_accum={before}", f"train.max_steps={at}",
+                                         f"output_dir={run}"], cache_dir))
+    check(launch(EQUIV + FP64 + ACCUM + [f"train.grad_accum={after}", f"output_dir={run}"], cache_dir))
+    assert summary(run)["resumed_at_step"] == at and summary(run)["steps"] == 6
+    assert_same_training(flat(ref), flat(run), f"{before} -> {after} at step {at}")

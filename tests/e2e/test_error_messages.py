@@ -50,6 +50,8 @@ TITLES = [  # the cases of _cases, in order: each is a test of its own
     'resume with other data',
     'resume at another image size',
     'resume with another validation split',
+    'resume with another optimizer',
+    'resume with another learning rate and schedule',
     'a validation split that leaves a class without validation images',
     'a checkpoint of another model, change allowed on purpose',
     'the only checkpoint damaged after its save (a truncated shard)',
@@ -152,6 +154,8 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
     other_data = copy_of(base, "other-data")
     other_size = copy_of(base, "other-size")
     other_split = copy_of(base, "other-split")
+    other_optim = copy_of(base, "other-optim")
+    other_lr = copy_of(base, "other-lr")
     from alexdist.checkpoint.manifest import MANIFEST, write_manifest
 
     def truncated(name: str, file: str, keep: int | None, manifest: bool) -> Path:
@@ -249,6 +253,11 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
              "data.image_size: 32 -> 40", after=_unchanged(other_size, snapshot(other_size))),
         Case("resume with another validation split", ["data.val_split=0.1", f"output_dir={other_split}"], 5,
              "data.val_split: None -> 0.1", after=_unchanged(other_split, snapshot(other_split))),
+        Case("resume with another optimizer", ["optim.name=adamw", f"output_dir={other_optim}"], 5,
+             "optim.name: 'sgd' -> 'adamw'", after=_unchanged(other_optim, snapshot(other_optim))),
+        Case("resume with another learning rate and schedule", ["optim.lr=0.5", "schedule.name=constant",
+             f"output_dir={other_lr}"], 5, "checkpoint.allow_config_change=true to train with the new ones from step 2",
+             after=_unchanged(other_lr, snapshot(other_lr))),
         Case("a validation split that leaves a class without validation images", ["data.val_split=3",
              f"output_dir={root / 'tiny-split'}"], 3, "with no validation images",
              normalize=lambda m: re.sub(r"class '\d+' \(\d+ training", "class '<k>' (<n> training", m)),

@@ -4,8 +4,8 @@ recipe changes make a checkpoint another run's."""
 import pytest
 import yaml
 
+from alexdist.checkpoint.config_changes import config_changes, refusal
 from alexdist.checkpoint.policy import keep_after_rotation, save_due
-from alexdist.checkpoint.state import config_changes
 from alexdist.config import CheckpointConfig, load_recipe
 
 
@@ -42,14 +42,25 @@ def test_rotation_keeps_the_newest_and_the_best_by_test_accuracy(steps, keep, wa
     assert keep_after_rotation(steps, keep) == want
 
 
-def test_run_defining_changes_are_listed_and_others_are_not(tmp_path):
+def test_resume_changes_are_sorted_into_run_defining_training_and_free_keys(tmp_path):
     ckpt = tmp_path / "step-0000010"
     ckpt.mkdir()
     saved = load_recipe("quickstart")
     (ckpt / "config.yaml").write_text(yaml.safe_dump(saved.to_dict()))
-    same_run = load_recipe("quickstart", ["train.epochs=40", "optim.lr=0.01", "output_dir=elsewhere"])
-    assert config_changes(ckpt, same_run) == []
-    other = load_recipe("quickstart", ["model.name=alexnet_3x3", "data.source=synthetic"])
-    assert config_changes(ckpt, other) == ["model.name: 'alexnet_bn' -> 'alexnet_3x3'",
-                                           "data.source: 'digits' -> 'synthetic'"]
-    assert config_changes(tmp_path / "no-config", other) == []  # nothing to compare with
+    free = load_recipe("quickstart", ["train.max_steps=9", "train.log_every=3", "tracking.wandb=false",
+                                      "checkpoint.every_steps=5", "speed.channels_last=true", "train.grad_accum=2"])
+    changes = config_changes(ckpt, free)
+    assert changes.guarded == [] and len(changes.free) == 6 and refusal(ckpt, changes, 10) is None
+    training = load_recipe("quickstart", ["train.epochs=40", "optim.lr=0.01", "schedule.name=constant",
+                                          "train.seed=3", "augment.crop_padding=3", "model.dropout=0.1",
+                                          "train.grad_clip=1", "train.label_smoothing=0.1", "precision=bf16"])
+    changes = config_changes(ckpt, training)
+    assert changes.defining == [] and len(changes.training) == 9
+    line = refusal(ckpt, changes, 10)
+    assert "optim.lr: 0.05 -> 0.01" in line and "train.epochs: 12 -> 40" in line and "from step 10" in line
+    other = load_recipe("quickstart", ["model.name=alexnet_3x3", "data.source=synthetic", "optim.name=adamw"])
+    changes = config_changes(ckpt, other)
+    assert changes.defining == ["model.name: 'alexnet_bn' -> 'alexnet_3x3'", "data.source: 'digits' -> 'synthetic'",
+                                "optim.name: 'sgd' -> 'adamw'"]
+    assert "another model, data or optimizer" in refusal(ckpt, changes, 10)
+    assert config_changes(tmp_path / "no-config", other).guarded == []  # nothing to compare with

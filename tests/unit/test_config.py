@@ -134,3 +134,13 @@ def test_every_deprecated_key_points_to_a_key_of_the_schema():
     keys = set(flatten(Recipe().model_dump()))
     assert not [new for new in DEPRECATED_KEYS.values() if new not in keys]
     assert not [old for old in DEPRECATED_KEYS if old in keys]  # an old name is never also a live key
+
+
+def test_a_recipe_without_output_dir_trains_into_a_run_directory_of_its_own_name(tmp_path):
+    """Two recipe files without output_dir must not share (and resume) one run directory."""
+    a, b = tmp_path / "small.yaml", tmp_path / "large.yaml"
+    a.write_text("train:\n  epochs: 2\n")
+    b.write_text("optim:\n  name: adamw\n")
+    assert load_recipe(a).output_dir == "runs/small" and load_recipe(b).output_dir == "runs/large"
+    assert load_recipe("quickstart").output_dir == "runs/quickstart"  # a recipe's own output_dir stays
+    assert load_recipe(a, ["output_dir=elsewhere"]).output_dir == "elsewhere"

@@ -1,5 +1,6 @@
 """The learning-rate schedule and the batch arithmetic, sized in optimizer steps (pure functions)."""
 
+import itertools
 import math
 
 import pytest
@@ -7,7 +8,15 @@ import pytest
 from alexdist.config import Recipe, ScheduleConfig
 from alexdist.errors import ConfigError
 from alexdist.training.build_run import resolve_batch_size
-from alexdist.training.optim import lr_factor, peak_lr, warmup_steps
+from alexdist.training.optim import (
+    LRSchedule,
+    apply_recipe_settings,
+    lr_factor,
+    optimizer_settings,
+    peak_lr,
+    resumed_anchor,
+    warmup_steps,
+)
 
 
 def test_warmup_rises_linearly_to_the_peak_in_optimizer_steps():
@@ -83,3 +92,69 @@ def test_a_global_batch_that_does_not_divide_is_refused_with_the_numbers():
     untouched = Recipe.model_validate({"train": {"batch_size": 64}})
     resolve_batch_size(untouched, 8)  # no global_batch: the per-process batch stays
     assert untouched.train.batch_size == 64
+
+
+@pytest.mark.parametrize("name", ["cosine", "onecycle"])
+@pytest.mark.parametrize("resumed_at", [3, 40, 100])  # in the warmup, mid-decay, at the old schedule's end
+def test_added_epochs_continue_the_decay_from_where_it_was_and_never_raise_the_lr(name, resumed_at):
+    cfg = ScheduleConfig(name=name, warmup_epochs=1, final_frac=0.05)
+    spe = 10  # steps per epoch: 10 epochs = 100 steps, extended to 25 epochs = 250
+    old = LRSchedule(cfg, 100, warmup_steps(cfg, 100, spe))
+    saved = {"train.epochs": 10, **{f"schedule.{k}": v for k, v in cfg.model_dump(mode="json").items()}}
+    longer = Recipe.model_validate({"schedule": cfg.model_dump(), "train": {"epochs": 25}})
+    anchor = resumed_anchor(saved, longer, None, resumed_at, spe)
+    new = LRSchedule(cfg, 250, warmup_steps(cfg, 250, spe), anchor)
+    assert new(resumed_at) == pytest.approx(old(resumed_at), abs=1e-12)  # no jump at the resume
+    after = [new(s) for s in range(max(resumed_at, old.warmup), 251)]
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(after))  # never up after the warmup
+    assert new(250) == pytest.approx(0.05)  # and it still ends at final_frac, at the new end
+    if resumed_at < 100:
+        assert new(resumed_at + 20) > old(resumed_at + 20)  # the longer run decays more slowly (it is useful)
+    # Without the anchor the new schedule would jump up at the resume (the control: cosine at 40/100 vs 40/250).
+    if name == "cosine" and resumed_at == 40:
+        assert LRSchedule(cfg, 250, warmup_steps(cfg, 250, spe))(40) > old(40) + 0.2
+
+
+def test_a_changed_schedule_applies_as_written_and_an_unchanged_one_keeps_its_anchor():
+    cfg = ScheduleConfig(name="cosine")
+    saved = {"train.epochs": 10, **{f"schedule.{k}": v for k, v in cfg.model_dump(mode="json").items()}}
+    asked = Recipe.model_validate({"schedule": {"name": "constant"}, "train": {"epochs": 20}})
+    assert resumed_anchor(saved, asked, [50, 0.5, 0], 50, 10) is None
+    same = Recipe.model_validate({"schedule": cfg.model_dump(), "train": {"epochs": 10}})
+    assert resumed_anchor(saved, same, [50, 0.5, 0], 70, 10) == [50, 0.5, 0]
+    assert resumed_anchor(saved, same, None, 70, 10) is None
+
+
+def test_resumed_optimizer_takes_the_recipes_settings_and_the_schedules_lr_at_its_position():
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    cfg = ScheduleConfig(name="cosine")
+    old_opt = torch.optim.SGD(model.parameters(), lr=0.25, momentum=0.9, weight_decay=5e-4)
+    old_sched = torch.optim.lr_scheduler.LambdaLR(old_opt, LRSchedule(cfg, 100, 0))
+    for _ in range(10):
+        old_opt.step()
+        old_sched.step()
+    new_opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.8, weight_decay=0.0)
+    schedule = LRSchedule(ScheduleConfig(name="constant"), 100, 0)
+    new_sched = torch.optim.lr_scheduler.LambdaLR(new_opt, lambda s: schedule(s))
+    settings = optimizer_settings(new_opt)
+    new_opt.load_state_dict(old_opt.state_dict())
+    new_sched.load_state_dict(old_sched.state_dict())
+    assert new_opt.param_groups[0]["lr"] < 0.25  # what a plain load leaves: the old lr and settings
+    apply_recipe_settings(new_opt, new_sched, settings, schedule)
+    g = new_opt.param_groups[0]
+    assert (g["lr"], g["momentum"], g["weight_decay"]) == (0.5, 0.8, 0.0) and new_sched.get_last_lr() == [0.5]
+    new_opt.step()
+    new_sched.step()
+    assert new_opt.param_groups[0]["lr"] == 0.5  # and the schedule goes on from there (constant)
+    # Unchanged settings write back exactly what was loaded.
+    same = torch.optim.SGD(model.parameters(), lr=0.25, momentum=0.9, weight_decay=5e-4)
+    same_sched = torch.optim.lr_scheduler.LambdaLR(same, LRSchedule(cfg, 100, 0))
+    settings = optimizer_settings(same)
+    same.load_state_dict(old_opt.state_dict())
+    same_sched.load_state_dict(old_sched.state_dict())
+    loaded = dict(same.param_groups[0])
+    apply_recipe_settings(same, same_sched, settings, LRSchedule(cfg, 100, 0))
+    assert {k: v for k, v in same.param_groups[0].items() if k != "params"} == {
+        k: v for k, v in loaded.items() if k != "params"}
