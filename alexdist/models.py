@@ -174,8 +174,8 @@ def import_model(path: str) -> Callable[..., nn.Module]:
 def build_model(name: str, input_size: int | None = None, dropout: float = 0.5, width_mult: float = 1.0,
                 num_classes: int = NUM_CLASSES) -> nn.Module:
     """Build a model: one of the registry (`input_size=None` uses its default: 227 for alexnet, else 32), or your
-    own by import path, called with num_classes (and input_size, dropout, width_mult where its signature takes
-    them); the head has one output per class of the data (10 for CIFAR-10)."""
+    own by import path, called with num_classes (and input_size, dropout, width_mult where its signature names
+    them: `**kwargs` gets num_classes alone); the head has one output per class of the data (10 for CIFAR-10)."""
     if is_import_path(name):
         return _build_imported(name, resolve_input_size(name, input_size), dropout, width_mult, num_classes)
     spec = MODELS[name]
@@ -186,21 +186,27 @@ def build_model(name: str, input_size: int | None = None, dropout: float = 0.5, 
 
 
 def _build_imported(path: str, input_size: int, dropout: float, width_mult: float, num_classes: int) -> nn.Module:
-    import inspect
-
     from alexdist.errors import ConfigError
 
     factory = import_model(path)
-    offered = {"num_classes": num_classes, "input_size": input_size, "dropout": dropout, "width_mult": width_mult}
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    model = factory(**{k: v for k, v in offered.items() if k == "num_classes" or takes_any or k in params})
+    offered = {"input_size": input_size, "dropout": dropout, "width_mult": width_mult}
+    model = factory(num_classes=num_classes, **{k: v for k, v in offered.items() if k in declared_arguments(factory)})
     if not isinstance(model, nn.Module) or not any(True for _ in model.parameters()):
         raise ConfigError(f"model.name '{path}' returned {type(model).__name__}, not an nn.Module with parameters")
     return model
+
+
+def declared_arguments(factory: Callable[..., nn.Module]) -> set[str]:
+    """The keyword arguments a factory names in its signature. A `**kwargs` catch-all is not one: torchvision's and
+    timm's factories pass it on to the model's class, which refuses an input_size it never declared."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C extension without a signature: num_classes only
+        return set()
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in params if p.kind in keyword}
 
 
 def resolve_input_size(name: str, input_size: int | None) -> int:

@@ -34,3 +34,26 @@ def test_tied_weights_across_sharding_units_are_refused_in_one_line():
         sharding_units(model)
 
 
+def test_a_factory_is_sent_only_the_arguments_its_signature_names_not_those_its_kwargs_would_take(monkeypatch):
+    import sys
+    import types
+
+    import torch.nn as nn
+
+    sent = {}
+
+    def only_kwargs(**kwargs):  # as torchvision's and timm's: **kwargs goes on to a class that may refuse it
+        sent["only_kwargs"] = kwargs
+        return nn.Linear(2, kwargs["num_classes"])
+
+    def some_named(num_classes, *, dropout=0.1, **kwargs):
+        sent["some_named"] = {"num_classes": num_classes, "dropout": dropout, **kwargs}
+        return nn.Linear(2, num_classes)
+
+    monkeypatch.setitem(sys.modules, "factories", types.SimpleNamespace(only_kwargs=only_kwargs,
+                                                                        some_named=some_named))
+    build_model("factories:only_kwargs", 32, 0.5, 1.0, num_classes=7)
+    build_model("factories:some_named", 32, 0.5, 1.0, num_classes=7)
+    assert sent == {"only_kwargs": {"num_classes": 7}, "some_named": {"num_classes": 7, "dropout": 0.5}}
+    assert build_model("torchvision.models:resnet18", 32, 0.5, 1.0, num_classes=7).fc.out_features == 7
+    assert build_model("timm.models:resnet18", 32, 0.5, 1.0, num_classes=7).fc.out_features == 7
