@@ -36,6 +36,26 @@ def any_rank(accelerator, flags: torch.Tensor) -> list[bool]:
     return [v > 0 for v in sum_over_ranks(accelerator, flags)]
 
 
+def every_rank(accelerator, values: list[float]) -> list[list[float]]:
+    """Every rank's `values` (as many on each rank), one list per rank in rank order, on every rank: one
+    all-gather in float64 and one host sync. A collective: for a decision that figures differing between ranks
+    (free memory) must not split, each rank decides on all of them."""
+    if accelerator.num_processes == 1:
+        return [list(values)]
+    mine = torch.tensor([values], dtype=torch.float64, device=accelerator.device)
+    return accelerator.gather(mine).tolist()
+
+
+def first_failure(accelerator, error: str | None) -> tuple[int, str] | None:
+    """The lowest rank whose `error` is set, with that error, on every rank; None if no rank failed. A collective
+    (every rank's error gathered): a rank that failed alone must not leave the others waiting in the next one."""
+    if accelerator.num_processes == 1:
+        return (0, error) if error else None
+    from accelerate.utils import gather_object
+
+    return next(((rank, e) for rank, e in enumerate(gather_object([error])) if e), None)
+
+
 def plain_module(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """The model itself, without DDP's or torch.compile's wrapper (whose state dict says `_orig_mod.*`)."""
     return accelerator.unwrap_model(model, keep_torch_compile=False)

@@ -5,7 +5,8 @@ the step's one all-reduce.
 - AccumulationProbe: the first of train.grad_accum micro-batches (B_small = the per-process batch), any world
   size: DDP does not reduce before the last micro-batch.
 - CommHookProbe: without accumulation on several processes, each rank's local gradient just before DDP's
-  all-reduce, through a DDP communication hook (B_small = the per-process batch).
+  all-reduce, through a DDP communication hook (B_small = the per-process batch). Not under torch's Python
+  reducer (`python_reducer`), which calls hooks per parameter.
 """
 
 from __future__ import annotations
@@ -82,3 +83,11 @@ class CommHookProbe(GradientProbe):
     @property
     def small_sq(self) -> torch.Tensor:
         return self._per_param.sum()
+
+
+def python_reducer(ddp_model: torch.nn.Module) -> bool:
+    """Whether this DDP module reduces through torch's Python reducer (torch._dynamo.config.optimize_ddp =
+    "python_reducer", read when DDP is built). It calls a communication hook once per parameter with a (grad, param)
+    pair instead of a GradBucket and ignores the future the hook returns (torch/nn/parallel/distributed.py), so a
+    bucket hook would fail in the first backward."""
+    return bool(getattr(ddp_model, "_use_python_reducer", False))

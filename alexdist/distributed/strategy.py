@@ -95,13 +95,20 @@ class Strategy:
     def gradient_probe(self, accelerator, model, recipe: Recipe):
         """What sees a small batch's gradient for the noise scale (distributed/gradient_probe.py), or a string: why
         nothing can here. DDP: the first micro-batch under accumulation, else its communication hook."""
-        from alexdist.distributed.gradient_probe import AccumulationProbe, CommHookProbe
+        from alexdist.distributed.gradient_probe import AccumulationProbe, CommHookProbe, python_reducer
 
         t = recipe.train
+        if recipe.model.sync_bn and accelerator.num_processes >= 2:
+            return ("model.sync_bn normalises every rank's batch with all ranks' statistics, and its backward mixes "
+                    "their gradients: no rank holds one small batch's gradient (drop model.sync_bn to measure it)")
         if t.grad_accum >= 2:
             return AccumulationProbe(accelerator.device, t.batch_size, t.grad_accum)
         if accelerator.num_processes >= 2:
             ddp = getattr(model, "_orig_mod", model)  # under torch.compile, DDP sits inside the compiled module
+            if python_reducer(ddp):
+                return ("torch._dynamo.config.optimize_ddp='python_reducer' hands DDP's communication hook one "
+                        "parameter at a time, not the buckets the probe reads; leave optimize_ddp at its default or "
+                        "set train.grad_accum >= 2")
             return CommHookProbe(accelerator.device, ddp, t.batch_size)
         return "one process without accumulation sees one batch size per step (set train.grad_accum >= 2)"
 

@@ -5,7 +5,8 @@ that wrote it. On a resume with another number of processes, rank 0 converts the
 own converter (`python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state`: one folder per
 parameter holding its fp32 value and optimizer states) into a scratch copy beside it, and every rank loads that
 with the engine's universal loader, which cuts the partitions for the new world size. The checkpoint itself is
-not touched; the scratch copy is removed once loaded. ZeRO-1/2; ZeRO-3 is refused with the way out.
+not touched; the scratch copy is removed once loaded. ZeRO-1/2; ZeRO-3 is refused with the way out. A conversion
+or a load that fails on one rank is agreed on before any other collective, so every rank stops with its line.
 
 Where DeepSpeed falls short: its converter extracts Adam's `exp_avg`/`exp_avg_sq` by name and fails on SGD,
 whose only state is `momentum_buffer`. Its loader, though, loads whatever state files a parameter's folder
@@ -23,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from alexdist import faults
 from alexdist.errors import CheckpointError, SetupError, brief
 from alexdist.fileio import check_space
 
@@ -111,20 +113,28 @@ def tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def load(accelerator, engine, universal: Path) -> None:
-    """Every rank: load the universal copy into the engine, cut for this world size."""
+def load(accelerator, engine, universal: Path, step: int = -1) -> None:
+    """Every rank: load the universal copy into the engine, cut for this world size, with no collective. The
+    load's one collective, the all-gather that refills the module's weights from the fp32 master partitions
+    (ZeRO-1/2's `update_lp_params`, at the end of DeepSpeed's `load_checkpoint`), is left to the caller: a rank
+    whose load failed would never join it, and the others would wait there for distributed.setup_timeout_s."""
+    optimizer = engine.optimizer
     engine._config.load_universal_checkpoint = True  # DeepSpeed reads it from its config at load time
+    optimizer.update_lp_params = lambda: None  # an instance attribute over the method, for this load only
     try:
+        faults.universal_load_point(step)
         accelerator.load_state(str(universal))
     except Exception as exc:
         raise CheckpointError(f"could not load the universal copy {universal} ({brief(exc)}); resume with the "
                               f"checkpoint's number of processes, or export its weights") from None
     finally:
+        del optimizer.update_lp_params
         engine._config.load_universal_checkpoint = False  # later saves are ordinary ZeRO checkpoints
 
 
 def load_on_this_world_size(accelerator, engine, path: Path) -> None:
-    """Every rank: rank 0 converts checkpoint `path`, every rank loads the copy, rank 0 removes it."""
+    """Every rank: rank 0 converts checkpoint `path`, every rank loads the copy and says whether it could, rank 0
+    removes it; a conversion or a load that failed on any rank stops every rank with that rank's line."""
     from alexdist.distributed.collectives import from_main
 
     error = None
@@ -142,12 +152,37 @@ def load_on_this_world_size(accelerator, engine, path: Path) -> None:
         raise error
     copy = scratch_dir(path)
     try:
-        load(accelerator, engine, copy)
-        align_optimizer_state(engine.optimizer.optimizer)  # the ZeRO optimizer's torch optimizer
-    finally:
-        accelerator.wait_for_everyone()
+        failed = _load_everywhere(accelerator, engine, copy, checkpoint_step(path))
+    finally:  # every rank has answered, so none reads the copy any more
         if accelerator.is_main_process:
             shutil.rmtree(copy, ignore_errors=True)
+    if failed:
+        rank, message = failed
+        raise CheckpointError(message if accelerator.num_processes == 1 else f"rank {rank} {message}")
+    engine.optimizer.update_lp_params()  # the load's all-gather, now that every rank holds its fp32 partition
+
+
+def _load_everywhere(accelerator, engine, copy: Path, step: int) -> tuple[int, str] | None:
+    """Every rank loads `copy` and reports how it went (a collective): the lowest failed rank and its line, or
+    None when every rank loaded it."""
+    from alexdist.distributed.collectives import first_failure
+
+    error = None
+    try:
+        load(accelerator, engine, copy, step)
+        align_optimizer_state(engine.optimizer.optimizer)  # the ZeRO optimizer's torch optimizer
+    except CheckpointError as exc:
+        error = str(exc)
+    except Exception as exc:
+        error = (f"could not load the universal copy {copy} ({brief(exc)}); resume with the checkpoint's number "
+                 f"of processes, or export its weights")
+    return first_failure(accelerator, error)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of checkpoint directory `step-NNNNNNN` (-1 for another name): where a fault is injected."""
+    head, _, digits = path.name.rpartition("-")
+    return int(digits) if head == "step" and digits.isdigit() else -1
 
 
 def align_optimizer_state(optimizer) -> None:

@@ -54,20 +54,26 @@ class GradientNoiseScale:
 
     @property
     def trace(self) -> float | None:
-        """tr(Sigma): the per-example gradient variance summed over parameters (bias-corrected EMA)."""
-        return self._trace / (1 - self.decay**self.steps) if self.steps else None
+        """tr(Sigma): the per-example gradient variance summed over parameters (bias-corrected EMA); None until
+        positive."""
+        return self._settled(self._trace)
 
     @property
     def grad_sq(self) -> float | None:
-        """|G|^2: the true gradient's squared norm (bias-corrected EMA)."""
-        return self._grad_sq / (1 - self.decay**self.steps) if self.steps else None
+        """|G|^2: the true gradient's squared norm (bias-corrected EMA); None until positive."""
+        return self._settled(self._grad_sq)
 
     @property
     def value(self) -> float | None:
-        """B_simple, in examples; None before the first step or while |G|^2 is not yet positive."""
-        if not self.steps or self._grad_sq <= 0:
+        """B_simple, in examples; None ("not yet settled") before the first step or while either average is not
+        positive: each step's two estimates are unbiased but noisy, and early on either can average below zero."""
+        if self.trace is None or self.grad_sq is None:
             return None
         return self._trace / self._grad_sq
+
+    def _settled(self, ema: float) -> float | None:
+        # A variance and a squared norm cannot be negative: a non-positive average is noise, never reported.
+        return ema / (1 - self.decay**self.steps) if self.steps and ema > 0 else None
 
     def state_dict(self) -> dict:
         """The EMAs, for a checkpoint: a resumed run goes on with the same estimate as an uninterrupted one."""

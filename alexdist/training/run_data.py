@@ -15,6 +15,7 @@ from alexdist.data.cache import load_dataset
 from alexdist.data.dataset import Dataset, available_memory, label_gap_warning
 from alexdist.data.validation import stratified_split
 from alexdist.distributed.accelerator import local_processes
+from alexdist.distributed.collectives import every_rank
 from alexdist.errors import ConfigError, SetupError
 from alexdist.models import resolve_input_size
 
@@ -43,7 +44,7 @@ def run_data(recipe: Recipe, accelerator) -> RunData:
         val_x, val_y, fingerprint = ds.train_x[split.val_idx], ds.train_y[split.val_idx], split.fingerprint
     place = accelerator.device if recipe.speed.data_on_device else torch.device("cpu")
     n_eval = len(ds.test_y) + (0 if val_y is None else len(val_y))
-    check_memory(recipe, place, len(train_y), n_eval, ds.train_x.shape[-1])
+    check_memory(recipe, accelerator, place, len(train_y), n_eval, ds.train_x.shape[-1])
     batches = TrainBatches(
         train_x, train_y, t.batch_size, t.grad_accum, accelerator.process_index, accelerator.num_processes, t.seed,
         recipe.augment, resolve_input_size(recipe.model.name, recipe.model.input_size), device=place,
@@ -58,27 +59,33 @@ def run_data(recipe: Recipe, accelerator) -> RunData:
                    ds.test_x.to(place), ds.test_y.to(place), ds.classes, fingerprint)
 
 
-def check_memory(recipe: Recipe, place: torch.device, n_train: int, n_eval: int, size: int) -> None:
+def check_memory(recipe: Recipe, accelerator, place: torch.device, n_train: int, n_eval: int, size: int) -> None:
     """Refuse, in one line with the figures, training data that would not fit where it is placed: the padded (and
     mirrored) training images plus the evaluation images, in the GPU's free memory (speed.data_on_device), or in
-    host memory for every process on this node (each keeps its own)."""
+    host memory for every process on a node (each keeps its own). Decided on every rank alike, on the tightest
+    rank's figures (a collective): free memory differs between GPUs and nodes, and a rank that refused alone would
+    leave the others waiting in their next collective."""
     a = recipe.augment
     need = source_bytes(n_train, size, a.crop_padding, a.flip) + n_eval * 3 * size * size
     what = (f"the training and evaluation images at data.image_size={size} ({n_train:,} training images kept "
             f"zero-padded{' and mirrored' if a.flip else ''}, {n_eval:,} evaluation images)")
-    gib = 2**30
-    if place.type == "cuda":
-        free = torch.cuda.mem_get_info(place)[0]
-        if need > 0.9 * free:
-            raise SetupError(f"{what} take {need / gib:.1f} GiB of GPU memory, more than the {free / gib:.1f} GiB free "
-                             f"on {place}; set speed.data_on_device=false (batches built on the host), lower "
-                             f"data.image_size (model.input_size upsamples on the GPU), or use a larger GPU")
+    gpu = place.type == "cuda"
+    here = [torch.cuda.mem_get_info(place)[0], 1] if gpu else [available_memory(), local_processes()]
+    # The rank with the least memory per process: it refuses if any rank does.
+    rank, (have, processes) = min(enumerate(every_rank(accelerator, here)), key=lambda r: r[1][0] / r[1][1])
+    processes, gib = int(processes), 2**30
+    if processes * need <= 0.9 * have:
         return
-    processes, have = local_processes(), available_memory()
-    if processes * need > 0.9 * have:
-        raise SetupError(f"{what} take {need / gib:.1f} GiB of host memory per process, {processes * need / gib:.1f} "
-                         f"GiB for the {processes} on this node, more than the {have / gib:.1f} GiB available; lower "
-                         f"data.image_size (model.input_size upsamples on the device) or run fewer processes per node")
+    alone = accelerator.num_processes == 1
+    if gpu:
+        where = str(place) if alone else f"rank {rank}'s GPU"
+        raise SetupError(f"{what} take {need / gib:.1f} GiB of GPU memory, more than the {have / gib:.1f} GiB free "
+                         f"on {where}; set speed.data_on_device=false (batches built on the host), lower "
+                         f"data.image_size (model.input_size upsamples on the GPU), or use a larger GPU")
+    where = "this node" if alone else f"rank {rank}'s node"
+    raise SetupError(f"{what} take {need / gib:.1f} GiB of host memory per process, {processes * need / gib:.1f} GiB "
+                     f"for the {processes} on {where}, more than the {have / gib:.1f} GiB available; lower "
+                     f"data.image_size (model.input_size upsamples on the device) or run fewer processes per node")
 
 
 def _load_once(recipe: Recipe, accelerator) -> Dataset:

@@ -191,3 +191,22 @@ def test_a_failed_universal_conversion_stops_every_rank_at_once_with_one_line(tm
     line = error_line(proc)
     assert proc.returncode != 0 and "could not convert" in line and "No space left on device" in line
     assert took < 120 and not list((run / "checkpoints").glob(".universal-*"))
+
+
+def test_a_universal_load_that_fails_on_one_rank_stops_every_rank_at_once_naming_it(tmp_path, cache_dir):
+    """Every rank loads the universal copy; one that failed alone used to leave the others inside DeepSpeed's
+    all-gather until distributed.setup_timeout_s, and its own message was never printed (rank 0 speaks). Every rank
+    now reports its load before any collective of the load: the failure stops every rank at once, in one line."""
+    args = EQUIV + ["train.global_batch=16", "distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"]
+    run = tmp_path / "run"
+    check(launch(args + ["train.max_steps=2", f"output_dir={run}"], cache_dir, nproc=1, launcher="torchrun"))
+    env = run_env(cache_dir, ALEXDIST_FAULT="universal_load:2:1")
+    t0 = time.time()
+    proc = launch(args + ["train.max_steps=4", "distributed.setup_timeout_s=300", f"output_dir={run}"], cache_dir,
+                  nproc=2, env=env)
+    took = time.time() - t0
+    print(f"\nuniversal load failed on rank 1 -> both ranks gone in {took:.0f} s")
+    line = error_line(proc)
+    assert proc.returncode != 0 and "rank 1 could not load the universal copy" in line, line
+    assert "injected by ALEXDIST_FAULT" in line and "resume with the checkpoint's number of processes" in line
+    assert took < 150 and not list((run / "checkpoints").glob(".universal-*"))

@@ -1,3 +1,6 @@
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -153,9 +156,47 @@ def test_training_data_that_would_not_fit_is_refused_in_one_line_with_the_figure
     monkeypatch.setattr(run_data, "available_memory", lambda: 32 * 2**30)
     monkeypatch.setattr(run_data, "local_processes", lambda: 4)
     recipe = load_recipe("bn", ["data.image_size=224"])
+    alone = SimpleNamespace(num_processes=1, process_index=0, device=torch.device(place))
     with pytest.raises(SetupError) as err:
-        run_data.check_memory(recipe, torch.device(place), 45_000, 15_000, 224)
+        run_data.check_memory(recipe, alone, torch.device(place), 45_000, 15_000, 224)
     words = ("15.6 GiB of GPU memory, more than the 10.0 GiB free on cuda; set speed.data_on_device=false"
              if place == "cuda" else "15.6 GiB of host memory per process, 62.5 GiB for the 4 on this node")
     assert words in str(err.value) and "\n" not in str(err.value)
-    run_data.check_memory(recipe, torch.device(place), 45_000, 15_000, 32)  # at 32 px: 0.3 GiB, fits
+    run_data.check_memory(recipe, alone, torch.device(place), 45_000, 15_000, 32)  # at 32 px: 0.3 GiB, fits
+
+
+class _RankZeroOfTwo:
+    """An Accelerator as rank 0 of two sees it: rank 1's figures come back from every gather (one row per rank)."""
+
+    num_processes, process_index, is_main_process, device = 2, 0, True, torch.device("cpu")
+
+    def __init__(self, rank1_row: list[float]):
+        self.rank1_row = rank1_row
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def local_main_process_first(self):
+        return contextlib.nullcontext()
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, torch.tensor([self.rank1_row], dtype=t.dtype)])
+
+
+def test_every_rank_refuses_data_that_would_not_fit_on_another_ranks_node(tmp_path, monkeypatch):
+    """Free memory differs between nodes: a rank with room must not go on into the next collective while the rank
+    without it refuses. Decided once on the tightest rank's figures, the same on every rank, naming that rank."""
+    from alexdist.config import load_recipe
+    from alexdist.errors import SetupError
+    from alexdist.training import run_data
+
+    monkeypatch.setattr(run_data, "available_memory", lambda: 64 * 2**30)  # this node: plenty
+    monkeypatch.setattr(run_data, "local_processes", lambda: 1)
+    recipe = load_recipe("quickstart", ["data.source=synthetic", "data.synthetic_train=512",
+                                        "data.synthetic_test=64", f"data.cache_dir={tmp_path}"])
+    with pytest.raises(SetupError) as err:
+        run_data.run_data(recipe, _RankZeroOfTwo([2**20, 1]))  # rank 1's node: 1 MiB for its one process
+    assert "GiB for the 1 on rank 1's node, more than the 0.0 GiB available" in str(err.value)
+    assert "\n" not in str(err.value)
+    fits = run_data.run_data(recipe, _RankZeroOfTwo([64 * 2**30, 1]))
+    assert len(fits.test_y) == 64

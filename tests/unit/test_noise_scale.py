@@ -60,3 +60,71 @@ def test_the_cost_line_appears_only_well_above_the_noise_scale():
     line = cost_line(8192, 1000)
     assert "8.2x the measured gradient noise scale (1,000)" in line and "~9.2x the examples" in line
     assert "1.12x the minimum steps" in line
+
+
+def test_a_negative_estimate_is_never_reported_only_none_until_both_terms_are_positive():
+    """Early steps (or a noisy pair of norms) can leave the averaged tr(Sigma) or |G|^2 at or below zero, where
+    their ratio is meaningless: the estimate is None ("not yet settled") wherever it is reported, never negative."""
+    from alexdist.training.epoch_end import EpochEvaluation, _epoch_line
+    from alexdist.training.evaluation import Evaluation
+
+    estimate = GradientNoiseScale(8, 32)
+    estimate.update(small_sq=1.0, big_sq=2.0)  # |G_small|^2 < |G_big|^2: tr(Sigma) < 0, |G|^2 > 0
+    assert estimate.value is None and estimate.trace is None and estimate.grad_sq > 0
+    assert estimate.facts()["b_simple"] is None
+    test = Evaluation(loss=1.0, acc=0.5, confusion=[[1, 0], [0, 1]])
+    train = {"loss": 1.0, "acc": 0.5, "images_per_s": 100.0, "noise_scale": estimate.value}
+    assert "noise scale" not in _epoch_line(0, 1, train, EpochEvaluation(test=test), False)
+    backwards = GradientNoiseScale(8, 32)
+    backwards.update(small_sq=5.0, big_sq=4.5)  # tr(Sigma) > 0, |G|^2 = (32 * 4.5 - 8 * 5) / 24 > 0
+    assert backwards.value > 0
+    backwards.update(small_sq=20.0, big_sq=1.0)  # |G|^2's average now negative: its ratio says nothing
+    assert backwards.grad_sq is None and backwards.value is None and backwards.trace > 0
+
+
+def _probe_for(recipe_overrides: list[str], model=None):
+    from types import SimpleNamespace
+
+    from alexdist.config import load_recipe
+    from alexdist.distributed.ddp import DDPStrategy
+
+    recipe = load_recipe("quickstart", recipe_overrides)
+    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    return DDPStrategy().gradient_probe(accelerator, model, recipe)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_sync_batchnorm_mixes_the_ranks_gradients_so_the_noise_scale_is_not_measured(accum):
+    """SyncBatchNorm normalises with every rank's statistics and its backward all-reduces through them: no rank's
+    gradient is one small batch's alone, with accumulation or without."""
+    why = _probe_for(["model.sync_bn=true", f"train.grad_accum={accum}"])
+    assert isinstance(why, str) and "model.sync_bn" in why and "\n" not in why
+
+
+def test_ddp_under_torchs_python_reducer_trains_without_the_communication_hook():
+    """torch._dynamo.config.optimize_ddp="python_reducer" makes DDP call a communication hook once per parameter
+    with (grad, param) and ignore what it returns: the bucket hook would crash in backward. The noise scale says
+    why it is not measured, and the step's gradients are still all-reduced by DDP."""
+    import torch._dynamo
+    import torch._inductor.config
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from alexdist.distributed.launcher import free_port
+
+    trace_rules = torch._dynamo.trace_rules
+    inlined = "torch.nn.parallel.distributed" in trace_rules.LEGACY_MOD_INLINELIST
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with torch._dynamo.config.patch(optimize_ddp="python_reducer"), \
+                torch._inductor.config.patch(_fuse_ddp_communication=False, _fuse_ddp_bucket_size=25):
+            model = DDP(torch.nn.Linear(4, 1))
+            why = _probe_for(["train.grad_accum=1"], model)
+            model(torch.ones(2, 4)).sum().backward()
+    finally:
+        dist.destroy_process_group()
+        if not inlined:  # DDP's python reducer adds itself to dynamo's inline list: leave the process as it was
+            trace_rules.LEGACY_MOD_INLINELIST.discard("torch.nn.parallel.distributed")
+            trace_rules.get_legacy_mod_inlinelist.cache_clear()
+    assert isinstance(why, str) and "python_reducer" in why and "\n" not in why
+    assert torch.equal(model.module.weight.grad, torch.full((1, 4), 2.0))
