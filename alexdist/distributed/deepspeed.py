@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -207,8 +208,8 @@ def deepspeed_plugin(recipe: Recipe, stage: int):
     return DeepSpeedPlugin(hf_ds_config=config)
 
 
-def environment_tools_first() -> None:
-    """Put this interpreter's bin folder first on PATH, as an activated environment does.
+def environment_tools_first(tool: str = "ninja") -> None:
+    """Put this virtual environment's bin folder first on PATH, as activating it does, if it holds `tool`.
 
     DeepSpeed JIT-builds its CPU communication op at its first init, with whichever `ninja` PATH finds: pip
     installs one into the environment (1.13), the system may have another (Debian's 1.11). The two hash a
@@ -217,7 +218,16 @@ def environment_tools_first() -> None:
     the op at every launch, and every rank of both jobs waits on the build's lock meanwhile. Measured on one AMD
     EPYC machine with both cores busy: 175-195 s for each rebuild against 0.2 s to load the built op, enough to
     push a ZeRO launch past its timeout. With the same ninja everywhere the op is built once per environment.
+
+    Nothing changes outside a virtual environment (a system Python's folder, /usr/bin, would go before a
+    cluster's module-loaded compilers) or in one without its own `tool`. The folder comes from sys.prefix, not
+    sys.executable, which may be empty (its parent would be the working directory).
     """
-    bindir = str(Path(sys.executable).parent)
-    parts = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != bindir]
-    os.environ["PATH"] = os.pathsep.join([bindir, *parts])
+    if sys.prefix == sys.base_prefix:
+        return
+    bindir = Path(sys.prefix, "Scripts" if os.name == "nt" else "bin")
+    if not bindir.is_absolute() or shutil.which(tool, path=str(bindir)) is None:
+        return
+    # An unset PATH means the default search path; empty entries (the working directory) are dropped.
+    rest = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join([str(bindir), *(p for p in rest if p and p != str(bindir))])

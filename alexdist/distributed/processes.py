@@ -65,12 +65,17 @@ def run_bounded(cmd: list[str], timeout: float, **kwargs) -> subprocess.Complete
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-# The signal a worker asks the kernel for when its launcher dies. Not SIGTERM, which schedulers and launchers
-# send for a plain stop: receiving this one *is* the news that the launcher is gone, whatever getppid() says at
-# that instant (the kernel signals when the launcher's forking *thread* exits; the process's other threads may
-# still be alive, so the worker is first handed to a sibling thread of the same pid). SIGHUP also means "the
-# terminal went away" to a process started without a launcher: the same stop, for the same reason.
-LAUNCHER_DEATH_SIGNAL = signal.SIGHUP
+# The signal a worker asks the kernel for when its launcher dies: one of its own, so that receiving it *is* the
+# news that the launcher is gone, whatever getppid() says at that instant (the kernel signals when the launcher's
+# forking *thread* exits; the process's other threads may still be alive, so the worker is first handed to a
+# sibling thread of the same pid). Not SIGTERM (schedulers' and launchers' plain stop) nor SIGHUP (a hang-up, which
+# torchrun passes on to its workers and `nohup` makes a process ignore, its workers too if the launcher leaves it
+# alone): a real-time signal, which no terminal, scheduler or launcher sends, whose default action terminates (a worker
+# that has not yet installed its handler still ends with its launcher); +6 keeps clear of the first and last few,
+# which libraries that borrow one tend to take. None where the platform has none (not Linux).
+_DEATH_OFFSET = 6
+LAUNCHER_DEATH_SIGNAL: int | None = signal.SIGRTMIN + _DEATH_OFFSET if hasattr(signal, "SIGRTMIN") else None
+LAUNCHER_DEATH_SIGNAL_NAME = f"SIGRTMIN+{_DEATH_OFFSET}"
 _armed = False  # whether this process asked for LAUNCHER_DEATH_SIGNAL (stop_requests names the reason by it)
 
 
@@ -95,6 +100,8 @@ def die_with_launcher(parent_at_start: int) -> None:
     from alexdist import faults
 
     faults.slow_setup_point("slow_start")
+    with contextlib.suppress(ValueError):  # not the main thread: what it inherited stays
+        signal.signal(LAUNCHER_DEATH_SIGNAL, signal.SIG_DFL)  # an inherited ignore would keep the orphan alive
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, LAUNCHER_DEATH_SIGNAL, 0, 0, 0) != 0:
         return  # not permitted here: the stop request at the next step is the only way out

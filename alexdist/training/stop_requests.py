@@ -1,6 +1,7 @@
 """Stop requests: SIGTERM, SIGUSR1, SIGHUP or a STOP file in output_dir -> checkpoint at the next step and exit
-75. A launcher that dies sends its workers SIGHUP (processes.die_with_launcher): the same stop, reported as "the
-launcher died"; without a launcher SIGHUP means the terminal closed.
+75. SIGHUP (the terminal closed, or a launcher passing on its own hang-up) only where it is not ignored at start:
+a run under `nohup` outlives the terminal. A launcher that dies sends its workers a signal of their own
+(processes.LAUNCHER_DEATH_SIGNAL, see die_with_launcher): the same stop, reported as "the launcher died".
 
 Every rank handles the signals itself (Slurm's `scancel` signals every process of a job). Launchers do not
 all forward signals: `torchrun` / `accelerate launch` do not pass SIGUSR1 on to their workers (pytorch #154849),
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from alexdist.distributed.collectives import sum_over_ranks
-from alexdist.distributed.processes import LAUNCHER_DEATH_SIGNAL, launcher_death_armed
+from alexdist.distributed.processes import LAUNCHER_DEATH_SIGNAL, LAUNCHER_DEATH_SIGNAL_NAME, launcher_death_armed
 
 STOP_FILE = "STOP"
 MEASURES = 2  # device floats a step can have summed over ranks in its agreement (the noise scale's two norms)
@@ -39,7 +40,7 @@ class StopRequests:
             # A STOP file left by the request that stopped the previous attempt must not stop this one.
             self.stop_file.unlink(missing_ok=True)
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1, LAUNCHER_DEATH_SIGNAL):
+            for sig in stop_signals():
                 signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
@@ -67,10 +68,23 @@ class StopRequests:
             self.reason = "another rank was asked"
         return stop > 0, bad > 0, summed
 
+
+def stop_signals() -> list[int]:
+    """The signals this process takes as a stop request. An ignored SIGHUP stays ignored: `nohup` set it so that
+    the run outlives the terminal (under a launcher that leaves it alone, the workers inherit it)."""
+    signals = [signal.SIGTERM, signal.SIGUSR1]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signals.append(signal.SIGHUP)
+    if launcher_death_armed():
+        signals.append(LAUNCHER_DEATH_SIGNAL)
+    return signals
+
+
 def signal_reason(signum: int) -> str:
-    """What a stop signal means: its name, or, for the launcher-death signal, that the launcher died (the signal
-    itself says so: the kernel sends it when the launcher goes, whatever the parent pid reads at that moment)."""
-    name = signal.Signals(signum).name
+    """What a stop signal means: its name, or that the launcher died (the launcher-death signal says so by itself:
+    the kernel sends it when the launcher goes, whatever the parent pid reads at that moment), or that the
+    terminal closed (SIGHUP, which torchrun also passes on to its workers when it gets one)."""
     if signum == LAUNCHER_DEATH_SIGNAL:
-        return f"the launcher died ({name})" if launcher_death_armed() else f"the terminal closed ({name})"
-    return name
+        return f"the launcher died ({LAUNCHER_DEATH_SIGNAL_NAME})"
+    name = signal.Signals(signum).name
+    return f"the terminal closed ({name})" if signum == signal.SIGHUP else name

@@ -119,6 +119,7 @@ def test_a_worker_killed_mid_run_is_restarted_and_the_run_ends_with_the_uninterr
 
 @pytest.mark.parametrize("strategy", [[], ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"],
                                       ["distributed.strategy=fsdp"]], ids=["ddp", "zero2", "fsdp"])
+@pytest.mark.learned
 def test_an_agent_lost_for_good_leaves_a_group_of_one_that_finishes_the_run(strategy, tmp_path, cache_dir):
     """The pod that holds rank 0 is lost: rank 0 moves to the other pod, whose new rank 0 takes the run directory
     over at once (the same TorchElastic job), instead of finding it held by a fresh lock from another host."""

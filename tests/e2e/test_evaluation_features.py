@@ -18,6 +18,7 @@ def run(tmp_path_factory, cache_dir):
     return out
 
 
+@pytest.mark.learned
 def test_the_run_stops_at_the_first_evaluation_that_reaches_the_target(run, cache_dir):
     s = summary(run)
     tests = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "test"]

@@ -137,6 +137,7 @@ def test_lars_on_sharded_parameters_is_unsharded_lars_with_one_all_reduce_per_st
     assert r["max_diff"] < 1e-10 and r["travel"] > 0.1
 
 
+@pytest.mark.learned
 def test_fsdp_in_bf16_trains_batchnorm_like_fp32(tmp_path, cache_dir, accuracy_band, untrained_control):
     run = tmp_path / "bf16"  # 2 processes x 16: DIGITS_RUN's effective batch
     check(launch(DIGITS_RUN + FSDP + ["precision=bf16", "train.batch_size=16", f"output_dir={run}"], cache_dir,

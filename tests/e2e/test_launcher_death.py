@@ -23,9 +23,10 @@ import torch
 from helpers import ROOT, check, launch, launch_command, read_jsonl, run_env, summary, unshare_refusal, wait_for_step
 from safetensors.torch import load_file
 
-from alexdist.distributed.processes import children_of
+from alexdist.distributed.processes import LAUNCHER_DEATH_SIGNAL, LAUNCHER_DEATH_SIGNAL_NAME, children_of
 
 RUN = ["train.epochs=2", "checkpoint.every_steps=5", "tracking.wandb=false", "train.log_every=1"]
+DIED = f"the launcher died ({LAUNCHER_DEATH_SIGNAL_NAME})"  # its own signal: never a hang-up's or a plain stop's
 STRATEGIES = {"ddp": [], "zero2": ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"],
               "fsdp": ["distributed.strategy=fsdp"]}
 
@@ -73,7 +74,7 @@ def test_killing_the_launcher_in_training_stops_the_workers_and_the_relaunch_res
     print(f"\n{name}: launcher killed in training -> workers gone in {gone:.2f} s")
     assert len(workers) == 2 and gone < 10 and not any(_alive(w) for w in workers)
     stop = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "stop"]
-    assert len(stop) == 1 and stop[0]["reason"] == "the launcher died (SIGHUP)"
+    assert len(stop) == 1 and stop[0]["reason"] == DIED
     check(launch(RUN + extra + [f"output_dir={run}"], cache_dir, nproc=2))  # the lock is free: resumes at once
     assert summary(run)["resumed_at_step"] == stop[0]["step"]
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(run / "model.safetensors"))
@@ -119,7 +120,7 @@ def test_a_sigkilled_launcher_leaves_no_worker_whoever_adopts_them(subreaper, tm
     if subreaper:  # the orphans were the harness's to reap: both checkpointed and stopped (exit 75)
         assert report["adopted_by"] == [report["harness"]] and report["exit_codes"] == [75, 75]
     stop = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "stop"]
-    assert len(stop) == 1 and stop[0]["reason"] == "the launcher died (SIGHUP)"
+    assert len(stop) == 1 and stop[0]["reason"] == DIED
 
 
 @pytest.mark.parametrize("subreaper", [False, True], ids=["init-adopts", "subreaper-adopts"])
@@ -135,7 +136,7 @@ def test_a_launcher_gone_before_its_workers_ask_to_die_with_it_leaves_no_worker(
     assert len(report["workers"]) == 2 and not report["left"] and report["gone_s"] < 6 + 10
     assert not (run / "metrics.jsonl").exists()  # gone before any training
     if subreaper:  # ended by the launcher-death signal itself, not by failing to reach the dead launcher's store
-        assert report["exit_codes"] == [-signal.SIGHUP, -signal.SIGHUP]
+        assert report["exit_codes"] == [-LAUNCHER_DEATH_SIGNAL, -LAUNCHER_DEATH_SIGNAL]
 
 
 def test_the_launcher_death_is_named_from_the_signal_while_getppid_still_names_the_launcher(tmp_path, cache_dir):
@@ -149,4 +150,4 @@ def test_the_launcher_death_is_named_from_the_signal_while_getppid_still_names_t
     print(f"\nforking thread gone: {report}")
     assert report["reached"] and report["exit_code"] == 75 and report["gone_s"] < 10
     stop = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "stop"]
-    assert len(stop) == 1 and stop[0]["reason"] == "the launcher died (SIGHUP)"
+    assert len(stop) == 1 and stop[0]["reason"] == DIED

@@ -12,6 +12,7 @@ from helpers import worker_report
 from linear_regression import STEPS, TOLERANCE
 
 
+@pytest.mark.learned
 def test_ddp_local_gradients_seen_by_the_communication_hook_measure_the_noise_scale():
     r = worker_report("noise_scale_worker.py")
     print(f"\nDDP 2 ranks x 8: B_simple {r['estimate']:.2f}, closed form {r['truth']:.2f}")

@@ -16,6 +16,7 @@ def quickstart(tmp_path_factory, cache_dir):
     return out, proc
 
 
+@pytest.mark.learned
 def test_quickstart_learns_digits_on_two_processes_and_logs_to_wandb_offline(quickstart, cache_dir):
     out, proc = quickstart
     s = summary(out)
@@ -28,9 +29,14 @@ def test_quickstart_learns_digits_on_two_processes_and_logs_to_wandb_offline(qui
     events = read_jsonl(out / "metrics.jsonl")
     tests = {e["step"]: e for e in events if e["event"] == "test"}
     assert len(tests) == 12
-    # The gradient noise scale, through DDP's communication hook: per epoch and in the summary.
+    # The gradient noise scale, through DDP's communication hook: per epoch and in the summary. The first epoch's
+    # 22 steps of one 32/64 pair leave it unsettled (None while the |G|^2 average is not yet positive, else
+    # anything up to 12,423), depending on which CPU kernels torch picks; from the second epoch on it is defined
+    # and 80.6-337 under ATEN_CPU_CAPABILITY=avx512, avx2 (also with ONEDNN_MAX_CPU_ISA=AVX2) and default (the
+    # AMD EPYC with AVX-512). The band keeps 2x of margin each way; a probe that saw the all-reduced gradient
+    # instead of the local one would measure no noise at all (None or ~0).
     noise = [e["noise_scale"] for e in events if e["event"] == "train"]
-    assert len(noise) == 12 and all(v is not None and v > 0 for v in noise), noise
+    assert len(noise) == 12 and all(v is not None and 40 < v < 700 for v in noise[1:]), noise
     assert s["noise_scale"]["steps"] == 264 and (s["noise_scale"]["b_small"], s["noise_scale"]["b_big"]) == (32, 64)
     assert s["noise_scale"]["b_simple"] == noise[-1]
 
@@ -53,7 +59,8 @@ def test_quickstart_learns_digits_on_two_processes_and_logs_to_wandb_offline(qui
     for step, e in tests.items():
         assert history[step]["test/acc"] == pytest.approx(e["acc"], abs=1e-12)
         assert history[step]["test/loss"] == pytest.approx(e["loss"], abs=1e-12)
-        assert history[step]["train/noise_scale"] > 0
+        if e["epoch"] > 1:  # settled, as above
+            assert history[step]["train/noise_scale"] > 0
     assert config_seen["model.name"] == "alexnet_bn" and config_seen["run.world_size"] == 2
 
 

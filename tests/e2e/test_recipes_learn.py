@@ -19,6 +19,7 @@ from helpers import check, launch, summary
 CASES = [(128, 1, 0.88), (4096, 16, 0.40)]
 
 
+@pytest.mark.learned
 @pytest.mark.parametrize("batch, accum, accuracy", CASES, ids=[str(c[0]) for c in CASES])
 def test_the_bn_recipe_learns_real_mnist_at_effective_batch(batch, accum, accuracy, tmp_path, cache_dir):
     run = tmp_path / "run"

@@ -77,6 +77,7 @@ def test_evaluation_batch_size_does_not_change_the_result(runs):
     assert a["final_test_loss"] == pytest.approx(b["final_test_loss"], rel=FP64_BOUND)
 
 
+@pytest.mark.learned
 @pytest.mark.parametrize("name", BF16)
 def test_bf16_with_and_without_fp32_batchnorm_trains_like_fp32(runs, name, accuracy_band, untrained_control):
     trains_like_fp32(accuracy_band, runs[name], untrained_control)
@@ -91,6 +92,7 @@ def zero2_bf16(tmp_path_factory, cache_dir):
     return out
 
 
+@pytest.mark.learned
 def test_deepspeed_bf16_trains_the_batchnorm_model_like_fp32(zero2_bf16, accuracy_band, untrained_control):
     out = zero2_bf16
     assert summary(out)["strategy"] == "deepspeed" and summary(out)["effective_batch"] == 32

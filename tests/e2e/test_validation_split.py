@@ -44,6 +44,7 @@ RUN = ["train.epochs=4", "train.batch_size=32", "optim.ref_batch=null", "model.d
        "checkpoint.keep=1", "train.log_every=0", "eval.confusion_png=false"]
 
 
+@pytest.mark.learned
 def test_selection_reads_validation_and_never_test(misleading_test_set, tmp_path, cache_dir):
     val_run, test_run = tmp_path / "val", tmp_path / "test"
     data = [f"data.source={misleading_test_set}", "tracking.time_to_acc=0.5"]
@@ -69,6 +70,7 @@ def test_selection_reads_validation_and_never_test(misleading_test_set, tmp_path
     assert len(list((test_run / "checkpoints").glob("step-*"))) == 2  # the newest, and epoch 1's "best"
 
 
+@pytest.mark.learned
 def test_stop_at_acc_stops_on_validation_accuracy(misleading_test_set, tmp_path, cache_dir):
     run = tmp_path / "stop"
     check(launch(RUN + [f"data.source={misleading_test_set}", "data.val_split=0.15", "train.stop_at_acc=0.5",
