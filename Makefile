@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIP ?=
 
-.PHONY: setup mnist quickstart test test-fast lint bench gpu-check-dry-run gpu-wheels docker-check
+.PHONY: setup mnist quickstart test test-fast test-learned lint bench gpu-check-dry-run gpu-wheels docker-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -37,6 +37,13 @@ test: setup
 # The unit tests (every module imported) and a thin end-to-end smoke: each strategy through the real launcher.
 test-fast: setup
 	$(BIN)/pytest -q tests/unit tests/e2e/test_smoke.py
+
+# The tests that assert what a run learned (marker `learned`) under other machines' CPU kernels: torch's portable
+# ones and its AVX2 ones, with oneDNN's convolutions capped at AVX2 too (they pick their own instruction set).
+# `make test` runs them under this machine's own.
+test-learned: setup
+	ATEN_CPU_CAPABILITY=default $(BIN)/pytest -q -n 2 --dist loadfile -m learned
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/pytest -q -n 2 --dist loadfile -m learned
 
 lint: setup
 	$(BIN)/ruff check .
