@@ -43,7 +43,14 @@ from alexdist import faults
 from alexdist.checkpoint.config_changes import config_changes, refusal
 from alexdist.checkpoint.manifest import damage, write_manifest
 from alexdist.checkpoint.policy import keep_after_rotation, save_due
-from alexdist.checkpoint.state import STATE_FILE, TrainState, complete_checkpoints, read_state, step_of
+from alexdist.checkpoint.state import (
+    EVALUATION_FIELDS,
+    STATE_FILE,
+    TrainState,
+    complete_checkpoints,
+    read_state,
+    step_of,
+)
 from alexdist.config import Recipe, dump_yaml
 from alexdist.distributed.collectives import any_rank, from_main, local, plain_module
 from alexdist.distributed.strategy import Strategy
@@ -67,6 +74,7 @@ class Checkpointer:
         self.steps_per_epoch = steps_per_epoch
         self.root = Path(recipe.output_dir) / "checkpoints"
         self._step = 0  # the step being saved
+        self.resumed_from: Path | None = None  # the checkpoint this attempt continues (load)
         strategy.register_checkpoint_hooks(accelerator, self.cfg.max_shard_size, self._weights_written)
 
     def _weights_written(self) -> None:
@@ -144,6 +152,7 @@ class Checkpointer:
 
     def load(self, path: Path) -> TrainState:
         """Continue from checkpoint `path`: weights, optimizer, scheduler, RNG states, on this world size."""
+        self.resumed_from = path
         state, world = read_state(path), self.accelerator.num_processes
         if state.strategy != self.strategy.name:
             raise SetupError(
@@ -180,8 +189,9 @@ class Checkpointer:
             ) from None
         faults.lose_optimizer_point(self.optimizer, state.global_step)
         state.world_size = world
-        if changes.guarded or changes.free:  # what the run's record keeps: config.yaml holds only the new values
-            state.config_changes.append({"step": state.global_step, "changes": changes.guarded + changes.free})
+        record = {"step": state.global_step, "changes": changes.recorded}
+        if record["changes"] and record not in state.config_changes:  # config.yaml holds only the latest values
+            state.config_changes.append(record)
         return state
 
     # -- save ---------------------------------------------------------------------------------------------
@@ -190,9 +200,8 @@ class Checkpointer:
         # e.g. an epoch end that is also an every_steps boundary. Rank 0 looks; every rank hears its answer.
         exists = self.accelerator.is_main_process and final.exists()
         if any_rank(self.accelerator, torch.tensor([1.0 if exists else 0.0], device=self.accelerator.device))[0]:
-            if self.accelerator.is_main_process:
+            if self.resumed_from and final.resolve() == self.resumed_from.resolve():  # no step since the resume
                 self._add_evaluation(final, state)
-            self.accelerator.wait_for_everyone()
             return None
         if not self._agree(all_finite(plain_module(self.accelerator, self.model).state_dict().values())):
             raise DivergedError(
@@ -227,14 +236,25 @@ class Checkpointer:
         return final
 
     def _add_evaluation(self, path: Path, state: TrainState) -> None:
-        """Rank 0: the checkpoint of this very step was saved before its evaluation (a stop request, or
-        every_steps, at a step a relaunch then ended at); its tensors are this step's, so only trainer_state.json
-        gains the evaluation, then the manifest is rewritten. Each file is replaced atomically; a crash between
-        the two leaves a checkpoint the manifest calls damaged, from which `resume: auto` falls back."""
-        if not state.evaluated or read_state(path).evaluated:
-            return
-        atomic_write_text(path / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
-        write_manifest(path)
+        """Every rank: the checkpoint this attempt resumed from was saved before its step's evaluation (a stop
+        request, or every_steps, at a step the relaunch then ended at). Its tensors are this step's, so rank 0
+        adds the evaluation's fields to its trainer_state.json (the rest, world size included, stays what the
+        tensors were saved with). The manifest is rewritten first, accepting the old state file and the new one,
+        then the state file is replaced: a crash at any point leaves a checkpoint whose manifest holds."""
+        error: OSError | None = None
+        if self.accelerator.is_main_process:
+            try:
+                saved = read_state(path)
+                if state.evaluated and not saved.evaluated:
+                    for name in EVALUATION_FIELDS:
+                        setattr(saved, name, getattr(state, name))
+                    text = json.dumps(asdict(saved), indent=2) + "\n"
+                    write_manifest(path, also={STATE_FILE: text.encode()})
+                    atomic_write_text(path / STATE_FILE, text)
+                    fsync_tree(path)
+            except OSError as exc:
+                error = exc
+        self._raise_if_failed(error, None, state.global_step)
 
     def _write(self, tmp: Path, state: TrainState) -> OSError | None:
         """Every file of the checkpoint into `tmp`, this rank's part; the error that stopped it, if any."""
@@ -261,10 +281,10 @@ class Checkpointer:
         """True on every rank if `ok` holds on every rank (a collective)."""
         return not any_rank(self.accelerator, torch.tensor([0.0 if ok else 1.0], device=self.accelerator.device))[0]
 
-    def _raise_if_failed(self, error: OSError | None, tmp: Path, step: int) -> None:
+    def _raise_if_failed(self, error: OSError | None, tmp: Path | None, step: int) -> None:
         if self._agree(error is None):
             return
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         kept = complete_checkpoints(self.recipe.output_dir)
         mine = f"{error.strerror or error} ({error.filename})" if error else None

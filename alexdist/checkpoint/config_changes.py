@@ -25,6 +25,7 @@ from alexdist.config import Recipe, flatten
 RUN_DEFINING = ("model.name", "model.width_mult", "model.input_size", "data.source", "data.revision",
                 "data.image_size", "data.val_split", "data.synthetic_train", "data.synthetic_test", "optim.name")
 TRAINING_SECTIONS = ("optim.", "schedule.", "augment.")
+NOT_RECORDED = ("checkpoint.resume:", "checkpoint.allow_config_change:")
 TRAINING_KEYS = ("train.epochs", "train.seed", "train.grad_clip", "train.label_smoothing", "train.ema_decay",
                  "train.ema_warmup", "model.dropout", "model.sync_bn", "precision")
 
@@ -36,6 +37,11 @@ class ConfigChanges:
     defining: list[str]
     training: list[str]
     free: list[str]
+
+    @property
+    def recorded(self) -> list[str]:
+        """What summary.json's config_changes keeps: every change but the resume's own switches."""
+        return [c for c in self.guarded + self.free if not c.startswith(NOT_RECORDED)]
 
     @property
     def guarded(self) -> list[str]:
@@ -64,8 +70,8 @@ def config_changes(checkpoint: str | Path, recipe: Recipe) -> ConfigChanges:
     if saved is None:
         return changes
     now = flatten(recipe.to_dict())
-    for key in [*now, *(k for k in saved if k not in now)]:
-        if saved.get(key) != now.get(key):
+    for key in now:  # a key only one side knows (added or removed by an alexdist upgrade) is no change
+        if key in saved and saved[key] != now[key]:
             getattr(changes, kind(key)).append(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}")
     return changes
 

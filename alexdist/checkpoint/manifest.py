@@ -32,10 +32,15 @@ def _files(checkpoint: Path) -> list[Path]:
                   if p.is_file() and p.name != MANIFEST and not (p.name.startswith(".") and ".tmp-" in p.name))
 
 
-def write_manifest(checkpoint: str | Path) -> None:
-    """Record every file of a finished checkpoint directory (sizes and checksums), synced to disk."""
+def write_manifest(checkpoint: str | Path, also: dict[str, bytes] | None = None) -> None:
+    """Record every file of a finished checkpoint directory (sizes and checksums), synced to disk. `also`: a
+    file's next content, accepted beside the present one (a file about to be replaced: no moment in between
+    where the manifest and the files disagree)."""
     checkpoint = Path(checkpoint)
-    files = {str(p.relative_to(checkpoint)): [p.stat().st_size, _sha256(p)] for p in _files(checkpoint)}
+    files: dict[str, list] = {str(p.relative_to(checkpoint)): [p.stat().st_size, _sha256(p)]
+                              for p in _files(checkpoint)}
+    for name, content in (also or {}).items():
+        files[name] = [files[name], [len(content), hashlib.sha256(content).hexdigest()]]
     with atomic_path(checkpoint / MANIFEST) as tmp, open(tmp, "w") as fh:  # rewritten in place when amended
         json.dump({"files": files}, fh, indent=1)
         fh.flush()
@@ -53,12 +58,13 @@ def damage(checkpoint: str | Path) -> str | None:
         files = json.loads(path.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"its {MANIFEST} is unreadable"
-    for name, (size, digest) in files.items():
+    for name, spec in files.items():
         f = checkpoint / name
         if not f.is_file():
             return f"{name} is missing"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, {size} were saved"
-        if _sha256(f) != digest:
+        accepted = spec if isinstance(spec[0], list) else [spec]  # [size, sha256], or several (write_manifest)
+        if f.stat().st_size not in [size for size, _ in accepted]:
+            return f"{name} has {f.stat().st_size} bytes, {accepted[-1][0]} were saved"
+        if _sha256(f) not in [digest for _, digest in accepted]:
             return f"{name} differs from what was saved (checksum)"
     return None

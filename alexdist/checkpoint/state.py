@@ -63,6 +63,13 @@ class TrainState:
         self.selection_acc = self.val_acc = self.val_loss = self.test_acc = self.test_loss = None
 
 
+# What an evaluation after a step changes in the state (training/epoch_end.py, record_epoch; and the snapshot
+# before a save): what a checkpoint written before its step's evaluation gains afterwards (Checkpointer).
+EVALUATION_FIELDS = ("epoch", "step_in_epoch", "epoch_sums", "selection_acc", "val_acc", "val_loss", "test_acc",
+                     "test_loss", "best_acc", "best_epoch", "test_acc_at_best", "time_to_target_s",
+                     "epoch_to_target", "target_reached", "train_time_s")
+
+
 def step_of(path: Path) -> int:
     return int(STEP_DIR.match(path.name).group(1))
 

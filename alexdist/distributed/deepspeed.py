@@ -145,10 +145,14 @@ class DeepSpeedStrategy(Strategy):
     def load_checkpoint(self, accelerator, model, optimizer, path: Path, saved_world: int) -> None:
         if saved_world == accelerator.num_processes:
             accelerator.load_state(str(path))
-            return
-        from alexdist.distributed.zero_universal import load_on_this_world_size
+        else:
+            from alexdist.distributed.zero_universal import load_on_this_world_size
 
-        load_on_this_world_size(accelerator, model, path)
+            load_on_this_world_size(accelerator, model, path)
+        # ZeRO-1/2 take the checkpoint's clipping threshold over their config's: the recipe's (train.grad_clip,
+        # in the engine's config) is the run's, also when a resume changed it.
+        if hasattr(model.optimizer, "clip_grad"):
+            model.optimizer.clip_grad = float(model.gradient_clipping() or 0.0)
 
     @classmethod
     def owns_checkpoint(cls, path: Path) -> bool:

@@ -123,7 +123,7 @@ def _build(recipe: Recipe, accelerator, strategy: Strategy, data: RunData, lock:
     if resumed_from:
         settings = optimizer_settings(optimizer)  # the recipe's, before the checkpoint's overwrite them
         state = checkpointer.load(resumed_from)
-        _apply_recipe(recipe, resumed_from, state, optimizer, scheduler, settings, schedule, batches)
+        ended = _apply_recipe(recipe, resumed_from, state, optimizer, scheduler, settings, schedule, batches)
         accelerator.step = 0  # Accelerate restores its micro-step count: every step starts its accumulation anew
         if noise and state.noise_scale:
             noise.load_state_dict(state.noise_scale)
@@ -140,6 +140,8 @@ def _build(recipe: Recipe, accelerator, strategy: Strategy, data: RunData, lock:
     if isinstance(probe, str):
         log.say(f"alexdist: the gradient noise scale is not measured: {probe}")
     _say_reformed(log, info, previous_world, state)
+    if resumed_from and ended:
+        log.say(f"alexdist: warning: {ended}")
     return Run(
         recipe=recipe, accelerator=accelerator, strategy=strategy, model=model, params=list(model.parameters()),
         optimizer=optimizer, scheduler=scheduler, batches=batches, val_x=data.val_x, val_y=data.val_y,
@@ -199,14 +201,19 @@ def _model_and_optimizer(recipe: Recipe, accelerator, strategy: Strategy, batche
 
 
 def _apply_recipe(recipe: Recipe, path: Path, state: TrainState, optimizer, scheduler, settings: list[dict],
-                  schedule: LRSchedule, batches: TrainBatches) -> None:
+                  schedule: LRSchedule, batches: TrainBatches) -> str | None:
     """A resumed run trains with its recipe (checkpoint.allow_config_change let any change through): the
-    recipe's optimizer settings, peak lr and schedule from the resumed step on, over the checkpoint's state."""
+    recipe's optimizer settings, peak lr and schedule from the resumed step on, over the checkpoint's state.
+    Returns a warning when added epochs would train at a decayed-out lr of 0."""
     saved = saved_config(path) or {}
-    schedule.anchor = resumed_anchor(saved, recipe, state.schedule_anchor, schedule_step(scheduler),
-                                     batches.steps_per_epoch)
+    position = schedule_step(scheduler)
+    schedule.anchor = resumed_anchor(saved, recipe, state.schedule_anchor, position, batches.steps_per_epoch)
     state.schedule_anchor = schedule.anchor
     apply_recipe_settings(optimizer, scheduler, settings, schedule)
+    if schedule.anchor and schedule.total > position and schedule(position) == 0:
+        return (f"the schedule had decayed to schedule.final_frac=0 by step {position}: the added epochs train at "
+                f"lr 0; to train on, start a new decay (change optim.lr or schedule.*, e.g. schedule.final_frac)")
+    return None
 
 
 def _resume(checkpointer: Checkpointer, batches: TrainBatches, accelerator) -> Path | None:

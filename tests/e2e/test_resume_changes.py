@@ -41,7 +41,8 @@ def test_a_new_lr_and_schedule_apply_from_the_resumed_step_and_are_recorded(tmp_
 def test_more_epochs_continue_the_decay_from_where_it_was_and_never_raise_the_lr(stopped_at, tmp_path, cache_dir):
     run = tmp_path / "run"
     check(launch(RUN + [f"train.max_steps={stopped_at}", f"output_dir={run}"], cache_dir))
-    check(launch(RUN + ALLOW + ["train.epochs=2", f"output_dir={run}"], cache_dir))
+    proc = check(launch(RUN + ALLOW + ["train.epochs=2", f"output_dir={run}"], cache_dir))
+    assert ("the added epochs train at lr 0" in proc.stdout) == (stopped_at == 44)  # said where it is useless
     lrs = _lrs(run)
     s = summary(run)
     assert (s["status"], s["steps"]) == ("finished", 88)

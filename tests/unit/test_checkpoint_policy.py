@@ -1,6 +1,9 @@
 """The checkpointer's decisions (pure functions): when to save, which checkpoints rotation keeps, and which
 recipe changes make a checkpoint another run's."""
 
+import json
+from dataclasses import asdict
+
 import pytest
 import yaml
 
@@ -64,3 +67,57 @@ def test_resume_changes_are_sorted_into_run_defining_training_and_free_keys(tmp_
                                 "optim.name: 'sgd' -> 'adamw'"]
     assert "another model, data or optimizer" in refusal(ckpt, changes, 10)
     assert config_changes(tmp_path / "no-config", other).guarded == []  # nothing to compare with
+
+
+def _amendable(tmp_path, world_size=2):
+    """A checkpoint as a stop request leaves it (no evaluation), with its manifest, and a one-process
+    Checkpointer that resumed from it on another world size."""
+    import json
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from alexdist.checkpoint.checkpointer import Checkpointer
+    from alexdist.checkpoint.manifest import write_manifest
+    from alexdist.checkpoint.state import TrainState
+
+    ckpt = tmp_path / "checkpoints" / "step-0000022"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    saved = TrainState(global_step=22, step_in_epoch=22, world_size=world_size, epoch_sums=[1.0, 2.0, 3.0])
+    (ckpt / "trainer_state.json").write_text(json.dumps(asdict(saved)))
+    write_manifest(ckpt)
+    accelerator = SimpleNamespace(is_main_process=True, num_processes=1, device="cpu")
+    strategy = SimpleNamespace(register_checkpoint_hooks=lambda *a: None)
+    recipe = load_recipe("quickstart", [f"output_dir={tmp_path}"])
+    checkpointer = Checkpointer(accelerator, recipe, strategy, None, None, 22)
+    checkpointer.resumed_from = ckpt
+    return checkpointer, ckpt
+
+
+def test_a_checkpoint_saved_before_its_evaluation_gains_it_and_keeps_what_its_tensors_were_saved_with(tmp_path):
+    from alexdist.checkpoint.manifest import damage
+    from alexdist.checkpoint.state import TrainState, read_state
+
+    checkpointer, ckpt = _amendable(tmp_path, world_size=2)
+    evaluated = TrainState(global_step=22, epoch=1, step_in_epoch=0, world_size=1, test_acc=0.9, best_acc=0.9,
+                           best_epoch=1, selection_acc=0.9)
+    assert checkpointer.save(evaluated) is None  # the step's checkpoint exists: not written again
+    state = read_state(ckpt)
+    assert (state.test_acc, state.best_epoch, state.epoch, state.step_in_epoch) == (0.9, 1, 1, 0)
+    assert state.world_size == 2  # the partitions are still cut for the world size that saved them
+    assert damage(ckpt) is None
+    # A crash between the manifest and the state file: the old state file still passes the manifest.
+    (ckpt / "trainer_state.json").write_text(json.dumps(asdict(TrainState(global_step=22, step_in_epoch=22,
+                                                                          world_size=2, epoch_sums=[1.0, 2.0, 3.0]))))
+    assert damage(ckpt) is None
+    (ckpt / "trainer_state.json").write_text("{}")
+    assert damage(ckpt) is not None  # (the control: anything else is damage)
+
+
+def test_a_checkpoint_this_attempt_did_not_resume_from_is_never_amended(tmp_path):
+    from alexdist.checkpoint.state import TrainState, read_state
+
+    checkpointer, ckpt = _amendable(tmp_path)
+    checkpointer.resumed_from = tmp_path / "checkpoints" / "step-0000010"  # rewound: another run's step 22
+    assert checkpointer.save(TrainState(global_step=22, test_acc=0.5)) is None
+    assert read_state(ckpt).test_acc is None
