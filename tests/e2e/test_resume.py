@@ -60,7 +60,7 @@ def test_rotation_keeps_the_newest_and_the_best_and_resume_skips_incomplete_dire
     # A crash mid-save leaves a .tmp-* directory; a step-* without trainer_state.json is not complete either.
     (run / "checkpoints" / ".tmp-step-0000999").mkdir()
     (run / "checkpoints" / "step-0000998").mkdir()
-    proc = check(launch(args + ["train.epochs=4"], cache_dir))
+    proc = check(launch(args + ["train.epochs=4", "checkpoint.allow_config_change=true"], cache_dir))
     assert "step-0000132 at step 132" in proc.stdout
     assert not (run / "checkpoints" / ".tmp-step-0000999").exists()  # removed by the next save
     assert summary(run)["steps"] == 176

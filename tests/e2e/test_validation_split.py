@@ -24,7 +24,9 @@ def _png(arr: np.ndarray) -> bytes:
 def misleading_test_set(tmp_path_factory):
     """scikit-learn's digits as an image folder whose test images carry the next digit's label: the better the
     model, the worse its test accuracy, so test accuracy peaks at the first epoch while validation accuracy (held
-    out of train, labels true) rises. Selection that reads test picks epoch 1; selection on validation, the last."""
+    out of train, labels true) rises. Selection that reads test picks an early epoch (the first, or another near
+    0 % where the CPU's kernels break the near-tie: under ATEN_CPU_CAPABILITY=default epoch 3's 1.7 % beat epoch 1's
+    0.7 %); selection on validation, a late one."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -55,7 +57,7 @@ def test_selection_reads_validation_and_never_test(misleading_test_set, tmp_path
     test = {e["epoch"]: e["acc"] for e in events if e["event"] == "test"}
     best_val, best_test = max(val, key=val.get), max(test, key=test.get)
     print(f"\nval {val}\ntest {test}")
-    assert best_test == 1 and best_val > 2  # the data is built so that they disagree
+    assert best_test != best_val and best_val > 2  # the data is built so that they disagree
     s = summary(val_run)
     assert s["selected_on"] == "val" and s["best_epoch"] == best_val and s["best_val_acc"] == val[best_val]
     assert s["test_acc_at_best_epoch"] == test[best_val] and s["final_test_acc"] == test[4]  # test still reported
@@ -66,8 +68,12 @@ def test_selection_reads_validation_and_never_test(misleading_test_set, tmp_path
     best = next(st for st in states if st["epoch"] == best_val)
     assert best["selection_acc"] == val[best_val] and best["test_acc"] == test[best_val]
     control = summary(test_run)
-    assert control["selected_on"] == "test" and control["best_epoch"] == 1 and control["epoch_to_target"] is None
-    assert len(list((test_run / "checkpoints").glob("step-*"))) == 2  # the newest, and epoch 1's "best"
+    control_test = {e["epoch"]: e["acc"] for e in read_jsonl(test_run / "metrics.jsonl") if e["event"] == "test"}
+    chosen = max(control_test, key=control_test.get)
+    assert control["selected_on"] == "test" and control["best_epoch"] == chosen and control["epoch_to_target"] is None
+    assert chosen < best_val  # reading test, it chose an epoch that validation would not
+    kept = len(list((test_run / "checkpoints").glob("step-*")))
+    assert kept == (1 if chosen == 4 else 2)  # the newest, and the test-chosen "best"
 
 
 @pytest.mark.learned

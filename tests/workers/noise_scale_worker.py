@@ -2,6 +2,7 @@
 noise held at fixed weights, its local gradients seen by the CommHookProbe as in training; rank 0 prints the
 estimated noise scale and the closed form."""
 
+import gc
 import json
 import os
 import sys
@@ -36,4 +37,9 @@ for _ in range(STEPS):
 if rank == 0:
     print("REPORT " + json.dumps({"estimate": estimate.value, "truth": truth, "steps": estimate.steps,
                                   "d": D, "sigma": SIGMA}), flush=True)
+# The DDP module's reducer (its communication hook registered) holds the process group: left to the interpreter's
+# exit, the group's gloo threads are torn down there and the process aborted ("terminate called without an active
+# exception") in 14 of 40 runs on the 2-core AMD EPYC; released first, 0 of 30.
+del ddp, probe
+gc.collect()
 dist.destroy_process_group()
