@@ -34,14 +34,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m alexdist.train") 
         f"does: alexdist config RECIPE [key=value ...]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("recipe", help="a shipped recipe's name (`alexdist recipes` lists them) or a recipe YAML file")
+    # Optional to argparse, so that a missing recipe gets our message (argparse's says "required: recipe,
+    # overrides"); the usage line still shows it as required.
+    ap.usage = "%(prog)s [-h] recipe [key=value ...]"
+    ap.add_argument("recipe", nargs="?",
+                    help="a shipped recipe's name (`alexdist recipes` lists them) or a recipe YAML file")
     ap.add_argument("overrides", nargs="*", help="key=value overrides")
     args, unknown = ap.parse_known_args(argv)
-    if unknown:  # habits from jsonargparse / Lightning: --train.epochs=5
-        bad = unknown[0]
-        fix = bad.lstrip("-") if "=" in bad else f"{bad.lstrip('-')}=VALUE"
-        print(f"alexdist: error: unknown option {bad}: overrides are key=value without dashes; write {fix}",
-              file=sys.stderr)
+    if problem := _command_line_problem(args.recipe, args.overrides, unknown, prog):
+        print(f"alexdist: error: {problem}", file=sys.stderr)
         return 2
 
     def body() -> int:
@@ -62,3 +63,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m alexdist.train") 
         )
         return 1
 
+
+def _command_line_problem(recipe: str | None, overrides: list[str], unknown: list[str], prog: str) -> str | None:
+    """What is wrong with the command line, in one line with its fix; None if nothing."""
+    if unknown:  # habits from jsonargparse / Lightning: --train.epochs=5, --print_config
+        bad = unknown[0]
+        if bad.lstrip("-").partition("=")[0].replace("-", "_") == "print_config":
+            shown = " ".join([recipe or "RECIPE", *overrides])
+            return f"unknown option {bad}: to print the resolved recipe with every key, run: alexdist config {shown}"
+        fix = bad.lstrip("-") if "=" in bad else f"{bad.lstrip('-')}=VALUE"
+        return f"unknown option {bad}: overrides are key=value without dashes; write {fix}"
+    if recipe is None:
+        return (f"{prog} needs a recipe: a shipped recipe's name (`alexdist recipes` lists them) or a recipe YAML "
+                f"file, e.g. {prog} quickstart")
+    return None

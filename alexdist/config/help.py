@@ -4,6 +4,8 @@ sections' overview `alexdist train --help` shows."""
 
 from __future__ import annotations
 
+import shutil
+import textwrap
 import typing
 from typing import Any, Literal
 
@@ -31,34 +33,46 @@ def allowed(field: FieldInfo) -> str:
     return kinds + (f", {' and '.join(bounds)}" if bounds else "")
 
 
-def _first_sentence(text: str | None) -> str:
-    text = (text or "").strip()
-    end = text.find(". ")
-    return text if end < 0 else text[: end + 1]
+def terminal_width() -> int:
+    """The terminal's columns ($COLUMNS first); 100 when not a terminal (a pipe, a file), never under 40."""
+    return max(40, shutil.get_terminal_size((100, 24)).columns)
+
+
+def _commented(head: str, text: str, indent: str, width: int) -> list[str]:
+    """`head  # text`, the comment wrapped at word boundaries onto `indent  # ...` lines; no word is cut, so a
+    line can only pass `width` where one word (a long value or path) does."""
+    wrapper = textwrap.TextWrapper(width=width, initial_indent=f"{head}  # ", subsequent_indent=f"{indent}  # ",
+                                   break_long_words=False, break_on_hyphens=False)
+    return wrapper.wrap(" ".join((text or "").split())) or [head]
 
 
 def _scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
-def describe(model: type[BaseModel], values: dict, indent: str = "") -> list[str]:
-    """YAML lines of a section: each key with its value, and a comment: default, allowed values, description."""
+def describe(model: type[BaseModel], values: dict, width: int, indent: str = "") -> list[str]:
+    """YAML lines of a section: each key with its value, and a comment: default, allowed values, description
+    (whole, wrapped to `width`)."""
     lines = []
     for name, field in model.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines.append(f"{indent}{name}:  # {_first_sentence(field.description)}")
-            lines += describe(ann, values[name], indent + "  ")
+            lines += _commented(f"{indent}{name}:", field.description, indent, width)
+            lines += describe(ann, values[name], width, indent + "  ")
             continue
         default = field.get_default(call_default_factory=True)
-        note = f"default {_scalar(default)}; {allowed(field)}. {_first_sentence(field.description)}"
-        lines.append(f"{indent}{name}: {_scalar(values[name])}  # {note}")
+        note = f"default {_scalar(default)}; {allowed(field)}. {field.description or ''}"
+        lines += _commented(f"{indent}{name}: {_scalar(values[name])}", note, indent, width)
     return lines
 
 
-def recipe_yaml(recipe: Recipe, title: str) -> str:
-    """The resolved recipe, every key, as YAML a recipe file can start from."""
-    return "\n".join([f"# {title}", *describe(Recipe, recipe.to_dict())]) + "\n"
+def recipe_yaml(recipe: Recipe, title: str, width: int | None = None) -> str:
+    """The resolved recipe, every key, as YAML a recipe file can start from; comments wrapped to `width` (the
+    terminal's by default)."""
+    width = width or terminal_width()
+    heading = textwrap.wrap(title, width, initial_indent="# ", subsequent_indent="# ", break_long_words=False,
+                            break_on_hyphens=False)
+    return "\n".join([*heading, *describe(Recipe, recipe.to_dict(), width)]) + "\n"
 
 
 def sections_help() -> str:

@@ -87,8 +87,12 @@ def _format_error(err: ValidationError) -> str:
         return f"unknown section '{loc}'; {hint}"
     if e["type"] == "extra_forbidden":
         valid = _valid_keys(Recipe)
-        near = difflib.get_close_matches(loc, valid, n=1, cutoff=0.5)
-        hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
+        # A key put in the wrong section (train.lr) is found by its last part before any spelling neighbour
+        # (which would be train.log_every).
+        near = ([k for k in valid if k.rsplit(".", 1)[-1] == loc.rsplit(".", 1)[-1]]
+                or difflib.get_close_matches(loc, valid, n=1, cutoff=0.5))
+        named = ("one of " if len(near) > 1 else "") + ", ".join(f"'{k}'" for k in near)
+        hint = f"; did you mean {named}?" if near else f"; valid keys: {', '.join(valid)}"
         return f"unknown key '{loc}'{hint}"
     if e["type"] == "value_error":
         return f"{loc + ': ' if loc else ''}{e['msg'].removeprefix('Value error, ')}"

@@ -142,8 +142,9 @@ class TrackingConfig(Section):
             "the all-reduce, or with one process the first of train.grad_accum micro-batches), logged per epoch and in "
             "summary.json; a run whose effective batch is far above it says what that costs. FSDP2 and ZeRO keep their "
             "local gradients inside their engines, SyncBatchNorm (model.sync_bn) mixes the ranks' gradients, and DDP "
-            "under torch's optimize_ddp='python_reducer' takes no communication hook: not measured there (one line "
-            "says so). None until the estimate has settled (both of its averages positive), never negative."
+            "under torch's optimize_ddp='python_reducer' takes no communication hook: not measured there, nor with one "
+            "process and train.grad_accum=1 (a recipe that sets tracking.noise_scale is told why in one line). None "
+            "until the estimate has settled (both of its averages positive), never negative."
         ),
     )
     profile_steps: list[int] | None = Field(

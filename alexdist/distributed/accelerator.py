@@ -10,6 +10,7 @@ What differs per strategy (DeepSpeed's plugin, `cpu=`, autocast) comes from Stra
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from datetime import timedelta
@@ -79,8 +80,11 @@ def make_accelerator(recipe: Recipe, strategy: Strategy, log_with: list[str] | N
         handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     else:
         handlers = [InitProcessGroupKwargs(timeout=timeout)]
+    kwargs = strategy.accelerator_kwargs(recipe)
+    if "deepspeed_plugin" not in kwargs:
+        quiet_unused_deepspeed()
     accelerator = Accelerator(
-        **strategy.accelerator_kwargs(recipe),
+        **kwargs,
         # We size schedules in optimizer steps and step the scheduler once per optimizer step ourselves;
         # Accelerate's default would step it once per process.
         step_scheduler_with_optimizer=False,
@@ -101,6 +105,20 @@ def make_accelerator(recipe: Recipe, strategy: Strategy, log_with: list[str] | N
             f"--num_processes N` or `torchrun --nproc_per_node N`)"
         )
     return accelerator
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def quiet_unused_deepspeed() -> None:
+    """Keep DeepSpeed's warnings out of runs that do not use it. Accelerate imports DeepSpeed whenever it is
+    installed (unwrap_model checks for its engine), and that import warns "Setting accelerator to CPU" once per
+    process on a CPU. A filter, not a level: DeepSpeed sets its logger's level when it is imported."""
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _ErrorsOnly) for f in logger.filters):
+        logger.addFilter(_ErrorsOnly())
 
 
 def dynamo_plugin(recipe: Recipe):

@@ -132,12 +132,16 @@ def _build(recipe: Recipe, accelerator, strategy: Strategy, data: RunData, lock:
     last_step = min(total_steps, recipe.train.max_steps or total_steps)
     info = _facts(recipe, accelerator, strategy, data, total_steps, last_step, n_params, input_size, state,
                   resumed_from)
+    if isinstance(probe, str):  # said below only where the recipe asked; recorded always
+        info["noise_scale_not_measured"] = probe
     log = RunLog(accelerator, recipe)
     state.wandb_run_id = log.start(info, resume_step=state.global_step if resumed_from else None,
                                    run_id=state.wandb_run_id)
     log.say(describe_run(recipe, accelerator.num_processes, accelerator.device, strategy.describe(), batches, info,
                          n_params, resumed_from, state.global_step))
-    if isinstance(probe, str):
+    # On by default: where it cannot be measured (one process, ZeRO, FSDP2) only a recipe that asked for it hears
+    # why, or every quick one-process run would start with the notice.
+    if isinstance(probe, str) and "noise_scale" in recipe.tracking.model_fields_set:
         log.say(f"alexdist: the gradient noise scale is not measured: {probe}")
     _say_reformed(log, info, previous_world, state)
     if resumed_from and ended:

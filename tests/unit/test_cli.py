@@ -73,3 +73,64 @@ def test_train_help_lists_the_sections_and_points_to_alexdist_config(capsys):
     out = capsys.readouterr().out
     assert all(f"  {name} " in out for name in Recipe.model_fields if name not in ("name", "precision", "output_dir"))
     assert "alexdist config RECIPE" in out
+
+
+def test_train_without_a_recipe_says_one_is_needed_and_how_to_list_them(capsys):
+    """argparse alone says "the following arguments are required: recipe, overrides": overrides are not."""
+    from alexdist.commands.train import main as train_main
+
+    assert train_main([], prog="alexdist train") == 2
+    err = capsys.readouterr().err
+    assert err == ("alexdist: error: alexdist train needs a recipe: a shipped recipe's name (`alexdist recipes` lists "
+                   "them) or a recipe YAML file, e.g. alexdist train quickstart\n")
+
+
+def test_print_config_as_jsonargparse_has_it_points_to_alexdist_config(capsys):
+    from alexdist.commands.train import main as train_main
+
+    assert train_main(["quickstart", "train.epochs=2", "--print_config"], prog="alexdist train") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "print_config=" not in err
+    assert err.rstrip().endswith("run: alexdist config quickstart train.epochs=2")
+
+
+def _descriptions(model, prefix: str = "") -> dict[str, str]:
+    """Every described field of the schema, sections included, by dotted key."""
+    from pydantic import BaseModel
+
+    found = {}
+    for name, field in model.model_fields.items():
+        if field.description:
+            found[prefix + name] = field.description
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            found |= _descriptions(field.annotation, f"{prefix}{name}.")
+    return found
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_alexdist_config_prints_every_description_whole_within_the_terminal_width(columns, monkeypatch, capsys):
+    from alexdist.commands.config import main as config_main
+    from alexdist.config import Recipe
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert config_main(["bn", "train.epochs=3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= columns, max(lines, key=len)
+    comments = " ".join(" ".join(line.split("# ", 1)[1] for line in lines if "# " in line).split())
+    described = _descriptions(Recipe)
+    assert len(described) > 50
+    cut = [key for key, text in described.items() if " ".join(text.split()) not in comments]
+    assert not cut, cut
+
+
+def test_alexdist_config_wraps_at_100_columns_when_not_printing_to_a_terminal(monkeypatch):
+    import os
+
+    from alexdist.config.help import terminal_width
+
+    def not_a_terminal(fd: int = 1):
+        raise OSError("not a terminal")
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(os, "get_terminal_size", not_a_terminal)
+    assert terminal_width() == 100

@@ -35,6 +35,16 @@ def test_unknown_key_names_the_key_and_the_nearest_valid_one():
     assert "\n" not in msg
 
 
+def test_a_key_in_the_wrong_section_points_to_the_section_that_has_it():
+    """`train.lr` is spelled like `train.log_every`, but the key the user means is `optim.lr`."""
+    with pytest.raises(ConfigError, match=r"^unknown key 'train\.lr'; did you mean 'optim\.lr'\?$"):
+        load_recipe("quickstart", ["train.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"^unknown key 'epochs'; did you mean 'train\.epochs'\?$"):
+        load_recipe("quickstart", ["epochs=3"])  # no section at all
+    with pytest.raises(ConfigError, match=r"did you mean one of 'name', 'model\.name', 'optim\.name', "):
+        load_recipe("quickstart", ["train.name=x"])  # a last part several sections have: all of them
+
+
 def test_unknown_key_in_a_misspelled_section_points_to_the_right_section():
     with pytest.raises(ConfigError, match="unknown section 'trian'; did you mean 'train'"):
         load_recipe("recipes/bn.yaml", ["trian.epochs=2"])
