@@ -1,4 +1,5 @@
-"""Files that are never seen half-written, and a JSONL reader that tolerates the line being written."""
+"""Files that are never seen half-written, with the mode the umask asks for, and a JSONL reader that tolerates the
+line being written."""
 
 from __future__ import annotations
 
@@ -18,16 +19,49 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     A crash or an exception leaves `path` as it was (the temporary is removed on an exception; a crash leaves
     only the `.tmp-<pid>` file, never a truncated `path`). The temporary keeps the suffix, so libraries that
-    look at it (safetensors, PIL) see the right kind of file.
+    look at it (safetensors, PIL) see the right kind of file. `path` is a file, with the mode of `share`.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        share(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the umask. The umask is read where Linux shows it: os.umask
+    sets it, which races with other threads creating files."""
+    try:
+        with open("/proc/self/status") as fh:
+            mask = next((int(line.split()[1], 8) for line in fh if line.startswith("Umask:")), None)
+    except OSError:
+        mask = None
+    if mask is None:
+        mask = os.umask(0o077)  # meanwhile a file another thread creates is private, never too open
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def share(path: str | Path) -> None:
+    """Give a file `new_file_mode()`: safetensors creates its files 0600 whatever the umask, which on a shared
+    disk keeps the team from reading the weights."""
+    os.chmod(path, new_file_mode())
+
+
+def share_tree(path: Path, missing_ok: bool = False) -> None:
+    """`share` every file under `path`; with `missing_ok`, a file renamed away meanwhile is passed over."""
+    mode = new_file_mode()
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                os.chmod(os.path.join(root, f), mode)
+            except FileNotFoundError:
+                if not missing_ok:
+                    raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

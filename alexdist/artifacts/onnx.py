@@ -18,6 +18,7 @@ import torch
 
 from alexdist.checkpoint.weights import model_for
 from alexdist.errors import SetupError
+from alexdist.fileio import share
 
 
 def export_onnx(weights: dict[str, torch.Tensor], meta: dict[str, str], out: str | Path) -> float:
@@ -45,7 +46,9 @@ def export_onnx(weights: dict[str, torch.Tensor], meta: dict[str, str], out: str
         if not diff <= 1e-4:  # NaN too
             raise SetupError(f"the ONNX model's logits differ from PyTorch's by {diff:.2e} (> 1e-4); not writing {out}")
         for data in sorted(p for p in staging.iterdir() if p != written):  # the data file before the graph
+            share(data)  # the umask's mode, whichever way the exporter creates its files
             os.replace(data, out.parent / data.name)
+        share(written)
         os.replace(written, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

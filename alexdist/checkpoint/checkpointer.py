@@ -55,7 +55,7 @@ from alexdist.config import Recipe, dump_yaml
 from alexdist.distributed.collectives import any_rank, from_main, local, plain_module
 from alexdist.distributed.strategy import Strategy
 from alexdist.errors import AlexdistError, CheckpointError, DivergedError, SetupError, brief
-from alexdist.fileio import atomic_write_text, fsync_dir, fsync_tree
+from alexdist.fileio import atomic_write_text, fsync_dir, fsync_tree, share_tree
 from alexdist.pickle_checks import check_pickles
 
 
@@ -271,7 +271,9 @@ class Checkpointer:
                 (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")  # tmp/: atomic as a whole
                 (tmp / "config.yaml").write_text(dump_yaml(self.recipe))
             # Every rank (on a network filesystem only the writer's node can flush its files); another rank may
-            # rename one of its files away meanwhile: that one is its writer's to flush.
+            # rename one of its files away meanwhile: that one is its writer's to flush (and to share: the
+            # safetensors files come out 0600, whatever the umask).
+            share_tree(tmp, missing_ok=True)
             fsync_tree(tmp, missing_ok=True)
         except OSError as exc:
             return exc

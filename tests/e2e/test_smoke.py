@@ -18,7 +18,8 @@ TINY = ["data.source=digits", "model.width_mult=0.25", "train.epochs=1", "train.
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory, cache_dir):
-    """A DDP run and an FSDP2 run of 4 steps, trained in this process (one rank: no process group)."""
+    """A DDP run and an FSDP2 run of 4 steps, trained in this process (one rank: no process group), under umask
+    002 (a team's shared disk: test_every_file_a_run_writes_gets_the_mode_of_the_umask)."""
     import os
     import signal
 
@@ -32,6 +33,7 @@ def tiny(tmp_path_factory, cache_dir):
     os.environ["ALEXDIST_CACHE"] = str(cache_dir)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     out = {}
+    umask = os.umask(0o002)
     try:
         for name, extra in [("ddp", []), ("fsdp", ["distributed.strategy=fsdp"]),
                             ("resumed", ["train.max_steps=2"]), ("resumed", [])]:  # stopped at 2, resumed to 4
@@ -40,6 +42,7 @@ def tiny(tmp_path_factory, cache_dir):
             out[name] = root / name
             train(load_recipe("quickstart", TINY + extra + [f"output_dir={out[name]}"]))
     finally:
+        os.umask(umask)
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         for s, h in handlers.items():
@@ -66,6 +69,18 @@ def test_a_tiny_run_writes_its_weights_checkpoints_and_log(tiny):
         assert [p.name for p in sorted((run / "checkpoints").glob("step-*"))] == ["step-0000002", "step-0000004"]
         assert [e["step"] for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "step"] == [2, 4]
         assert (run / "model.safetensors").is_file() and (run / "confusion.png").is_file()
+
+
+def test_every_file_a_run_writes_gets_the_mode_of_the_umask(tiny):
+    """Weights, checkpoints (DDP's safetensors, FSDP2's DCP shards), summary, config, metrics and figures: group
+    members read (and under 002 write) them. Thorough for each writer: tests/unit/test_file_modes.py."""
+    import stat
+
+    for name in ("ddp", "fsdp", "resumed"):
+        modes = {str(p.relative_to(tiny[name])): oct(stat.S_IMODE(p.stat().st_mode))
+                 for p in tiny[name].rglob("*") if p.is_file()}
+        assert "model.safetensors" in modes and "checkpoints/step-0000004/manifest.json" in modes
+        assert modes == dict.fromkeys(modes, oct(0o664)), name
 
 
 def test_a_resumed_tiny_run_ends_with_the_uninterrupted_weights(tiny):
