@@ -24,9 +24,10 @@ def save_due(cfg: CheckpointConfig, steps_per_epoch: int, global_step: int, step
 
 def keep_after_rotation(checkpoints: list[tuple[int, float | None]], keep: int) -> set[int]:
     """The steps rotation keeps, from (step, selection accuracy or None) oldest first: the newest `keep`, plus the
-    best by selection accuracy (validation with a split, else test; the later one on ties)."""
+    best by selection accuracy (validation with a split, else test; the first to reach it on ties, the epoch that
+    summary.json's best_epoch names: an evaluation must beat the best so far to replace it)."""
     kept = {step for step, _ in checkpoints[-keep:]}
-    scored = [(acc, step) for step, acc in checkpoints if acc is not None]
+    scored = [(acc, -step) for step, acc in checkpoints if acc is not None]
     if scored:
-        kept.add(max(scored)[1])
+        kept.add(-max(scored)[1])
     return kept

@@ -51,7 +51,7 @@ def test_rotation_keeps_the_newest_and_the_best_and_resume_skips_incomplete_dire
             "train.log_every=0", f"output_dir={run}"]
     check(launch(args, cache_dir))
     tests = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "test"]
-    best_step = max(tests, key=lambda e: (e["acc"], e["step"]))["step"]
+    best_step = max(tests, key=lambda e: (e["acc"], -e["step"]))["step"]  # the first on ties, as selection
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     steps_written = sorted({*range(10, 133, 10), 44, 88, 132})
     expected = {f"step-{s:07d}" for s in steps_written[-2:]} | {f"step-{best_step:07d}"}

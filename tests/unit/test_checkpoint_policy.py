@@ -37,7 +37,7 @@ def test_nothing_but_epoch_ends_by_default_and_a_stopping_run_always_saves():
 
 @pytest.mark.parametrize("steps, keep, want", [
     ([(10, None), (20, 0.5), (30, None), (40, 0.4)], 2, {30, 40, 20}),  # newest 2 + the best (20)
-    ([(10, 0.5), (20, 0.5), (30, None)], 1, {30, 20}),  # ties: the later of the best
+    ([(10, 0.5), (20, 0.5), (30, None)], 1, {30, 10}),  # ties: the first of the best, as selection picks it
     ([(10, None), (20, None), (30, None)], 2, {20, 30}),  # no accuracy recorded: newest only
     ([(10, 0.9), (20, 0.1)], 5, {10, 20}),
 ])
