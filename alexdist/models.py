@@ -1,12 +1,12 @@
-"""The three models of the seed report, in a registry by name.
+"""The three models of the student's report (docs/report.md), in a registry by name.
 
 - `alexnet`: Krizhevsky et al. 2012 as one tower (96-256-384-384-256 convs, LRN, overlapping 3x3/2 pools,
-  4096-4096 classifier) with a 10-way head. At 227 px: 58,322,314 parameters (the seed's "about 58.1 M").
-- `alexnet_3x3`: the seed's change #1, every conv replaced by a pair of 3x3 convs. The seed gives no widths;
+  4096-4096 classifier) with a 10-way head. At 227 px: 58,322,314 parameters (the report's "about 58.1 M").
+- `alexnet_3x3`: the report's change #1, every conv replaced by a pair of 3x3 convs. The report gives no widths;
   we use 64-256-384-384-256 (AlexNet's, with the full-resolution first pair at 64 because it is the costliest
-  layer), the seed's pools (3x3/2 then 2x2), a 3x3 adaptive average pool and a 2048-2048 classifier:
-  16,056,650 parameters, at any input size (the seed's "about 15.9 M").
-- `alexnet_bn`: the seed's change #2, 3x3 convs with BatchNorm in blocks of 2-2-2-3-3 with VGG widths
+  layer), the report's pools (3x3/2 then 2x2), a 3x3 adaptive average pool and a 2048-2048 classifier:
+  16,056,650 parameters, at any input size (the report's "about 15.9 M").
+- `alexnet_bn`: the report's change #2, 3x3 convs with BatchNorm in blocks of 2-2-2-3-3 with VGG widths
   64-128-256-512-512, 3x3/2 max pools and a 512-512 classifier (as the VGG-BN nets that reach 94 % on CIFAR-10).
 
 Every model ends in an adaptive average pool, so its parameter count does not depend on the input size and
@@ -128,8 +128,9 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "alexnet": ModelSpec(AlexNet, 227, "original AlexNet: 11x11/4 stem, LRN, 3x3/2 pools, 4096-4096 FC"),
-    "alexnet_3x3": ModelSpec(AlexNet3x3, 32, "seed change #1: pairs of 3x3 convs, 2048-2048 FC"),
-    "alexnet_bn": ModelSpec(AlexNetBN, 32, "seed change #2: 3x3 convs + BatchNorm (2-2-2-3-3), 512-512 FC"),
+    "alexnet_3x3": ModelSpec(AlexNet3x3, 32, "student's report, change #1: pairs of 3x3 convs, 2048-2048 FC"),
+    "alexnet_bn": ModelSpec(AlexNetBN, 32,
+                            "student's report, change #2: 3x3 convs + BatchNorm (2-2-2-3-3), 512-512 FC"),
 }
 
 

@@ -16,7 +16,8 @@ from alexdist.config.schema import Recipe
 from alexdist.errors import ConfigError
 from alexdist.ranks import launch_rank
 
-# Keys renamed in 0.2 (old -> new). The old names still load, with a one-line notice each, until the next release.
+# Keys renamed while 0.1.0 was developed (old -> new). The old names still load, with a one-line notice each, until the
+# next release.
 DEPRECATED_KEYS = {
     "distributed.zero_stage": "distributed.deepspeed.zero_stage",
     "distributed.offload_optimizer": "distributed.deepspeed.offload_optimizer",

@@ -230,7 +230,7 @@ class OptimConfig(Section):
         default="linear",
         description=(
             "linear: lr x batch/ref_batch (Goyal et al. 2017); sqrt: lr x sqrt(batch/ref_batch) (Hoffer et al. 2017); "
-            "none: lr whatever the batch. benchmarks/results/recipes/ measures which one holds for each recipe."
+            "none: lr whatever the batch. benchmarks/results/steps_to_target/ measures how each recipe's rule scales."
         ),
     )
     trust_coeff: float = Field(

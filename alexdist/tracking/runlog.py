@@ -1,8 +1,8 @@
 """What a run records: config.yaml, metrics.jsonl, summary.json in output_dir, and W&B through Accelerate.
 
 Only the main process writes or talks to the trackers (which ones, and W&B's mode: trackers.py). metrics.jsonl
-is always written, whatever W&B does; each line is one event: {"event": "start"|"step"|"train"|"test", "step":
-optimizer step, "epoch": ..., ...}.
+is always written, whatever W&B does; each line is one event: {"event": "start"|"step"|"train"|"val"|"test"|
+"stop"|"bad_step"|"diverged"|"reformed", "step": optimizer step, "epoch": ..., ...}.
 """
 
 from __future__ import annotations

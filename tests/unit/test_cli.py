@@ -39,7 +39,7 @@ def test_recipes_lists_the_shipped_recipes_with_what_each_reproduces(capsys):
     out = capsys.readouterr().out
     rows = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith("(")}
     assert {"alexnet", "bn", "quickstart", "vgg"} <= set(rows)
-    assert "alexnet_bn" in rows["bn"] and "uoft-cs/cifar10" in rows["bn"] and "seed's change #2" in rows["bn"]
+    assert "alexnet_bn" in rows["bn"] and "uoft-cs/cifar10" in rows["bn"] and "student's report" in rows["bn"]
     assert "digits" in rows["quickstart"]
 
 

@@ -7,12 +7,12 @@ from alexdist.models import MODELS, build_model, count_params, describe_models, 
 @pytest.mark.parametrize(
     "name, expected, tolerance",
     [
-        ("alexnet", 58.1e6, 0.3e6),  # the seed's "about 58.1 M" at 227 px
-        ("alexnet_3x3", 15.9e6, 0.3e6),  # the seed's "about 15.9 M"
+        ("alexnet", 58.1e6, 0.3e6),  # the report's "about 58.1 M" at 227 px
+        ("alexnet_3x3", 15.9e6, 0.3e6),  # the report's "about 15.9 M"
         ("alexnet_bn", 14.66e6, 0.05e6),  # VGG-BN widths, 12 convs, 512-512 classifier
     ],
 )
-def test_parameter_counts_match_the_seed_report(name, expected, tolerance):
+def test_parameter_counts_match_the_students_report(name, expected, tolerance):
     assert abs(count_params(build_model(name)) - expected) <= tolerance
 
 
