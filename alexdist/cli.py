@@ -3,7 +3,10 @@
 usage: alexdist COMMAND [ARGS...]
 
 commands:
-  train RECIPE [key=value ...]       train in this process (for several: accelerate launch -m alexdist.train)
+  train RECIPE [key=value ...]       train in this process
+  launch [ACCELERATE-LAUNCH OPTIONS] RECIPE [key=value ...]
+                                     train in several processes (accelerate launch -m alexdist.train, with
+                                     alexdist's one-line errors and exit codes)
   recipes                            list the shipped recipes (use them by name: alexdist train bn)
   config RECIPE [key=value ...]      every key of a recipe, resolved, with defaults and what each does
   models [--input-size N]            list the models with parameters and FLOPs per image
@@ -29,7 +32,7 @@ from alexdist import __version__
 
 # Each command's `main(argv, prog=...)`, imported only when used (train pulls in torch and Accelerate).
 COMMANDS = {name: f"alexdist.commands.{name}:main"
-            for name in ("train", "recipes", "config", "models", "compare", "export", "evaluate", "predict")}
+            for name in ("train", "launch", "recipes", "config", "models", "compare", "export", "evaluate", "predict")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,9 @@ die_with_launcher(_PARENT_AT_START)  # before the heavy imports: a launcher kill
 from alexdist.commands.train import main  # noqa: E402
 
 if __name__ == "__main__":
+    from alexdist.distributed.launcher import record_exit_code
     from alexdist.distributed.processes import exit_now
 
-    exit_now(main())
+    code = main()
+    record_exit_code(code)  # for `alexdist launch`: torchrun reports any failure as 1
+    exit_now(code)

@@ -4,8 +4,9 @@
 #   sbatch slurm/train.sh RECIPE [key=value ...]
 #   sbatch --nodes=2 --gpus-per-node=8 slurm/train.sh recipes/bn.yaml precision=bf16
 #
-# One srun task per node; each runs `accelerate launch` for that node's processes (one per GPU, or
-# $ALEXDIST_PROCS_PER_NODE CPU processes, default 2, when the allocation has no GPUs). The run directory is keyed
+# One srun task per node; each runs `alexdist launch` (`accelerate launch -m alexdist.train` with one-line errors
+# and alexdist's exit codes; $ALEXDIST_BIN names another alexdist command) for that node's processes (one per GPU,
+# or $ALEXDIST_PROCS_PER_NODE CPU processes, default 2, when the allocation has no GPUs). The run directory is keyed
 # by the job id (runs/slurm-<jobid> unless output_dir=... is given), so a requeued job resumes from its own
 # checkpoints and continues its W&B run.
 #
@@ -61,7 +62,7 @@ NNODES=${SLURM_NNODES:-1}
 NUM_PROCESSES=$((NNODES * PROCS_PER_NODE))
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 PORT=$((20000 + SLURM_JOB_ID % 20000))
-ACCELERATE=${ALEXDIST_ACCELERATE:-accelerate}
+ALEXDIST=${ALEXDIST_BIN:-alexdist}
 MULTI=(--multi_gpu)
 [ "$NUM_PROCESSES" -gt 1 ] || MULTI=()
 
@@ -89,10 +90,11 @@ on_usr1() {
 trap on_usr1 USR1
 
 # \$SLURM_NODEID is escaped so that each node's task expands its own rank.
-srun --ntasks-per-node=1 --cpus-per-task="$CPUS" --kill-on-bad-exit=1 bash -c "exec $ACCELERATE launch ${MULTI[*]} \
+# The training's own exit code comes back through srun: 75 when the ranks stopped on request.
+srun --ntasks-per-node=1 --cpus-per-task="$CPUS" --kill-on-bad-exit=1 bash -c "exec $ALEXDIST launch ${MULTI[*]} \
   --num_machines $NNODES --machine_rank \$SLURM_NODEID --main_process_ip $HEAD --main_process_port $PORT \
   --num_processes $NUM_PROCESSES --mixed_precision no --dynamo_backend no \
-  -m alexdist.train $(printf '%q ' "$RECIPE" "${OVERRIDES[@]}")" &
+  $(printf '%q ' "$RECIPE" "${OVERRIDES[@]}")" &
 SRUN=$!
 # `wait` returns early when a trapped signal arrives: keep waiting until srun has really exited.
 while :; do

@@ -40,7 +40,7 @@ def require_slurm(nodes: int = 1) -> None:
 
 def slurm_env(cache_dir: Path, **extra: str) -> dict[str, str]:
     env = run_env(cache_dir, **extra)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the job runs this venv's accelerate
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the job runs this venv's alexdist
     return env
 
 

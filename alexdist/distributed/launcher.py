@@ -11,6 +11,8 @@ import os
 import socket
 import sys
 
+from alexdist.ranks import launch_rank
+
 
 def free_port() -> int:
     """A TCP port that is free on loopback right now (for a rendezvous)."""
@@ -52,6 +54,37 @@ def launch_command(
     else:
         cmd = [py]
     return [*cmd, "-m", "alexdist.train", *args]
+
+
+def accelerate_launch(options: list[str], args: list[str], python: str | None = None) -> list[str]:
+    """`accelerate launch OPTIONS -m alexdist.train ARGS` as `alexdist launch` runs it: with this Python, and
+    `--quiet` (the one-process launcher would otherwise repeat the rank's stderr in a CalledProcessError)."""
+    quiet = [] if {"-q", "--quiet"} & set(options) else ["--quiet"]
+    py = python or sys.executable
+    return [py, "-m", "accelerate.commands.launch", *options, *quiet, "-m", "alexdist.train", *args]
+
+
+# The file `alexdist launch` reads its ranks' exit codes from. torchrun reports any failed worker as exit 1; its
+# report gives the worker's code, but as text that differs per launcher and torch version, and not at all on
+# success: a line per rank in a file of our own is what survives every launcher.
+EXIT_CODES_ENV = "ALEXDIST_EXIT_CODES"
+
+
+def record_exit_code(code: int) -> None:
+    """Append `RANK CODE ATTEMPT` to the file `alexdist launch` named, if any (ATTEMPT: TorchElastic's restart
+    count, so that a restarted group's codes replace the failed round's). One short O_APPEND write per rank: the
+    lines do not interleave, and their order is the order the ranks ended in."""
+    path = os.environ.get(EXIT_CODES_ENV)
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # never created here: a stale name must not leave files
+    except OSError:
+        return
+    try:
+        os.write(fd, f"{launch_rank()} {code} {elastic_facts()['restart_count']}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def train_command(world: int) -> str:

@@ -366,7 +366,8 @@ def _render(root: Path, results) -> str:
     return (
         "# Errors and what to do about them\n\n"
         "Every message alexdist prints for a bad input or a failed run, with its exit code (the code of the "
-        "training process; a launcher such as `accelerate launch` or `torchrun` reports any failed process as 1). "
+        "training process, which `alexdist launch` exits with; a bare `accelerate launch` or `torchrun` reports any "
+        "failed process as 1). "
         "Generated from the runs in `tests/e2e/test_error_messages.py`, which fails when this file drifts from what "
         "the code prints; `ALEXDIST_UPDATE_DOCS=1 pytest tests/e2e/test_error_messages.py` rewrites it. "
         "`<dir>` stands for the "
