@@ -48,8 +48,10 @@ def new_file_mode() -> int:
 
 def share(path: str | Path) -> None:
     """Give a file `new_file_mode()`: safetensors creates its files 0600 whatever the umask, which on a shared
-    disk keeps the team from reading the weights."""
-    os.chmod(path, new_file_mode())
+    disk keeps the team from reading the weights. Best effort: a filesystem without modes (vfat, some FUSE and
+    CIFS mounts) or a file of another owner refuses chmod, and that must not fail the write."""
+    with contextlib.suppress(OSError, NotImplementedError):
+        os.chmod(path, new_file_mode())
 
 
 def share_tree(path: Path, missing_ok: bool = False) -> None:
@@ -62,6 +64,8 @@ def share_tree(path: Path, missing_ok: bool = False) -> None:
             except FileNotFoundError:
                 if not missing_ok:
                     raise
+            except OSError:  # as in `share`: modes are best effort
+                pass
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -9,8 +9,9 @@ The recipe and overrides are checked here, before any process starts. Then `acce
 same options; what the processes print passes through, without Accelerate's list of the defaults it used and
 torchrun's report of a failed process (the process has said why in one line). The exit code is the training's:
 0 done, 2 recipe, 3 data, 4 setup, 5 checkpoint, 6 diverged, 75 stopped on request (the same command resumes),
-1 anything else (docs/errors.md). Ctrl-C, SIGTERM and SIGHUP ask the processes to checkpoint and stop (75);
-SIGUSR1 writes output_dir/STOP, which does the same. `accelerate launch --help` lists the options.
+1 anything else (docs/errors.md). Ctrl-C, SIGTERM, SIGHUP and SIGUSR1 write output_dir/STOP: the processes
+checkpoint at the end of their step and stop (75); a second Ctrl-C or SIGTERM stops them at once.
+`accelerate launch --help` lists the options.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import io
 import sys
 from pathlib import Path
 
-from alexdist.config import load_recipe
+from alexdist.config import load_recipe, sweep_output_dir
 from alexdist.errors import run_command
 
 USAGE = "usage: alexdist launch [ACCELERATE-LAUNCH OPTIONS] RECIPE [key=value ...]"
@@ -52,7 +53,9 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def command_line_problem(options: list[str], args: list[str]) -> str | None:
     """What is wrong with the command line, in one line with its fix; None if nothing."""
-    dashed = [o for o in options if "." in o.partition("=")[0]] + [w for w in args[1:] if w.startswith("-")]
+    # Only the words that are options: their values may hold dots (--config_file a.yaml, --main_process_ip 10.0.0.1).
+    dashed = ([o for o in options if o.startswith("-") and "." in o.partition("=")[0]]
+              + [w for w in args[1:] if w.startswith("-")])
     if ours := [o for o in options if o.partition("=")[0] in OURS]:
         return f"alexdist launch runs `-m alexdist.train` itself: leave out {ours[0]}"
     if dashed:  # habits from jsonargparse / Lightning: --train.epochs=5
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None, prog: str = "alexdist launch") -> int:
         # The ranks print the recipe's deprecation notices; printed here as well, they would show twice.
         with contextlib.redirect_stderr(io.StringIO()):
             recipe = load_recipe(args[0], args[1:])
+        sweep_output_dir(recipe)  # where the ranks look for STOP under `wandb agent`
         from alexdist.distributed.launch_supervisor import supervise
         from alexdist.distributed.launcher import accelerate_launch
 

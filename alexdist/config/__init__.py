@@ -3,7 +3,7 @@ and what it records; base.py: what every section shares), reading a recipe with 
 shipped recipes (recipes.py). Free of torch: the launcher-side tools and `alexdist config` read recipes without
 it (only naming a model of the registry imports the models, to check the name)."""
 
-from alexdist.config.loading import dump_yaml, flatten, load_recipe, parse_overrides
+from alexdist.config.loading import dump_yaml, flatten, load_recipe, parse_overrides, sweep_output_dir
 from alexdist.config.recipes import RECIPES_DIR, find_recipe, recipe_summary, shipped_recipes
 from alexdist.config.run_settings import (
     TRACKERS,
@@ -29,4 +29,5 @@ __all__ = [
     "DistributedConfig", "EvalConfig",
     "ModelConfig", "OptimConfig", "Recipe", "ScheduleConfig", "SpeedConfig", "TrackingConfig", "TrainConfig",
     "dump_yaml", "find_recipe", "flatten", "load_recipe", "parse_overrides", "recipe_summary", "shipped_recipes",
+    "sweep_output_dir",
 ]

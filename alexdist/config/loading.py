@@ -4,6 +4,7 @@ any work starts; a bad key or value becomes one line naming it (and the nearest 
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def dump_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def sweep_output_dir(recipe: Recipe) -> None:
+    """A W&B sweep trial (started by `wandb agent`, which sets WANDB_SWEEP_ID and WANDB_RUN_ID) writes to
+    output_dir/sweep-SWEEP/RUN: trials of one sweep share the recipe's output_dir, and with `resume: auto`
+    each would otherwise continue the previous trial's checkpoints."""
+    sweep, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if sweep and run_id and f"sweep-{sweep}" not in Path(recipe.output_dir).parts:
+        recipe.output_dir = str(Path(recipe.output_dir) / f"sweep-{sweep}" / run_id)

@@ -4,8 +4,7 @@ launcher's own reports, which repeat in 35 lines what the failed rank said in on
 - Accelerate's "The following values were not passed to `accelerate launch`" block (the defaults it used);
 - torchrun's log lines about shutting the workers down ("Sending process N closing signal", "failed (exitcode:
   N)", "Received N death signal");
-- torchrun's ChildFailedError report, with Accelerate's traceback or alone (`--quiet`), and the
-  CalledProcessError traceback of Accelerate's one-process launcher;
+- torchrun's ChildFailedError report, with Accelerate's traceback or alone (`--quiet`);
 - after a rank's `alexdist: error:` line, another rank's "lost contact with the other processes" line.
 
 The reports are kept in `dropped`: when no rank explains a failure, they are all there is to show. Lines are
@@ -20,7 +19,9 @@ import re
 DEFAULTS_START = "The following values were not passed to `accelerate launch`"
 DEFAULTS_END = "To avoid this warning pass in values"
 TRACEBACK = "Traceback (most recent call last):"
-LAUNCHER_ERRORS = ("torch.distributed.elastic.multiprocessing.errors.ChildFailedError", "subprocess.CalledProcessError")
+# (Accelerate's one-process launcher raises CalledProcessError only without --quiet, which alexdist launch always
+# passes: a CalledProcessError traceback is then a rank's own, e.g. a compiler's, and is shown.)
+LAUNCHER_ERRORS = ("torch.distributed.elastic.multiprocessing.errors.ChildFailedError",)
 AGENT_LOG = re.compile(r"[IWE]\d{4} [\d:.]+ +\d+ \S*torch/distributed/elastic/\S+\] "
                        r"(Sending process \d+ closing signal|failed \(exitcode: |Received \S+ death signal)")
 RULE = re.compile(r"={40,}")  # the borders of torchrun's report
@@ -42,6 +43,11 @@ class LauncherOutput:
         self._held: list[str] = []  # lines that may turn out to be a report
         self._mode: str | None = None  # defaults, traceback, blank, rule, after_error, report
         self._explained = False  # an `alexdist: error:` line was shown
+
+    @property
+    def explained(self) -> bool:
+        """Whether an `alexdist: error:` line was shown."""
+        return self._explained
 
     def feed(self, text: str) -> str:
         out = []

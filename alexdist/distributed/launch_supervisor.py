@@ -3,13 +3,12 @@ pass signals on, and end with the training's own exit code. No torch here: the l
 
 - The ranks' exit codes come from a file named in ALEXDIST_EXIT_CODES (launcher.record_exit_code): the first
   non-zero one of the last attempt is the run's. torchrun itself says 1 for any failure.
-- The child leads a session of its own, so a terminal's Ctrl-C or hang-up reaches this process alone and is
-  passed on once. SIGTERM and SIGHUP go to the child's process group as they are, a first SIGINT as SIGTERM:
-  torchrun passes them to the workers, which take SIGTERM and SIGHUP as a stop request (checkpoint, exit 75) but
-  not SIGINT. A second SIGINT is passed on as SIGINT. torchrun does not pass SIGUSR1 on, so SIGUSR1 writes
-  output_dir/STOP instead, as slurm/train.sh does.
-  Under Slurm's `scancel` the launcher gets SIGTERM from Slurm and from us: torch 2.14's agent, signalled again
-  while it waits for its workers, shuts them down once more and still waits for them (DEVELOPERS.md).
+- The child leads a session of its own, so a terminal's Ctrl-C or hang-up reaches this process alone. The first
+  SIGTERM, SIGINT or SIGHUP (and every SIGUSR1) writes output_dir/STOP: the ranks checkpoint at the end of their
+  step and exit 75, with no deadline (a signal to torchrun stops the workers with one: SIGKILL 30 s later). A
+  second one is passed on once, as SIGTERM to the child's process group, which torchrun passes to the workers
+  (a stop request too, for a stop that cannot wait). Under Slurm nothing is passed on: `scancel` signals every
+  process of the step itself, and a launcher signalled again and again stops waiting for its workers.
 - Out of our session the child could outlive us: it asks the kernel for SIGTERM when we die (PR_SET_PDEATHSIG),
   so a SIGKILLed `alexdist launch` still ends in a checkpoint (the launcher stops its workers) and leaves no
   launcher running on alone.
@@ -73,6 +72,7 @@ class PassOn:
     def __init__(self, pgid: int, stop_file: Path):
         self.pgid, self.stop_file = pgid, stop_file
         self.signalled: int | None = None
+        self.passed_on = False  # whether a signal went on to the launcher (at most once)
         self._before: dict[int, object] = {}
 
     def install(self) -> None:
@@ -87,19 +87,32 @@ class PassOn:
 
     def on_signal(self, signum: int, frame: object = None) -> None:
         if signum == signal.SIGUSR1:
-            with contextlib.suppress(OSError):
-                self.stop_file.parent.mkdir(parents=True, exist_ok=True)
-                self.stop_file.touch()
+            self._write_stop()
             return
         first = self.signalled is None
         self.signalled = self.signalled or signum
-        sig = signum
-        if signum == signal.SIGINT and first:  # Ctrl-C: torchrun would pass SIGINT on, which no rank handles
-            sig = signal.SIGTERM
-            print("alexdist: stopping: the processes save a checkpoint at the end of this step and exit (75); "
-                  "the same command resumes", file=sys.stderr, flush=True)
+        if first:
+            # A stop request by output_dir/STOP, not a signal to the launcher: torchrun would stop its workers
+            # with a deadline (SIGKILL 30 s later; Accelerate's one-process launcher 5 s), which a large
+            # checkpoint may outlast. Under Slurm every process of the step is signalled by Slurm itself.
+            if signum == signal.SIGINT:
+                print("alexdist: stopping: the processes save a checkpoint at the end of this step and exit (75); "
+                      "the same command resumes (Ctrl-C again to stop them at once)", file=sys.stderr, flush=True)
+            if self._write_stop() or "SLURM_STEP_ID" in os.environ:
+                return
+        elif self.passed_on:
+            return  # once: a launcher signalled again and again stops waiting for its workers
+        self.passed_on = True
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pgid, sig)
+            os.killpg(self.pgid, signal.SIGTERM)  # SIGTERM: the ranks take it as a stop request, not SIGINT
+
+    def _write_stop(self) -> bool:
+        try:
+            self.stop_file.parent.mkdir(parents=True, exist_ok=True)
+            self.stop_file.touch()
+        except OSError:
+            return False
+        return True
 
 
 def supervise(cmd: list[str], stop_file: Path) -> int:
@@ -124,14 +137,19 @@ def supervise(cmd: list[str], stop_file: Path) -> int:
     passing.install()
     try:
         launcher_code = proc.wait()
+        reader.join(DRAIN_S)  # still ours: a Ctrl-C while a rank's last lines drain is no traceback
     finally:
         passing.restore()
-    reader.join(DRAIN_S)
     recorded = read_exit_codes(codes)
     codes.unlink(missing_ok=True)
     code = final_exit_code(recorded, launcher_code, passing.signalled)
-    if code != 0 and not any(recorded) and passing.signalled is None:
-        _write("".join(output.dropped))  # no rank said why: the launcher's report is all there is
+    report = "".join(output.dropped)
+    # The launcher's report is shown where no rank said why: none recorded a failure or printed its line (a
+    # rank that fails alone prints nothing unless it is rank 0), or a rank was killed by a signal (an OOM kill:
+    # its peers then record only that they lost contact).
+    if code != 0 and passing.signalled is None and (not any(recorded) or not output.explained
+                                                    or "exitcode  : -" in report):
+        _write(report)
     return code
 
 

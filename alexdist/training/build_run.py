@@ -7,7 +7,6 @@ a checkpoint, if any, is loaded last (it restores every rank's RNG state).
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from alexdist.checkpoint.checkpointer import Checkpointer
 from alexdist.checkpoint.config_changes import saved_config
 from alexdist.checkpoint.run_dir import RunLock, check_writable, checkpoint_bytes
 from alexdist.checkpoint.state import TrainState, read_state
-from alexdist.config import Recipe
+from alexdist.config import Recipe, sweep_output_dir
 from alexdist.data.batches import TrainBatches
 from alexdist.distributed.accelerator import make_accelerator
 from alexdist.distributed.collectives import from_main, plain_module
@@ -50,15 +49,6 @@ from alexdist.training.precision import configure_cuda_math
 from alexdist.training.run import Run
 from alexdist.training.run_data import RunData, run_data
 from alexdist.training.stop_requests import StopRequests
-
-
-def sweep_output_dir(recipe: Recipe) -> None:
-    """A W&B sweep trial (started by `wandb agent`, which sets WANDB_SWEEP_ID and WANDB_RUN_ID) writes to
-    output_dir/sweep-SWEEP/RUN: trials of one sweep share the recipe's output_dir, and with `resume: auto`
-    each would otherwise continue the previous trial's checkpoints."""
-    sweep, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
-    if sweep and run_id and f"sweep-{sweep}" not in Path(recipe.output_dir).parts:
-        recipe.output_dir = str(Path(recipe.output_dir) / f"sweep-{sweep}" / run_id)
 
 
 def resolve_batch_size(recipe: Recipe, world: int) -> None:

@@ -154,18 +154,40 @@ def test_the_run_ends_with_the_first_failing_ranks_code_and_never_0_for_a_failed
     assert not (tmp_path / "gone").exists()
 
 
-def test_ctrl_c_and_sigterm_ask_the_processes_to_checkpoint_and_sigusr1_writes_stop(tmp_path, monkeypatch, capsys):
+def test_a_first_stop_signal_writes_stop_and_a_second_is_passed_on_once(tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C / SIGTERM / SIGHUP (and SIGUSR1) write output_dir/STOP: the ranks checkpoint with no
+    deadline; a signal to torchrun would SIGKILL them 30 s later. A second goes on once, as SIGTERM."""
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
     sent = []
     monkeypatch.setattr(launch_supervisor.os, "killpg", lambda pgid, sig: sent.append((pgid, sig)))
     passing = PassOn(1234, tmp_path / "run" / "STOP")
     passing.on_signal(signal.SIGUSR1)
-    assert (tmp_path / "run" / "STOP").is_file() and sent == []  # torchrun would not pass SIGUSR1 on
+    assert (tmp_path / "run" / "STOP").is_file() and sent == [] and passing.signalled is None
+    (tmp_path / "run" / "STOP").unlink()
     passing.on_signal(signal.SIGINT)
-    passing.on_signal(signal.SIGINT)
-    assert sent == [(1234, signal.SIGTERM), (1234, signal.SIGINT)]  # the ranks stop on SIGTERM, not SIGINT
+    assert (tmp_path / "run" / "STOP").is_file() and sent == []
     assert passing.signalled == signal.SIGINT and "save a checkpoint" in capsys.readouterr().err
-    sent.clear()
-    passing = PassOn(1234, tmp_path / "STOP")
+    passing.on_signal(signal.SIGINT)
     passing.on_signal(signal.SIGTERM)
-    passing.on_signal(signal.SIGHUP)
-    assert sent == [(1234, signal.SIGTERM), (1234, signal.SIGHUP)]
+    passing.on_signal(signal.SIGINT)
+    assert sent == [(1234, signal.SIGTERM)]  # once, and as SIGTERM: the ranks stop on it, not on SIGINT
+    # A STOP file that cannot be written (a file where the folder should be): the signal goes on at once.
+    (tmp_path / "blocked").write_text("")
+    passing = PassOn(1234, tmp_path / "blocked" / "STOP")
+    passing.on_signal(signal.SIGTERM)
+    assert sent[-1] == (1234, signal.SIGTERM) and len(sent) == 2
+    # Under Slurm, scancel signals every process of the step itself: nothing more is passed on.
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    sent.clear()
+    passing = PassOn(1234, tmp_path / "slurm" / "STOP")
+    passing.on_signal(signal.SIGTERM)
+    assert sent == [] and (tmp_path / "slurm" / "STOP").is_file()
+
+
+def test_dotted_values_of_launcher_options_are_not_taken_for_dashed_overrides():
+    from alexdist.commands.launch import command_line_problem, split_arguments
+
+    for argv in (["--config_file", "recipes/accelerate/zero2.yaml", "bn"],
+                 ["--multi_gpu", "--main_process_ip", "10.0.0.1", "--num_processes", "2", "quickstart"]):
+        assert command_line_problem(*split_arguments(argv)) is None, argv
+    assert "unknown option --train.epochs=5" in command_line_problem(*split_arguments(["--train.epochs=5", "bn"]))
