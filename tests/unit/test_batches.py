@@ -174,7 +174,7 @@ class _RankZeroOfTwo:
         self.rank1_row = rank1_row
 
     def wait_for_everyone(self) -> None:
-        pass
+        """No other process to wait for."""
 
     def local_main_process_first(self):
         return contextlib.nullcontext()
