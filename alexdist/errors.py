@@ -52,6 +52,10 @@ class DivergedError(AlexdistError, exit_code=6):
     """Training produced non-finite losses/gradients for too long; the last good checkpoint is kept."""
 
 
+# "Stopped on request, resumable" (EX_TEMPFAIL): the run saved a checkpoint and `resume: auto` continues it.
+STOPPED_EXIT_CODE = 75
+
+
 def run_command(body: Callable[[], int]) -> int:
     """Run a command's body; an AlexdistError becomes one line on stderr and its exit code.
 

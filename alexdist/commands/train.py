@@ -18,11 +18,10 @@ import sys
 from alexdist.config import load_recipe
 from alexdist.config.help import sections_help
 from alexdist.distributed.collectives import lost_peer
-from alexdist.errors import run_command
+from alexdist.errors import STOPPED_EXIT_CODE, run_command
 from alexdist.ranks import launch_rank
 from alexdist.tracking.summary import Ending
 from alexdist.training.loop import train
-from alexdist.training.stop_requests import STOPPED_EXIT_CODE
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m alexdist.train") -> int:

@@ -33,6 +33,7 @@ from pathlib import Path
 from alexdist.distributed.launch_output import LauncherOutput
 from alexdist.distributed.launcher import EXIT_CODES_ENV
 from alexdist.distributed.processes import PR_SET_PDEATHSIG
+from alexdist.errors import STOPPED_EXIT_CODE
 
 PAUSE_S = 0.1  # a stream quiet this long shows its unfinished line (a progress bar)
 DRAIN_S = 30.0  # after the launcher exits, how long a rank it left behind may still hold its stderr
@@ -146,9 +147,10 @@ def supervise(cmd: list[str], stop_file: Path) -> int:
     report = "".join(output.dropped)
     # The launcher's report is shown where no rank said why: none recorded a failure or printed its line (a
     # rank that fails alone prints nothing unless it is rank 0), or a rank was killed by a signal (an OOM kill:
-    # its peers then record only that they lost contact).
-    if code != 0 and passing.signalled is None and (not any(recorded) or not output.explained
-                                                    or "exitcode  : -" in report):
+    # its peers then record only that they lost contact). A stop on request (75) needs no report.
+    failed = [c for c in recorded if c != 0]
+    said = output.explained or (failed and all(c == STOPPED_EXIT_CODE for c in failed))
+    if code != 0 and passing.signalled is None and (not failed or not said or "exitcode  : -" in report):
         _write(report)
     return code
 

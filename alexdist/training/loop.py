@@ -18,6 +18,7 @@ from alexdist.checkpoint.weights import save_weights, weights_metadata
 from alexdist.config import Recipe
 from alexdist.data.batches import to_device
 from alexdist.distributed.collectives import set_step_timeout
+from alexdist.errors import STOPPED_EXIT_CODE
 from alexdist.tracking.profiling import peak_memory_bytes
 from alexdist.tracking.progress import Progress
 from alexdist.tracking.summary import Ending, run_summary
@@ -28,7 +29,6 @@ from alexdist.training.evaluation import EpochMeter, batch_stats
 from alexdist.training.noise_scale import cost_line
 from alexdist.training.precision import loss_input
 from alexdist.training.run import Run
-from alexdist.training.stop_requests import STOPPED_EXIT_CODE
 
 
 def why_stop(run: Run) -> Ending | None:

@@ -24,8 +24,6 @@ from alexdist.distributed.processes import LAUNCHER_DEATH_SIGNAL, LAUNCHER_DEATH
 
 STOP_FILE = "STOP"
 MEASURES = 2  # device floats a step can have summed over ranks in its agreement (the noise scale's two norms)
-# "Stopped on request, resumable" (EX_TEMPFAIL): the run saved a checkpoint and `resume: auto` continues it.
-STOPPED_EXIT_CODE = 75
 
 
 class StopRequests:
