@@ -7,7 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIP ?=
 
-.PHONY: setup mnist quickstart test test-fast test-learned lint bench gpu-check-dry-run gpu-wheels docker-check
+.PHONY: setup mnist quickstart test test-fast test-learned lint wheel-check bench gpu-check-dry-run gpu-wheels \
+	docker-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -47,6 +48,12 @@ test-learned: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# The wheel as a user installs it: built from this checkout, installed with its mandatory dependencies only into a
+# fresh venv (pinned torch first), the quickstart trained for one epoch from another directory, and the one-line
+# install hints of the onnx and deepspeed extras checked (tests/wheel_check.sh; 2-3 min, most of it pip).
+wheel-check:
+	PY=$(PY) TORCH_PIP="$(TORCH_PIP)" bash tests/wheel_check.sh
 
 # Performance benchmarks -> benchmarks/results/*.{json,md} and SUMMARY.md (about 15 minutes on 2 cores).
 bench: setup

@@ -14,6 +14,8 @@ commands:
   export CHECKPOINT OUT.safetensors  one weights file from DDP shards, ZeRO partitions or FSDP shards
   evaluate WEIGHTS [RECIPE] [k=v]    test loss, accuracy and per-class results of a checkpoint or weights file
   predict IMAGE... --weights W       the top classes of image files
+  index SOURCE [--skip-corrupt]      check a folder of images (ImageNet layout, Hub parquet, tar shards) and
+                                     index it for streaming, once, before training
 
 options:
   -h, --help     show this message
@@ -32,7 +34,8 @@ from alexdist import __version__
 
 # Each command's `main(argv, prog=...)`, imported only when used (train pulls in torch and Accelerate).
 COMMANDS = {name: f"alexdist.commands.{name}:main"
-            for name in ("train", "launch", "recipes", "config", "models", "compare", "export", "evaluate", "predict")}
+            for name in ("train", "launch", "recipes", "config", "models", "compare", "export", "evaluate", "predict",
+                         "index")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ Every command's `main` runs its work through `run_command`, which catches `Alexd
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +51,18 @@ class CheckpointError(AlexdistError, exit_code=5):
 
 class DivergedError(AlexdistError, exit_code=6):
     """Training produced non-finite losses/gradients for too long; the last good checkpoint is kept."""
+
+
+def require_extra(extra: str, feature: str, *modules: str) -> None:
+    """Import `modules` (the packages of pyproject.toml's extra `extra`); where one is missing, a SetupError that
+    names the feature, the missing package and the command that installs the extra, in one line."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # a broken install too (a missing shared library): the same fix, its cause shown
+            what = (f"{exc.name} is not installed" if isinstance(exc, ModuleNotFoundError) and exc.name
+                    else f"{name} does not import ({brief(exc)})")
+            raise SetupError(f"{feature} needs the '{extra}' extra ({what}): pip install 'alexdist[{extra}]'") from None
 
 
 # "Stopped on request, resumable" (EX_TEMPFAIL): the run saved a checkpoint and `resume: auto` continues it.

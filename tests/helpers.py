@@ -36,6 +36,20 @@ def run_env(cache_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def import_probe_env(cache_dir: Path, log: Path, watch: list[str]) -> dict[str, str]:
+    """run_env for a launch whose every process (launcher and ranks) appends to `log` each module of `watch` it
+    imports (tests/workers/import_probe/sitecustomize.py); read back with `imported`."""
+    probe = str(ROOT / "tests" / "workers" / "import_probe")
+    return run_env(cache_dir, PYTHONPATH=os.pathsep.join(filter(None, [probe, os.environ.get("PYTHONPATH")])),
+                   ALEXDIST_IMPORT_WATCH=",".join(watch), ALEXDIST_IMPORT_LOG=str(log))
+
+
+def imported(log: Path) -> dict[str, int]:
+    """How many processes imported each watched module (import_probe_env)."""
+    rows = [line.split() for line in log.read_text().splitlines()] if log.is_file() else []
+    return {module: len({pid for pid, m in rows if m == module}) for module in {m for _, m in rows}}
+
+
 def launch_command(overrides: list[str], nproc: int = 1, launcher: str = "accelerate",
                    recipe: str = "recipes/quickstart.yaml", config_file: str | None = None) -> list[str]:
     """The command a user would type (see alexdist.distributed.launcher.launch_command), for `recipe` + overrides."""

@@ -17,17 +17,20 @@ from pathlib import Path
 import torch
 
 from alexdist.checkpoint.weights import model_for
-from alexdist.errors import SetupError
+from alexdist.errors import SetupError, require_extra
 from alexdist.fileio import share
+
+
+def require_onnx() -> None:
+    """The packages of the `onnx` extra, or one line saying how to install them: torch's dynamo exporter writes
+    through onnxscript (onnx's graph classes), onnxruntime checks the result."""
+    require_extra("onnx", "alexdist export --onnx", "onnx", "onnxscript", "onnxruntime")
 
 
 def export_onnx(weights: dict[str, torch.Tensor], meta: dict[str, str], out: str | Path) -> float:
     """Write the ONNX file (atomically; a failure leaves nothing behind); returns the largest |logit difference|
     between onnxruntime and PyTorch on a batch of 8 random inputs, after refusing a difference above 1e-4."""
-    import importlib.util
-
-    if importlib.util.find_spec("onnxscript") is None or importlib.util.find_spec("onnxruntime") is None:
-        raise SetupError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'alexdist[onnx]'")
+    require_onnx()
     model = model_for(meta, weights)
     size = int(meta["input_size"])
     out = Path(out)

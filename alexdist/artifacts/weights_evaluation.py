@@ -15,6 +15,7 @@ import torch
 from alexdist.artifacts.export import load_source
 from alexdist.checkpoint.weights import classes_of
 from alexdist.config import load_recipe
+from alexdist.data.batches import CIFAR_MEAN, CIFAR_STD, MemoryEvalSet
 from alexdist.data.cache import load_dataset
 from alexdist.errors import DataError
 from alexdist.models import build_model
@@ -46,7 +47,8 @@ def evaluate_weights(path: str | Path, recipe_path: str | None = None, overrides
     if len(ds.classes) != len(classes):
         raise DataError(f"'{path}' was trained on {len(classes)} classes, data.source={recipe.data.source} has "
                         f"{len(ds.classes)}; evaluate it on the data it was trained for")
-    ev = evaluate_ranks(None, model, ds.test_x, ds.test_y, recipe.train.eval_batch_size, size, torch.float32,
+    test = MemoryEvalSet(ds.test_x, ds.test_y, size, recipe.data.mean or CIFAR_MEAN, recipe.data.std or CIFAR_STD)
+    ev = evaluate_ranks(None, model, test, recipe.train.eval_batch_size, torch.float32,
                         tta=tta, num_classes=len(classes))
     out = {"test_loss": ev.loss, "test_acc": ev.acc, "images": len(ds.test_y), "model": recipe.model.name,
            "step": meta.get("step"), "classes": classes, "per_class_acc": ev.per_class_acc(),

@@ -63,8 +63,10 @@ class Checkpointer:
     """Owns the checkpoint policy of one run. Every method is called on every rank, in the same order."""
 
     def __init__(self, accelerator, recipe: Recipe, strategy: Strategy, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, steps_per_epoch: int, val_fingerprint: str | None = None):
+                 optimizer: torch.optim.Optimizer, steps_per_epoch: int, val_fingerprint: str | None = None,
+                 data_path: tuple[str, str | None] = ("memory", None)):
         self.accelerator = accelerator
+        self.data_path = data_path  # (data.loader taken: memory | stream, the indexed files' fingerprint)
         self.val_fingerprint = val_fingerprint  # the run's validation split (data.val_split), None without
         self.strategy = strategy
         self.model = model
@@ -150,6 +152,21 @@ class Checkpointer:
             )
         return path
 
+    def _check_data(self, path: Path, state: TrainState) -> None:
+        """A resume reads the same data the same way: the path (in memory or streamed) and, streamed, the same
+        indexed files (their paths, sizes and modification times)."""
+        loader, fingerprint = self.data_path
+        if state.data_loader != loader:
+            how = {"stream": "streamed from disk", "memory": "in memory"}
+            raise CheckpointError(
+                f"checkpoint {path} was trained with its data {how[state.data_loader]}, this run would take it "
+                f"{how[loader]}; resume with data.loader={state.data_loader}, or start a new run in another output_dir")
+        if loader == "stream" and state.data_fingerprint != fingerprint:
+            raise CheckpointError(
+                f"checkpoint {path} was trained on other data (indexed files {state.data_fingerprint}, now "
+                f"{fingerprint}): files were added, removed or changed since; resume on the data it was trained on, "
+                f"or start a new run in another output_dir")
+
     def load(self, path: Path) -> TrainState:
         """Continue from checkpoint `path`: weights, optimizer, scheduler, RNG states, on this world size."""
         self.resumed_from = path
@@ -170,6 +187,7 @@ class Checkpointer:
         changes = config_changes(path, self.recipe)
         if (refused := refusal(path, changes, state.global_step)) and not self.cfg.allow_config_change:
             raise CheckpointError(refused)
+        self._check_data(path, state)
         if state.val_fingerprint != self.val_fingerprint:
             raise CheckpointError(
                 f"checkpoint {path} was trained with another validation split (held-out images "

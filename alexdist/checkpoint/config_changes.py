@@ -23,11 +23,12 @@ import yaml
 from alexdist.config import Recipe, flatten
 
 RUN_DEFINING = ("model.name", "model.width_mult", "model.input_size", "data.source", "data.revision",
-                "data.image_size", "data.val_split", "data.synthetic_train", "data.synthetic_test", "optim.name")
+                "data.image_size", "data.val_split", "data.synthetic_train", "data.synthetic_test", "optim.name",
+                "data.mean", "data.std", "data.skip_corrupt")
 TRAINING_SECTIONS = ("optim.", "schedule.", "augment.")
 NOT_RECORDED = ("checkpoint.resume:", "checkpoint.allow_config_change:")
 TRAINING_KEYS = ("train.epochs", "train.seed", "train.grad_clip", "train.label_smoothing", "train.ema_decay",
-                 "train.ema_warmup", "model.dropout", "model.sync_bn", "precision")
+                 "train.ema_warmup", "model.dropout", "model.sync_bn", "precision", "data.eval_resize")
 
 
 @dataclass

@@ -30,6 +30,8 @@ class TrainState:
     # Model selection reads `selected_on`: "val" with data.val_split (its fingerprint below), else "test".
     selected_on: str = "test"
     val_fingerprint: str | None = None  # the held-out indices' hash: a resume must hold out the same images
+    data_loader: str = "memory"  # the data path taken (data.loader): a resume must take the same
+    data_fingerprint: str | None = None  # streamed: the indexed files' hash (a resume on changed data is refused)
     best_acc: float = -1.0  # the best selection accuracy so far, and its epoch
     best_epoch: int = 0
     test_acc_at_best: float | None = None  # the test accuracy of that epoch's model (what selection reports)

@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None, prog: str = "alexdist export") -> int:
         ap.error("give OUT.safetensors, --onnx FILE or --hub-dir DIR")
 
     def body() -> int:
+        if args.onnx:  # before any work: a missing extra must not leave OUT written and the ONNX file not
+            from alexdist.artifacts.onnx import require_onnx
+
+            require_onnx()
         weights, meta, source = load_source(args.source)
         n = sum(v.numel() for v in weights.values())
         if args.out:

@@ -92,6 +92,38 @@ class DataConfig(Section):
         description='data.source=synthetic: how many random training images (benchmarks).',
     )
     synthetic_test: int = Field(default=10_000, ge=1, description='data.source=synthetic: how many random test images.')
+    loader: Literal["auto", "memory", "stream"] = Field(
+        default="auto",
+        description=(
+            "memory: decoded once into uint8 tensors, augmented on the device (CIFAR, MNIST). stream: encoded images "
+            "on disk behind an index (`alexdist index`), read and decoded by loader workers, each rank its own "
+            "samples (ImageNet, any folder larger than memory). auto: memory when the decoded set fits, else stream."
+        ),
+    )
+    workers: int | None = Field(
+        default=None, ge=0, le=64,
+        description="Streamed: loader worker processes per rank; None = the cores per local process, at most 8.",
+    )
+    skip_corrupt: bool = Field(
+        default=False,
+        description="Streamed: skip (and count) the unreadable images indexing finds, instead of refusing the source.",
+    )
+    mean: tuple[float, float, float] | None = Field(
+        default=None,
+        description="Per-channel mean (0..1) for normalization; None: CIFAR-10's in memory, measured on a sample of "
+                    "the training images when streamed.",
+    )
+    std: tuple[float, float, float] | None = Field(
+        default=None, description="Per-channel standard deviation (0..1), as data.mean."
+    )
+    eval_resize: int | None = Field(
+        default=None, ge=8, le=1024,
+        description=(
+            "Streamed evaluation: the shorter side is resized to this, then the centre data.image_size crop is "
+            "taken (torchvision's 256/224). None: round(image_size * 256 / 224) with augment.random_resized_crop, "
+            "else a plain resize to image_size x image_size, as in memory."
+        ),
+    )
 
     @field_validator("val_split", mode="before")
     @classmethod
@@ -111,6 +143,16 @@ class AugmentConfig(Section):
         description='Random crops of the image zero-padded by this many pixels on each side (0: no crops).',
     )
     flip: bool = Field(default=True, description='Random horizontal flips.')
+    random_resized_crop: bool = Field(
+        default=False,
+        description="ImageNet's training crop (torchvision's RandomResizedCrop), not the padded one; streamed only.",
+    )
+    rrc_scale: tuple[float, float] = Field(
+        default=(0.08, 1.0), description="augment.random_resized_crop: the crop's share of the image area, low, high."
+    )
+    rrc_ratio: tuple[float, float] = Field(
+        default=(0.75, 4 / 3), description="augment.random_resized_crop: the crop's aspect ratio (w/h), low and high."
+    )
 
 
 class TrainConfig(Section):

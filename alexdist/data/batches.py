@@ -1,15 +1,7 @@
 """Batches from an in-memory uint8 dataset, augmented as batched tensor ops on the training device.
 
-Data order and augmentation are functions of (seed, epoch, position in the epoch) only — never of the rank,
-the number of processes or the accumulation — so any world size and accumulation that keep the same
-effective batch see the same samples, augmented the same way, in every optimizer step:
-
-    epoch order   perm = randperm(N, seed + epoch)          (the same on every rank)
-    step s        perm[s*E:(s+1)*E], E = batch * world * accum (the effective batch)
-    micro j, rank r   the (j*world + r)-th slice of batch size within that step
-
-The last E-incomplete part of each epoch is dropped (different samples each epoch, as the order changes).
-Random crops (zero padding) and flips are drawn per epoch position from the same seeded generator.
+The order and the augmentation parameters are order.py's pure functions of (seed, epoch, position), shared with
+the streamed path (streamed.py). Random crops (zero padding) and flips are drawn per epoch position.
 """
 
 from __future__ import annotations
@@ -22,36 +14,27 @@ import torch
 import torch.nn.functional as F
 
 from alexdist.config import AugmentConfig
+from alexdist.data.order import StepLayout, epoch_augment_params, epoch_permutation, eval_shard
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-
-def epoch_augment_params(n: int, seed: int, epoch: int, padding: int, flip: bool) -> torch.Tensor:
-    """(n, 3) int64: crop offsets dy, dx in [0, 2*padding] and a flip bit, one row per epoch position."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_777_777)
-    offs = torch.randint(0, 2 * padding + 1, (n, 2), generator=g)
-    flips = torch.randint(0, 2, (n, 1), generator=g) if flip else torch.zeros(n, 1, dtype=torch.int64)
-    return torch.cat([offs, flips], dim=1)
+Stats = tuple[float, float, float]
 
 
 @lru_cache(maxsize=8)
-def _norm_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm_constants(device: torch.device, mean: Stats, std: Stats) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and shift of the normalisation, copied to `device` once (a host-to-device copy per batch would
     be a host sync on CUDA)."""
-    scale = torch.tensor([1 / (255 * s) for s in CIFAR_STD], device=device).view(1, 3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(CIFAR_MEAN, CIFAR_STD, strict=True)], device=device).view(1, 3, 1, 1)
+    scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], device=device).view(1, 3, 1, 1)
     return scale, shift
 
 
-def normalize(x: torch.Tensor, input_size: int) -> torch.Tensor:
-    """uint8 (B,3,32,32) -> normalised float, upsampled (bilinear) when the model wants larger inputs."""
-    scale, shift = _norm_constants(x.device)
+def normalize(x: torch.Tensor, input_size: int, mean: Stats = CIFAR_MEAN, std: Stats = CIFAR_STD) -> torch.Tensor:
+    """uint8 (B,3,S,S) -> normalised float, upsampled (bilinear) when the model wants larger inputs."""
+    scale, shift = _norm_constants(x.device, tuple(mean), tuple(std))
     out = x.float().mul_(scale).sub_(shift)  # (x/255 - mean)/std with one temporary
     if input_size != out.shape[-1]:
         out = F.interpolate(out, size=input_size, mode="bilinear", align_corners=False)
@@ -87,7 +70,7 @@ def source_bytes(n: int, size: int, padding: int, flip: bool) -> int:
 
 
 @dataclass
-class TrainBatches:
+class TrainBatches(StepLayout):
     """This rank's micro-batches, grouped by optimizer step, built on `device` (default: where `x` is)."""
 
     x: InitVar[torch.Tensor]  # uint8 (N, 3, S, S), anywhere: copied once into the padded source, not kept
@@ -100,6 +83,8 @@ class TrainBatches:
     augment_cfg: AugmentConfig
     input_size: int
     device: torch.device | None = None
+    mean: Stats = CIFAR_MEAN
+    std: Stats = CIFAR_STD
 
     def __post_init__(self, x: torch.Tensor) -> None:
         # Every crop of every image, plain and mirrored, as one strided view of the zero-padded dataset and its
@@ -129,17 +114,8 @@ class TrainBatches:
         return self._crops[flip, idx, dy, dx]
 
     @property
-    def effective_batch(self) -> int:
-        return self.batch_size * self.world * self.grad_accum
-
-    @property
     def steps_per_epoch(self) -> int:
         return len(self.y) // self.effective_batch
-
-    def positions(self, step: int, micro: int) -> slice:
-        """Positions in the epoch order of this rank's micro-batch `micro` of optimizer step `step`."""
-        start = step * self.effective_batch + (micro * self.world + self.rank) * self.batch_size
-        return slice(start, start + self.batch_size)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Yield, per optimizer step from `start_step`, the list of `grad_accum` (inputs, labels) micro-batches."""
@@ -153,21 +129,31 @@ class TrainBatches:
                 pos = self.positions(step, j)
                 idx = perm[pos]
                 xb = self._augmented(idx, aug[pos])
-                micro.append((normalize(xb, self.input_size), self.y[idx]))
+                micro.append((normalize(xb, self.input_size, self.mean, self.std), self.y[idx]))
             yield micro
 
 
-def eval_shard(n: int, rank: int, world: int) -> torch.Tensor:
-    """Contiguous, disjoint test indices for this rank; together they are every test image exactly once."""
-    return torch.tensor_split(torch.arange(n), world)[rank]
+@dataclass
+class MemoryEvalSet:
+    """An evaluation split held in memory (uint8 images where they were placed), handed out per rank in batches:
+    contiguous, disjoint shards that together are every image exactly once."""
 
+    x: torch.Tensor
+    y: torch.Tensor
+    input_size: int
+    mean: Stats = CIFAR_MEAN
+    std: Stats = CIFAR_STD
 
-def eval_batches(
-    x: torch.Tensor, y: torch.Tensor, rank: int, world: int, batch_size: int, input_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    idx = eval_shard(len(y), rank, world).to(x.device)
-    for chunk in idx.split(batch_size):
-        yield normalize(x[chunk], input_size), y[chunk]
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def n_batches(self, rank: int, world: int, batch_size: int) -> int:
+        return -(-len(eval_shard(len(self.y), rank, world)) // batch_size)
+
+    def batches(self, rank: int, world: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = eval_shard(len(self.y), rank, world).to(self.x.device)
+        for chunk in idx.split(batch_size):
+            yield normalize(self.x[chunk], self.input_size, self.mean, self.std), self.y[chunk]
 
 
 def to_device(t: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:

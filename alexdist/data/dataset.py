@@ -85,15 +85,15 @@ def check_fits(n_images: int, size: int, where: str) -> None:
                         f"lower data.image_size (model.input_size upsamples on the device) or use more memory")
 
 
-def label_gap_warning(ds: Dataset) -> str | None:
+def label_gap_warning(train_y: torch.Tensor, classes: list[str]) -> str | None:
     """One line naming the classes that never occur in the train split, or None: such a class is an output the
     model can only get wrong (a stray label 12 makes a 13-way head; an empty class folder a class of its own)."""
-    counts = torch.bincount(ds.train_y, minlength=len(ds.classes))
-    missing = [i for i in range(len(ds.classes)) if counts[i] == 0]
+    counts = torch.bincount(torch.as_tensor(train_y), minlength=len(classes))
+    missing = [i for i in range(len(classes)) if counts[i] == 0]
     if not missing:
         return None
-    head = f"the head has {len(ds.classes)} outputs"
-    if all(name == str(i) for i, name in enumerate(ds.classes)):  # labels from the data, no names
+    head = f"the head has {len(classes)} outputs"
+    if all(name == str(i) for i, name in enumerate(classes)):  # labels from the data, no names
         return f"labels {', '.join(map(str, missing))} never occur in train; {head}"
-    names = ", ".join(f"{ds.classes[i]} (label {i})" for i in missing)
+    names = ", ".join(f"{classes[i]} (label {i})" for i in missing)
     return f"classes {names} have no train images: the model can only get them wrong; {head}"

@@ -1,6 +1,6 @@
 """An image-folder dataset, torchvision's ImageFolder layout with a train and a test split:
 
-    DIR/train/cat/0001.png  DIR/train/dog/...   DIR/test/cat/...  DIR/test/dog/...
+    DIR/train/cat/0001.png  DIR/train/dog/...   DIR/test/cat/...  DIR/test/dog/...   (or DIR/val/..., ImageNet's)
 
 Class names are the train split's folder names, sorted (label i = i-th name), as ImageFolder assigns them.
 """
@@ -23,10 +23,13 @@ def read_image_folder(root: Path, size: int = 32) -> Dataset:
 
     classes, class_to_idx = find_classes(root / "train")
     listed = []
-    for split in ("train", "test"):
+    # ImageNet's layout names the evaluation split `val`: alexdist's test split (data.val_split holds out of train).
+    test = "test" if (root / "test").is_dir() or not (root / "val").is_dir() else "val"
+    for split in ("train", test):
         folder = root / split
         if not folder.is_dir():
-            raise DataError(f"'{root}' has no '{split}' folder; an image folder needs train/CLASS/* and test/CLASS/*")
+            raise DataError(f"'{root}' has no '{split}' folder; an image folder needs train/CLASS/* and test/CLASS/* "
+                            f"(or val/CLASS/*, ImageNet's layout)")
         extra = sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in class_to_idx)
         if extra:
             raise DataError(f"'{folder}' has class folders the train split lacks ({', '.join(extra)}); every test "

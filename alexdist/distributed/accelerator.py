@@ -113,12 +113,34 @@ class _ErrorsOnly(logging.Filter):
 
 
 def quiet_unused_deepspeed() -> None:
-    """Keep DeepSpeed's warnings out of runs that do not use it. Accelerate imports DeepSpeed whenever it is
-    installed (unwrap_model checks for its engine), and that import warns "Setting accelerator to CPU" once per
-    process on a CPU. A filter, not a level: DeepSpeed sets its logger's level when it is imported."""
+    """Keep DeepSpeed's warnings out of runs that do not use it. Accelerate's unwrap_model imports DeepSpeed
+    whenever it is installed (alexdist's `unwrap` spares runs that compile nothing), and that import warns
+    "Setting accelerator to CPU" once per process on a CPU. A filter, not a level: DeepSpeed sets its logger's
+    level when it is imported."""
     logger = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _ErrorsOnly) for f in logger.filters):
         logger.addFilter(_ErrorsOnly())
+
+
+def unwrap(accelerator: Accelerator, model: torch.nn.Module, keep_torch_compile: bool = True) -> torch.nn.Module:
+    """`accelerator.unwrap_model(model, keep_torch_compile=...)`, without importing what the model cannot be.
+    Accelerate's looks for DeepSpeed's engine by importing DeepSpeed (0.2 s per process) and for torch.compile's
+    wrapper by importing torch._dynamo (~1.2 s, with sympy, pandas and scikit-learn, where DDP has not imported
+    it), and asks which packages are installed on every call (~7 ms). An object of a class whose module was never
+    imported cannot exist: without DeepSpeed imported and without a compiled module in the model, Accelerate's
+    answer is the module inside DDP's, DataParallel's or FSDP1's wrapper (its fp32 autocast wrapper kept, as
+    unwrap_model keeps it)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    compiled = eval_frame is not None and any(isinstance(m, eval_frame.OptimizedModule) for m in model.modules())
+    if compiled or "deepspeed" in sys.modules:
+        return accelerator.unwrap_model(model, keep_torch_compile=keep_torch_compile)
+    wrappers: tuple[type, ...] = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    fsdp1 = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    if fsdp1 is not None:
+        wrappers += (fsdp1.FullyShardedDataParallel,)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
 
 
 def dynamo_plugin(recipe: Recipe):

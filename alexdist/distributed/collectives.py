@@ -58,7 +58,9 @@ def first_failure(accelerator, error: str | None) -> tuple[int, str] | None:
 
 def plain_module(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """The model itself, without DDP's or torch.compile's wrapper (whose state dict says `_orig_mod.*`)."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
+    from alexdist.distributed.accelerator import unwrap
+
+    return unwrap(accelerator, model, keep_torch_compile=False)
 
 
 def broadcast_buffers(accelerator, model: torch.nn.Module) -> None:

@@ -30,7 +30,7 @@ from alexdist.config import Recipe
 from alexdist.distributed.collectives import broadcast_buffers, plain_module
 from alexdist.distributed.strategy import HALF, Strategy
 from alexdist.distributed.zero_universal import DS_TAG
-from alexdist.errors import AlexdistError, SetupError
+from alexdist.errors import AlexdistError, SetupError, require_extra
 
 # The words of DeepSpeed's DynamicLossScaler when the scale is at its minimum and the step still overflows
 # (deepspeed/runtime/fp16/loss_scaler.py raises a plain Exception inside backward).
@@ -160,6 +160,7 @@ class DeepSpeedStrategy(Strategy):
 
     @classmethod
     def consolidate(cls, path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        require_extra("deepspeed", "reading a DeepSpeed ZeRO checkpoint", "deepspeed")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         from alexdist.pickle_checks import check_pickles

@@ -123,7 +123,9 @@ class Strategy:
     # -- evaluation and the final weights ------------------------------------------------------------------
     def final_weights(self, accelerator, model, precision: str) -> dict[str, torch.Tensor]:
         """The whole model's state dict for the weights file and export (rank 0; a collective)."""
-        return accelerator.get_state_dict(model)
+        from alexdist.distributed.accelerator import unwrap
+
+        return unwrap(accelerator, model).state_dict()  # what Accelerate's get_state_dict does for DDP
 
     def ema_refusal(self, precision: str) -> str | None:
         """Why train.ema_decay cannot run here, or None."""

@@ -24,12 +24,14 @@ def describe_run(r: Recipe, world: int, device: str, strategy: str, batches, inf
                  resumed: str | None, step: int) -> str:
     """The one line that describes the run at start."""
     split = f" | {info['val_images']} validation images held out" if info.get("val_images") else ""
+    data = (f"streamed from disk ({info['data_workers']} loader workers per process)" if info.get("data_loader") ==
+            "stream" else "in memory")
     return (
         f"alexdist: {r.model.name} @ {info['input_size']}px ({n_params / 1e6:.2f} M params) on {world} x {device}, "
         f"{strategy} | effective batch {batches.effective_batch} = {r.train.batch_size} per process x {world} "
         f"processes x {r.train.grad_accum} accumulation | {batches.steps_per_epoch} steps/epoch, "
         f"{info['total_steps']} steps, {info['warmup_steps']} warmup, peak lr {info['peak_lr']:.4g} | precision "
-        f"{r.precision}{split} | output {r.output_dir}"
+        f"{r.precision} | data {data}{split} | output {r.output_dir}"
         + (f" | resumed from {resumed} at step {step}" if resumed else "")
     )
 

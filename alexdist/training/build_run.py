@@ -17,7 +17,7 @@ from alexdist.checkpoint.config_changes import saved_config
 from alexdist.checkpoint.run_dir import RunLock, check_writable, checkpoint_bytes
 from alexdist.checkpoint.state import TrainState, read_state
 from alexdist.config import Recipe, sweep_output_dir
-from alexdist.data.batches import TrainBatches
+from alexdist.data.interface import Batches
 from alexdist.distributed.accelerator import make_accelerator
 from alexdist.distributed.collectives import from_main, plain_module
 from alexdist.distributed.launcher import elastic_facts, shared_store_warning, train_command
@@ -104,10 +104,11 @@ def _build(recipe: Recipe, accelerator, strategy: Strategy, data: RunData, lock:
     ema = _ema(recipe, accelerator, strategy, model)  # before the resume, which restores it
     probe, noise = _noise_scale(recipe, accelerator, strategy, model, batches.effective_batch)
     checkpointer = Checkpointer(accelerator, recipe, strategy, model, optimizer, batches.steps_per_epoch,
-                                data.val_fingerprint)
+                                data.val_fingerprint, (data.loader, data.fingerprint))
     state = TrainState(effective_batch=batches.effective_batch, world_size=accelerator.num_processes,
                        strategy=strategy.name, zero_stage=strategy.zero_stage, classes=data.classes,
-                       selected_on="val" if data.val_x is not None else "test", val_fingerprint=data.val_fingerprint)
+                       selected_on="val" if data.val is not None else "test", val_fingerprint=data.val_fingerprint,
+                       data_loader=data.loader, data_fingerprint=data.fingerprint)
     resumed_from = _resume(checkpointer, batches, accelerator)
     previous_world = read_state(resumed_from).world_size if resumed_from else accelerator.num_processes
     if resumed_from:
@@ -138,8 +139,8 @@ def _build(recipe: Recipe, accelerator, strategy: Strategy, data: RunData, lock:
         log.say(f"alexdist: warning: {ended}")
     return Run(
         recipe=recipe, accelerator=accelerator, strategy=strategy, model=model, params=list(model.parameters()),
-        optimizer=optimizer, scheduler=scheduler, batches=batches, val_x=data.val_x, val_y=data.val_y,
-        test_x=data.test_x, test_y=data.test_y, classes=data.classes, input_size=input_size,
+        optimizer=optimizer, scheduler=scheduler, batches=batches, val=data.val, test=data.test,
+        classes=data.classes, input_size=input_size,
         in_dtype=strategy.compute_dtype(recipe.precision), total_steps=total_steps, last_step=last_step,
         stop_requests=stop_requests, guard=DivergenceGuard(accelerator, optimizer, recipe, strategy),
         checkpointer=checkpointer, log=log, state=state, info=info, resumed_from=resumed_from, lock=lock,
@@ -172,7 +173,7 @@ def _ema(recipe: Recipe, accelerator, strategy: Strategy, model: torch.nn.Module
     return ema
 
 
-def _model_and_optimizer(recipe: Recipe, accelerator, strategy: Strategy, batches: TrainBatches,
+def _model_and_optimizer(recipe: Recipe, accelerator, strategy: Strategy, batches: Batches,
                          total_steps: int, num_classes: int):
     """The model (the same initial weights on every rank and world size), optimizer and schedule, prepared."""
     torch.manual_seed(recipe.train.seed)
@@ -195,7 +196,7 @@ def _model_and_optimizer(recipe: Recipe, accelerator, strategy: Strategy, batche
 
 
 def _apply_recipe(recipe: Recipe, path: Path, state: TrainState, optimizer, scheduler, settings: list[dict],
-                  schedule: LRSchedule, batches: TrainBatches) -> str | None:
+                  schedule: LRSchedule, batches: Batches) -> str | None:
     """A resumed run trains with its recipe (checkpoint.allow_config_change let any change through): the
     recipe's optimizer settings, peak lr and schedule from the resumed step on, over the checkpoint's state.
     Returns a warning when added epochs would train at a decayed-out lr of 0."""
@@ -210,7 +211,7 @@ def _apply_recipe(recipe: Recipe, path: Path, state: TrainState, optimizer, sche
     return None
 
 
-def _resume(checkpointer: Checkpointer, batches: TrainBatches, accelerator) -> Path | None:
+def _resume(checkpointer: Checkpointer, batches: Batches, accelerator) -> Path | None:
     """The checkpoint to continue from, if checkpoint.resume finds one; its effective batch must be this run's."""
     path = checkpointer.resume_path()
     if path is None:
@@ -241,7 +242,9 @@ def _facts(recipe: Recipe, acc, strategy: Strategy, data: RunData, total_steps: 
         "steps_per_epoch": b.steps_per_epoch, "total_steps": total_steps, "last_step": last_step,
         "peak_lr": peak_lr(recipe.optim, b.effective_batch),
         "warmup_steps": warmup_steps(recipe.schedule, total_steps, b.steps_per_epoch), "params": n_params,
-        "input_size": input_size, "train_images": len(b.y), "val_images": 0 if data.val_y is None else len(data.val_y),
+        "input_size": input_size, "train_images": data.train_images, "val_images": len(data.val) if data.val else 0,
+        "data_loader": data.loader, "data_workers": getattr(b, "workers", None), "data_fingerprint": data.fingerprint,
+        "normalization": {"mean": list(data.mean), "std": list(data.std)},
         "val_split": data.val_fingerprint, "device": str(acc.device), "distributed_type": str(acc.distributed_type),
         "backend": _backend(), "command": train_command(acc.num_processes),
         "resumed_from": str(resumed) if resumed else None, "resumed_at_step": state.global_step,

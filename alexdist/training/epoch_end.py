@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from alexdist import faults
+from alexdist.data.interface import EvalSet
 from alexdist.distributed.collectives import broadcast_buffers
 from alexdist.training.evaluation import Evaluation, evaluate_ranks
 from alexdist.training.run import Run
@@ -75,19 +76,19 @@ def evaluate_epoch(run: Run) -> EpochEvaluation:
     statistics, as saved (DDP and ZeRO also train with them)."""
     broadcast_buffers(run.accelerator, run.model)
     faults.kill_point("eval", run.state.global_step, run.recipe.output_dir)
-    ev = EpochEvaluation(test=_evaluate(run, run.test_x, run.test_y),
-                         val=_evaluate(run, run.val_x, run.val_y, tta="none") if run.val_x is not None else None)
+    ev = EpochEvaluation(test=_evaluate(run, run.test),
+                         val=_evaluate(run, run.val, tta="none") if run.val is not None else None)
     if run.ema:
         with run.ema.swapped():
-            ev.ema_test = _evaluate(run, run.test_x, run.test_y, tta="none")
-            if run.val_x is not None:
-                ev.ema_val = _evaluate(run, run.val_x, run.val_y, tta="none")
+            ev.ema_test = _evaluate(run, run.test, tta="none")
+            if run.val is not None:
+                ev.ema_val = _evaluate(run, run.val, tta="none")
     return ev
 
 
-def _evaluate(run: Run, x, y, tta: str | None = None) -> Evaluation:
-    return evaluate_ranks(run.accelerator, run.model, x, y, run.recipe.train.eval_batch_size, run.input_size,
-                          run.in_dtype, run.strategy.sharded_forward, run.recipe.speed.channels_last,
+def _evaluate(run: Run, data: EvalSet, tta: str | None = None) -> Evaluation:
+    return evaluate_ranks(run.accelerator, run.model, data, run.recipe.train.eval_batch_size, run.in_dtype,
+                          run.strategy.sharded_forward, run.recipe.speed.channels_last,
                           tta or run.recipe.eval.tta, len(run.classes))
 
 

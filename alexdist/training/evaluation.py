@@ -6,13 +6,13 @@ caller asks for a number): sums are device tensors, counts are built with fills,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from alexdist.data.batches import eval_batches, eval_shard, to_device
+from alexdist.data.batches import to_device
+from alexdist.data.interface import EvalSet
 from alexdist.distributed.collectives import plain_module
 from alexdist.models import NUM_CLASSES
 from alexdist.training.precision import loss_input
@@ -76,15 +76,15 @@ def tta_logits(net, x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_ranks(accelerator, model, x, y, batch_size: int, input_size: int, in_dtype: torch.dtype,
+def evaluate_ranks(accelerator, model, data: EvalSet, batch_size: int, in_dtype: torch.dtype,
                    sharded: bool = False, channels_last: bool = False, tta: str = "none",
                    num_classes: int = NUM_CLASSES) -> Evaluation:
-    """Every test image exactly once, summed across ranks (`accelerator=None`: this one process does it all).
+    """Every image of `data` exactly once, summed across ranks (`accelerator=None`: this one process does it all).
 
     Batches are built one at a time (the 227 px model's whole upsampled test set would take ~6 GB at once).
     """
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    device = accelerator.device if accelerator else x.device
+    device = accelerator.device if accelerator else next(iter(model.parameters()), torch.zeros(0)).device
     # DDP's forward would broadcast buffers (a collective) while ranks may hold different numbers of test
     # batches, so the unwrapped module runs (Accelerate's autocast wrapper is kept). ZeRO-3 and FSDP gather
     # parameters in every forward, a collective too: there every rank runs the same number of forwards.
@@ -93,9 +93,9 @@ def evaluate_ranks(accelerator, model, x, y, batch_size: int, input_size: int, i
     net.eval()
     k = num_classes
     sums = torch.zeros(5 + k * k, dtype=torch.float64, device=device)  # loss, correct, n, tta loss, tta correct, cm
-    n_own = math.ceil(len(eval_shard(len(y), rank, world)) / batch_size)
-    n_forward = math.ceil(len(eval_shard(len(y), 0, world)) / batch_size) if sharded else n_own
-    batches = eval_batches(x, y, rank, world, batch_size, input_size)
+    n_own = data.n_batches(rank, world, batch_size)
+    n_forward = data.n_batches(0, world, batch_size) if sharded else n_own
+    batches = data.batches(rank, world, batch_size)
     xb = yb = None
     for i in range(n_forward):
         if i < n_own:

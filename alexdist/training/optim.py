@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
+from collections.abc import Callable
 
 import torch
 
@@ -160,14 +163,65 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe, lr: float) -> torch.o
         return _lars(model, o, lr, recipe.speed.optimizer_impl)
     kw = kernel_kwargs(recipe.speed.optimizer_impl, first.device.type, sharded)
     if o.name == "sgd":
-        opt = torch.optim.SGD(
+        opt = without_dynamo(lambda: torch.optim.SGD(
             model.parameters(), lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
             weight_decay=o.weight_decay, **kw,
-        )
+        ), recipe.speed.compile)
         if kw.get("fused") and o.momentum > 0:
             zero_momentum_buffers(opt)
         return opt
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=o.weight_decay, **kw)
+    return without_dynamo(lambda: torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=o.weight_decay, **kw),
+                          recipe.speed.compile)
+
+
+def without_dynamo(build: Callable[[], torch.optim.Optimizer], compiling: bool) -> torch.optim.Optimizer:
+    """`build()` (torch's SGD or AdamW), kept from importing torch._dynamo in a process that compiles nothing.
+    torch.optim imports it (~1.2 s per process, with sympy, pandas and scikit-learn) only to keep torch.compile out
+    of the optimizer: on the first call of each method wrapped by `torch._disable_dynamo` (add_param_group, called
+    by the constructor; zero_grad; state_dict), which caches `torch._dynamo.disable(fn)` as `fn.__dynamo_disable`,
+    and in every step (`_use_grad_for_differentiable`: two graph breaks, no-ops outside a compilation). While
+    torch._dynamo is not imported nothing can be compiling, so there is nothing to keep out: those caches are
+    seeded with a call that runs the method itself until torch._dynamo is imported and then caches torch's own,
+    and the step runs torch's under the same grad mode without the graph breaks until then. Applied only with
+    speed.compile off and torch._dynamo not imported yet; wrappers other than torch 2.14's are left as they are."""
+    if compiling or "torch._dynamo" in sys.modules:
+        return build()
+    disable_code = torch._disable_dynamo(lambda: None).__code__  # torch's wrapper, to recognise the methods
+    for method in vars(torch.optim.Optimizer).values():
+        if getattr(method, "__code__", None) is disable_code:
+            cell = dict(zip(disable_code.co_freevars, method.__closure__, strict=True)).get("fn")
+            if cell is not None and getattr(cell.cell_contents, "__dynamo_disable", None) is None:
+                cell.cell_contents.__dynamo_disable = _until_dynamo(cell.cell_contents, method)
+    optimizer = build()
+    from torch.optim.optimizer import _use_grad_for_differentiable
+
+    grad_code = _use_grad_for_differentiable(lambda: None).__code__
+    wrapped = type(optimizer).step  # torch's profiling hooks around _use_grad around the step itself
+    while wrapped is not None and getattr(wrapped, "__code__", None) is not grad_code:
+        wrapped = getattr(wrapped, "__wrapped__", None)
+    if wrapped is None:
+        return optimizer
+
+    def step(self, *args, **kwargs):
+        if "torch._dynamo" in sys.modules:
+            return wrapped(self, *args, **kwargs)
+        with torch.set_grad_enabled(self.defaults["differentiable"]):  # what _use_grad does besides graph breaks
+            return wrapped.__wrapped__(self, *args, **kwargs)
+
+    optimizer.step = types.MethodType(torch.optim.Optimizer.profile_hook_step(step), optimizer)
+    return optimizer
+
+
+def _until_dynamo(fn: Callable, wrapper: Callable) -> Callable:
+    """`fn` itself while torch._dynamo is not imported; from then on torch's `wrapper` computes and caches its own."""
+
+    def call(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        vars(fn).pop("__dynamo_disable", None)
+        return wrapper(*args, **kwargs)
+
+    return call
 
 
 def zero_momentum_buffers(opt: torch.optim.SGD) -> None:

@@ -12,7 +12,7 @@ from alexdist.checkpoint.checkpointer import Checkpointer
 from alexdist.checkpoint.run_dir import RunLock
 from alexdist.checkpoint.state import TrainState
 from alexdist.config import Recipe
-from alexdist.data.batches import TrainBatches
+from alexdist.data.interface import Batches, EvalSet
 from alexdist.distributed.gradient_probe import GradientProbe
 from alexdist.distributed.strategy import Strategy
 from alexdist.tracking.profiling import StepProfiler
@@ -36,11 +36,9 @@ class Run:
     params: list[torch.nn.Parameter]  # the model's parameters, looked up once (unwrapping costs milliseconds)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    batches: TrainBatches
-    val_x: torch.Tensor | None  # the validation split (data.val_split), None without one
-    val_y: torch.Tensor | None
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    batches: Batches  # in memory or streamed: the loop does not know which
+    val: EvalSet | None  # the validation split (data.val_split), None without one
+    test: EvalSet
     classes: list[str]  # the data's class names; the head has one output each
     input_size: int
     in_dtype: torch.dtype  # what the model's inputs are cast to (Strategy.compute_dtype)

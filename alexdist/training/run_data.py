@@ -1,41 +1,49 @@
-"""The data a run trains and evaluates on: decoded once per job (or per node), the validation split held out
-(data.val_split), and placed on the training device (speed.data_on_device) or the host."""
+"""The data a run trains and evaluates on, from one of two paths (docs/data.md): in memory (decoded once per job
+or per node, placed on the training device or the host: speed.data_on_device) or streamed from disk behind an
+index (read and decoded by loader workers). The path is chosen once, on rank 0, and every rank takes it."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import torch
 
 from alexdist import faults
 from alexdist.config import Recipe
-from alexdist.data.batches import TrainBatches, source_bytes
+from alexdist.data.batches import CIFAR_MEAN, CIFAR_STD, MemoryEvalSet, TrainBatches, source_bytes
 from alexdist.data.cache import load_dataset
+from alexdist.data.choice import choose_loader
 from alexdist.data.dataset import Dataset, available_memory, label_gap_warning
+from alexdist.data.interface import Batches
 from alexdist.data.validation import stratified_split
 from alexdist.distributed.accelerator import local_processes
-from alexdist.distributed.collectives import every_rank
+from alexdist.distributed.collectives import every_rank, from_main
 from alexdist.errors import ConfigError, SetupError
 from alexdist.models import resolve_input_size
-
-
-@dataclass
-class RunData:
-    batches: TrainBatches  # this rank's training batches
-    val_x: torch.Tensor | None  # the held-out split, None without data.val_split
-    val_y: torch.Tensor | None
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    classes: list[str]
-    val_fingerprint: str | None  # the held-out indices' hash (checkpoints record it)
+from alexdist.training.run_inputs import RunData
 
 
 def run_data(recipe: Recipe, accelerator) -> RunData:
     """This rank's training batches, the validation split, the test set and the class names."""
+    loader, why = from_main(accelerator, choose_loader(recipe.data, local_processes()) if accelerator.is_main_process
+                            else None)
+    if loader == "stream":
+        from alexdist.training.run_data_streamed import streamed_run_data
+
+        data = streamed_run_data(recipe, accelerator)
+    else:
+        data = _memory_run_data(recipe, accelerator)
+    data.loader = loader
+    if accelerator.is_main_process and why:
+        print(f"alexdist: data: {why}", file=sys.stderr, flush=True)
+    _check_steps(data.batches, recipe, accelerator, data.train_images)
+    return data
+
+
+def _memory_run_data(recipe: Recipe, accelerator) -> RunData:
     t = recipe.train
     ds = _load_once(recipe, accelerator)
-    if accelerator.is_main_process and (gaps := label_gap_warning(ds)):
+    if accelerator.is_main_process and (gaps := label_gap_warning(ds.train_y, ds.classes)):
         print(f"alexdist: warning: {gaps}", file=sys.stderr, flush=True)
     train_x, train_y, val_x, val_y, fingerprint = ds.train_x, ds.train_y, None, None, None
     if recipe.data.val_split is not None:
@@ -45,18 +53,24 @@ def run_data(recipe: Recipe, accelerator) -> RunData:
     place = accelerator.device if recipe.speed.data_on_device else torch.device("cpu")
     n_eval = len(ds.test_y) + (0 if val_y is None else len(val_y))
     check_memory(recipe, accelerator, place, len(train_y), n_eval, ds.train_x.shape[-1])
-    batches = TrainBatches(
-        train_x, train_y, t.batch_size, t.grad_accum, accelerator.process_index, accelerator.num_processes, t.seed,
-        recipe.augment, resolve_input_size(recipe.model.name, recipe.model.input_size), device=place,
-    )
+    mean, std = recipe.data.mean or CIFAR_MEAN, recipe.data.std or CIFAR_STD
+    input_size = resolve_input_size(recipe.model.name, recipe.model.input_size)
+    batches = TrainBatches(train_x, train_y, t.batch_size, t.grad_accum, accelerator.process_index,
+                           accelerator.num_processes, t.seed, recipe.augment, input_size, device=place, mean=mean,
+                           std=std)
+    val = None if val_x is None else MemoryEvalSet(val_x.to(place), val_y.to(place), input_size, mean, std)
+    test = MemoryEvalSet(ds.test_x.to(place), ds.test_y.to(place), input_size, mean, std)
+    return RunData(batches, val, test, ds.classes, fingerprint, len(train_y), mean=mean, std=std)
+
+
+def _check_steps(batches: Batches, recipe: Recipe, accelerator, n_train: int) -> None:
     if batches.steps_per_epoch == 0:
+        t = recipe.train
         raise ConfigError(
             f"the effective batch ({batches.effective_batch} = train.batch_size {t.batch_size} x "
             f"{accelerator.num_processes} processes x train.grad_accum {t.grad_accum}) is larger than the "
-            f"{len(train_y)} training images; lower train.batch_size or train.grad_accum"
+            f"{n_train} training images; lower train.batch_size or train.grad_accum"
         )
-    return RunData(batches, None if val_x is None else val_x.to(place), None if val_y is None else val_y.to(place),
-                   ds.test_x.to(place), ds.test_y.to(place), ds.classes, fingerprint)
 
 
 def check_memory(recipe: Recipe, accelerator, place: torch.device, n_train: int, n_eval: int, size: int) -> None:
@@ -84,8 +98,8 @@ def check_memory(recipe: Recipe, accelerator, place: torch.device, n_train: int,
                          f"data.image_size (model.input_size upsamples on the GPU), or use a larger GPU")
     where = "this node" if alone else f"rank {rank}'s node"
     raise SetupError(f"{what} take {need / gib:.1f} GiB of host memory per process, {processes * need / gib:.1f} GiB "
-                     f"for the {processes} on {where}, more than the {have / gib:.1f} GiB available; lower "
-                     f"data.image_size (model.input_size upsamples on the device) or run fewer processes per node")
+                     f"for the {processes} on {where}, more than the {have / gib:.1f} GiB available; stream it "
+                     f"from disk (data.loader=stream), lower data.image_size or run fewer processes per node")
 
 
 def _load_once(recipe: Recipe, accelerator) -> Dataset:

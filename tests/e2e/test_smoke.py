@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, check, launch, read_jsonl, summary
+from helpers import ROOT, check, import_probe_env, imported, launch, read_jsonl, summary
 
 TINY = ["data.source=digits", "model.width_mult=0.25", "train.epochs=1", "train.max_steps=4", "train.batch_size=16",
         "train.eval_batch_size=180", "checkpoint.every_steps=2", "train.log_every=2", "tracking.wandb=false"]
@@ -166,9 +166,13 @@ def test_a_damaged_checkpoint_is_found_by_its_manifest(tiny, tmp_path):
 @pytest.mark.parametrize("strategy", [[], ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"],
                                       ["distributed.strategy=fsdp"]], ids=["ddp", "zero2", "fsdp"])
 def test_each_strategy_takes_two_steps_on_two_processes(strategy, tmp_path, cache_dir):
-    """Thorough: test_ddp_equivalence.py, test_zero_equivalence.py, test_fsdp.py."""
+    """Thorough: test_ddp_equivalence.py, test_zero_equivalence.py, test_fsdp.py. And only ZeRO's processes import
+    DeepSpeed (0.2 s each; Accelerate's unwrap_model would import it in every run)."""
     run = tmp_path / "run"
+    env = import_probe_env(cache_dir, tmp_path / "imports", ["deepspeed", "alexdist.training.loop"])
     check(launch(TINY[:-4] + strategy + ["train.max_steps=2", "tracking.wandb=false", f"output_dir={run}"],
-                 cache_dir, nproc=2))
+                 cache_dir, nproc=2, env=env))
     s = summary(run)
     assert s["world_size"] == 2 and s["steps"] == 2 and s["effective_batch"] == 32
+    zero = "distributed.strategy=deepspeed" in strategy
+    assert imported(tmp_path / "imports") == {"alexdist.training.loop": 2, **({"deepspeed": 2} if zero else {})}

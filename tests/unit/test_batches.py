@@ -199,4 +199,4 @@ def test_every_rank_refuses_data_that_would_not_fit_on_another_ranks_node(tmp_pa
     assert "GiB for the 1 on rank 1's node, more than the 0.0 GiB available" in str(err.value)
     assert "\n" not in str(err.value)
     fits = run_data.run_data(recipe, _RankZeroOfTwo([64 * 2**30, 1]))
-    assert len(fits.test_y) == 64
+    assert len(fits.test) == 64

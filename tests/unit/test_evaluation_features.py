@@ -3,6 +3,7 @@ the confusion matrix. (Evaluations of a whole run: tests/e2e/test_evaluation_fea
 
 import torch
 
+from alexdist.data.batches import MemoryEvalSet
 from alexdist.training.evaluation import evaluate_ranks, tta_logits
 
 
@@ -16,7 +17,7 @@ def test_tta_averages_the_mirror_and_counts_each_image_once():
     y = torch.zeros(7, dtype=torch.long)
     net = Net()
     assert torch.allclose(tta_logits(net, x.float(), "flip"), torch.zeros(7, 10), atol=1e-6)  # mirror cancels it
-    ev = evaluate_ranks(None, net, x, y, 3, 32, torch.float32, tta="flip_translate")
+    ev = evaluate_ranks(None, net, MemoryEvalSet(x, y, 32), 3, torch.float32, tta="flip_translate")
     assert sum(map(sum, ev.confusion)) == 7 and ev.tta_acc is not None
 
 

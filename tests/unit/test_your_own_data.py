@@ -63,12 +63,12 @@ def test_labels_that_never_occur_in_train_are_named_in_one_warning(tmp_path):
 
     stray = pandas_parquet(tmp_path / "pd", labels=lambda n: [i % 10 for i in range(n - 1)] + [12])
     ds = load_dataset(DataConfig(source=str(stray), cache_dir=str(tmp_path / "c")))
-    assert label_gap_warning(ds) == "labels 10, 11 never occur in train; the head has 13 outputs"
+    assert label_gap_warning(ds.train_y, ds.classes) == "labels 10, 11 never occur in train; the head has 13 outputs"
     folder = image_folder(tmp_path / "pets", empty_train=("fox",))
     ds = load_dataset(DataConfig(source=str(folder), cache_dir=str(tmp_path / "c")))
-    assert label_gap_warning(ds) == ("classes fox (label 2) have no train images: the model can only get them "
-                                     "wrong; the head has 3 outputs")
+    assert label_gap_warning(ds.train_y, ds.classes) == ("classes fox (label 2) have no train images: the model can "
+                                                         "only get them wrong; the head has 3 outputs")
     clean = load_dataset(DataConfig(source=str(image_folder(tmp_path / "ok")), cache_dir=str(tmp_path / "c")))
-    assert label_gap_warning(clean) is None
+    assert label_gap_warning(clean.train_y, clean.classes) is None
 
 

@@ -1,0 +1,238 @@
+"""The on-disk index of a streamed data source: for every image of the train and test splits, where its encoded
+bytes are (file, offset, length) and its label, in memory-mapped numpy arrays (index_split.py), built once by
+`alexdist index SOURCE` (or `build_index`) and read by every rank and node.
+
+Sources: a local folder in one of three layouts, each read by its own module (a reader: `plan` lists the parts,
+`index_part` checks one): the ImageNet folder layout (index_folder.py), WebDataset tar shards (index_tar.py) and
+the Hub's parquet layout (index_parquet.py). READERS picks by what the folder holds.
+
+Building checks every image without decoding it (index_check.py) and is done in parts (index_parts.py), saved as
+they finish: a rerun checks only the parts whose files changed. The finished index is written to a new folder
+(gen-FINGERPRINT-*) and published by replacing index.json in one rename, so a reader never sees half an index.
+The fingerprint changes when any indexed file's path, size or modification time, or a label, changes.
+
+    CACHE/index/NAME-KEY/index.json       which generation is current, and a summary
+                        gen-*/meta.json   classes, mean/std, each split's file table; gen-*/SPLIT.ARRAY.npy
+                        parts/*.npz       the build's parts; packed/*.bin  image bytes packed from parquet files
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from alexdist.config import DataConfig
+from alexdist.data import index_folder, index_parquet, index_tar
+from alexdist.data.index_check import mean_std
+from alexdist.data.index_parts import PartInfo, Plan, assemble, run_jobs
+from alexdist.data.index_split import SplitIndex, load_split, save_split
+from alexdist.errors import DataError
+from alexdist.fileio import atomic_write_text
+
+INDEX_VERSION = 1  # bump when the saved format changes: older indexes are then built again
+# Detection order: the image folder before parquet, whose glob two folders deep would list every class folder.
+READERS = {"webdataset": index_tar, "imagefolder": index_folder, "parquet": index_parquet}
+LAYOUTS_HELP = ("an ImageNet-layout folder (train/CLASS/*.JPEG and val/CLASS/*), the Hub's parquet layout "
+                "(train-*.parquet and validation-*.parquet) or WebDataset tar shards (train-*.tar and val-*.tar)")
+
+
+@dataclass
+class DataIndex:
+    train: SplitIndex
+    test: SplitIndex
+    classes: list[str]
+    fingerprint: str  # 16 hex: changes when any indexed file's (path, size, mtime) or a label changes
+    layout: str  # "imagefolder" | "parquet" | "webdataset"
+    skipped: int  # unreadable images left out (data.skip_corrupt)
+    mean: tuple[float, float, float]  # per channel, 0..1, over a fixed sample of <= 1000 train images
+    std: tuple[float, float, float]
+    path: Path | None = None  # the index.json it was loaded from
+
+
+def detect_layout(root: Path) -> str | None:
+    """The layout of a local folder, or None."""
+    return next((name for name, reader in READERS.items() if reader.is_layout(root)), None)
+
+
+def indexable(source: str) -> bool:
+    """Whether `source` is a local folder in one of the layouts an index is built from."""
+    p = Path(source).expanduser()
+    return p.is_dir() and detect_layout(p) is not None
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    """data.cache_dir, else $ALEXDIST_CACHE, else ~/.cache/alexdist (where cache.py keeps decoded datasets)."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return Path(os.environ.get("ALEXDIST_CACHE", Path.home() / ".cache" / "alexdist"))
+
+
+def index_file(cfg: DataConfig) -> Path:
+    """Where the index of data.source lives: CACHE/index/NAME-KEY/index.json, KEY from the folder's full path."""
+    src = Path(cfg.source).expanduser().resolve()
+    key = hashlib.sha256(f"{INDEX_VERSION}:{src}".encode()).hexdigest()[:16]
+    name = "".join(c if c.isalnum() else "_" for c in src.name)[:40]
+    return cache_root(cfg) / "index" / f"{name}-{key}" / "index.json"
+
+
+def _source_root(source: str) -> tuple[Path, str]:
+    p = Path(source).expanduser()
+    if not p.is_dir():
+        raise DataError(f"data.source '{source}' is not a local folder; an index is built from {LAYOUTS_HELP}")
+    layout = detect_layout(p)
+    if layout is None:
+        raise DataError(f"'{p}' is in no layout an index is built from: expected {LAYOUTS_HELP}")
+    return p.resolve(), layout
+
+
+def build_index(cfg: DataConfig, progress: bool = True) -> DataIndex:
+    """Index data.source (checking every image, in parts, resumable) and publish the index; an index whose
+    files did not change since it was built is returned as it is. Workers: data.workers processes (None: the
+    cores, at most 8; 0 or 1: this process)."""
+    root, layout = _source_root(cfg.source)
+    reader, path = READERS[layout], index_file(cfg)
+    work = path.parent
+    (work / "parts").mkdir(parents=True, exist_ok=True)
+    plan: Plan = reader.plan(root)
+    workers = cfg.workers if cfg.workers is not None else min(8, _cores())
+    infos = run_jobs(reader.index_part, plan.jobs, work, workers, progress, f"indexing {root.name}", plan.unit)
+    fingerprint = _fingerprint(layout, plan, infos)
+    corrupt = [[f"{root}/{name}", why] for info in infos for name, why in info.corrupt]
+    listing = _write_corrupt_list(work, corrupt)
+    published = _published(path)
+    if published.get("fingerprint") == fingerprint and (work / published["generation"] / "meta.json").is_file():
+        return load_index(cfg)  # nothing changed since it was built
+    if corrupt and not cfg.skip_corrupt:
+        raise DataError(_corrupt_message(corrupt, listing, str(root)))
+    file_root = str(work) if layout == "parquet" else str(root)
+    splits = {s: assemble(layout, str(root), file_root, plan.jobs, infos, work, s) for s in ("train", "test")}
+    classes = _classes(plan.classes, splits, root, len(corrupt))
+    stats = mean_std(splits["train"].read, len(splits["train"]))
+    if stats is None:
+        raise DataError(f"none of the sampled train images of '{root}' decodes (the first: "
+                        f"'{splits['train'].name(0)}'); check the files")
+    meta = {"version": INDEX_VERSION, "source": str(root), "layout": layout, "classes": classes,
+            "fingerprint": fingerprint, "skipped": len(corrupt), "skipped_names": [n for n, _ in corrupt[:20]],
+            "mean": stats[0], "std": stats[1], "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _publish(path, meta, splits)
+    _clean(work, infos)
+    return load_index(cfg)
+
+
+def _cores() -> int:
+    """The cores this process may run on (a Slurm job's, not the node's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _fingerprint(layout: str, plan: Plan, infos: list[PartInfo]) -> str:
+    parts = [[job.split, job.key, info.digest] for job, info in zip(plan.jobs, infos, strict=True)]
+    text = json.dumps([INDEX_VERSION, layout, plan.classes, parts], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _write_corrupt_list(work: Path, corrupt: list) -> Path:
+    listing = work / "unreadable.txt"
+    if corrupt:
+        atomic_write_text(listing, "".join(f"{name}\t{why}\n" for name, why in corrupt))
+    else:
+        listing.unlink(missing_ok=True)
+    return listing
+
+
+def _corrupt_message(corrupt: list, listing: Path, source: str) -> str:
+    shown = "; ".join(f"'{name}' ({why})" for name, why in corrupt[:3])
+    more = f" and {len(corrupt) - 3} more" if len(corrupt) > 3 else ""
+    return (f"{len(corrupt)} unreadable image{'s' if len(corrupt) > 1 else ''}: {shown}{more} (all listed in "
+            f"'{listing}'); fix or remove them and index again, or set data.skip_corrupt=true (alexdist index "
+            f"{source} --skip-corrupt) to skip such files")
+
+
+def _classes(names: list[str] | None, splits: dict[str, SplitIndex], root: Path, skipped: int) -> list[str]:
+    """The class names (given, else 0..max label); DataError for an empty split or a label out of range."""
+    for split, s in splits.items():
+        if not len(s):
+            left = f" after leaving out {skipped} unreadable images" if skipped else ""
+            raise DataError(f"the {split} split of '{root}' has no images{left}; both train and test are needed")
+    k = len(names) if names else 1 + max(int(s.labels.max()) for s in splits.values())
+    for split, s in splits.items():
+        bad = np.flatnonzero((s.labels < 0) | (s.labels >= k))
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(f"'{s.name(i)}' ({split}) has label {int(s.labels[i])}, outside the {k} classes "
+                            f"0..{k - 1}; an unlabeled split (label -1, such as imagenet-1k's test) cannot be the "
+                            f"test split: give a labeled validation split")
+    return list(names) if names else [str(i) for i in range(k)]
+
+
+def _published(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _publish(path: Path, meta: dict, splits: dict[str, SplitIndex]) -> None:
+    """Write the index to a new generation folder, then point index.json at it in one rename."""
+    work = path.parent
+    gen = work / f"gen-{meta['fingerprint']}-{secrets.token_hex(3)}"
+    tmp = work / f".{gen.name}.tmp"
+    tmp.mkdir()
+    try:
+        meta["splits"] = {name: save_split(s, tmp, name, work) for name, s in splits.items()}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        os.rename(tmp, gen)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = {k: meta[k] for k in ("version", "source", "layout", "fingerprint", "skipped", "built")}
+    entries = {name: len(s) for name, s in splits.items()}
+    atomic_write_text(path, json.dumps({"generation": gen.name, **summary, "entries": entries}, indent=1) + "\n")
+    for old in work.glob("gen-*"):
+        if old != gen:  # a process that has it mapped keeps reading it: unlinked files live while mapped
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean(work: Path, infos: list[PartInfo]) -> None:
+    """Remove parts and packed files no longer used (a changed class folder's old part, ...), and temporaries
+    left by an interrupted build more than a day ago."""
+    keep = {i.digest for i in infos}
+    day_ago = time.time() - 86400
+    for folder in (work / "parts", work / "packed"):
+        if not folder.is_dir():
+            continue
+        for f in folder.iterdir():
+            stale = f.stem not in keep if not f.name.startswith(".") else f.stat().st_mtime < day_ago
+            if stale:
+                f.unlink(missing_ok=True)
+
+
+def load_index(cfg: DataConfig) -> DataIndex:
+    """The published index of data.source, its arrays memory-mapped (shared pages across loader workers)."""
+    path = index_file(cfg)
+    pointer = _published(path)
+    if not pointer:
+        raise DataError(f"'{cfg.source}' has no index yet (looked for '{path}'); build it once, before training: "
+                        f"alexdist index {cfg.source}" + (f" --cache-dir {cfg.cache_dir}" if cfg.cache_dir else ""))
+    gen = path.parent / pointer["generation"]
+    try:
+        meta = json.loads((gen / "meta.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if meta.get("version") != INDEX_VERSION:
+        raise DataError(f"the index '{path}' is unreadable or from another alexdist version; build it again: "
+                        f"alexdist index {cfg.source}")
+    if meta["skipped"] and not cfg.skip_corrupt:
+        raise DataError(f"the index of '{meta['source']}' leaves out {meta['skipped']} unreadable images (the "
+                        f"first: '{meta['skipped_names'][0]}'); set data.skip_corrupt=true to train without them, "
+                        f"or fix them and index again (alexdist index {cfg.source})")
+    return DataIndex(load_split(str(gen), "train"), load_split(str(gen), "test"), meta["classes"],
+                     meta["fingerprint"], meta["layout"], meta["skipped"], tuple(meta["mean"]), tuple(meta["std"]),
+                     path)
