@@ -11,6 +11,7 @@ The files are photo-like and ImageNet-sized, made offline: random crops of the t
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import sys
@@ -117,10 +118,11 @@ class Batches(torch.utils.data.Dataset):
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 -> normalized float in one pass after the copy, as batches.normalize does on the training device."""
+    """uint8 -> normalized float, as batches.normalize does on the training device; the channels-last batch made
+    contiguous on the way (a per-channel op over channels-last floats costs 1.6x: the inner loop is 3 long)."""
     scale = torch.tensor([1 / (255 * s) for s in STD]).view(1, 3, 1, 1)
     shift = torch.tensor([m / s for m, s in zip(MEAN, STD, strict=True)]).view(1, 3, 1, 1)
-    return x.float().mul_(scale).sub_(shift)
+    return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).sub_(shift)
 
 
 def cpu_seconds() -> float:
@@ -212,6 +214,54 @@ def raw_decode_ips(paths: list[Path], reduce: int = 1) -> tuple[float, float]:
         n = sum(pool.map(_decode_files, chunks))
         return n / (time.perf_counter() - t0), 1e3 * (cpu_seconds() - c0) / n
 
+def _cpu_ms(fn, n: int) -> float:
+    """CPU ms per item of fn() over n items, best of 3."""
+    best = float("inf")
+    for _ in range(3):
+        t = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t)
+    return 1e3 * best / n
+
+
+def stages(paths: list[Path], size: int = 224) -> dict:
+    """Where the time goes at `size` px RandomResizedCrop, in one process and thread (cumulative CPU ms/img):
+    each pipeline's steps, timed one after the other on 128 files."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from alexdist.data.decode import _simplejpeg, decode_train
+
+    files = PathList(paths[:2 * BATCH])
+    n, data = len(files), [files.read(i) for i in range(len(files))]
+    ds = Batches(files, size, train=True)
+    batches = list(BatchSampler(n, True))[:2]
+    params = np.concatenate([p for _, p in batches])
+    ids = np.concatenate([i for i, _ in batches])
+    sj = _simplejpeg()
+    full = (lambda d: sj.decode_jpeg(d, "RGB")) if sj else (lambda d: np.asarray(Image.open(io.BytesIO(d))))
+    # Each step's outputs are dropped as made (as in a pipeline): keeping them all would time page faults.
+    ours = {"decode (full size, to an array)": _cpu_ms(lambda: [full(data[i]) is None for i in ids], n),
+            "+ crop, resize, flip (decode_train)": _cpu_ms(lambda: [decode_train(data[i], p, size, ds.aug) is None
+                                                                    for i, p in zip(ids, params, strict=True)], n),
+            "+ file reads, the batch (uint8)": _cpu_ms(lambda: [ds[b] is None for b in batches], n)}
+    xs = [ds[b][0] for b in batches]
+    ours["+ normalize (float)"] = ours["+ file reads, the batch (uint8)"] + _cpu_ms(
+        lambda: [normalize(x) is None for x in xs], n)
+    steps = [("+ RandomResizedCrop, flip", T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()])),
+             ("+ ToTensor", T.ToTensor()), ("+ Normalize", T.Normalize(MEAN, STD))]
+    total = _cpu_ms(lambda: [Image.open(io.BytesIO(d)).convert("RGB") is None for d in data], n)
+    theirs = {"open, decode, RGB (ImageFolder's loader)": total}
+    images = [Image.open(io.BytesIO(d)).convert("RGB") for d in data]
+    for name, step in steps:
+        total += _cpu_ms(lambda step=step, images=images: [step(im) is None for im in images], n)
+        images = [step(im) for im in images]
+        theirs[name] = total
+    theirs["+ collate"] = total + _cpu_ms(lambda: [torch.stack(images[:BATCH]) is None,
+                                                   torch.stack(images[BATCH:]) is None], n)
+    return {"alexdist": ours, "torchvision": theirs}
+
+
 def image_stack() -> dict:
     """The decoding libraries: Pillow (SIMD build or not), the libjpeg it was built with, simplejpeg if any."""
     import PIL
@@ -275,19 +325,23 @@ def table(res: dict) -> list[str]:
              f"{BATCH}, {WORKERS} loader workers on each side; best of {res['rounds']} rounds of {PASSES} passes, the "
              f"first {WARMUP_BATCHES} batches not timed. Output: normalized float batches at the model's input.", "",
              f"Pillow {st['pillow']} ({'Pillow-SIMD' if st['pillow_simd'] else 'not Pillow-SIMD'}), libjpeg-turbo "
-             f"{st['libjpeg_turbo']}, simplejpeg {st['simplejpeg'] or 'not installed'}, torchvision "
+             f"{st['libjpeg_turbo']}, simplejpeg {st['simplejpeg'] or 'not installed'} (optional: pip install "
+             f"simplejpeg), torchvision "
              f"{st['torchvision']}. alexdist decodes with {decoder}.", "",
              f"Raw Pillow decode in {WORKERS} processes (open, decode, RGB; nothing else): {raw['img_s']:,.0f} img/s, "
              f"{raw['cpu_ms']:.2f} CPU ms/img; at half size (draft): {half['img_s']:,.0f} img/s, "
              f"{half['cpu_ms']:.2f} CPU ms/img.", "",
              "img/s (CPU ms/img) per pipeline; ratios of alexdist's first column: wall-clock rate, CPU per image.", "",
-             "| pipeline | alexdist | alexdist, Pillow only | torchvision | vs torchvision (goal) "
+             "| pipeline | alexdist | alexdist without simplejpeg | torchvision | vs torchvision (goal) "
              "| vs raw decode (goal) |", "|---|---|---|---|---|---|"]
     for key, (what, *_, goal) in CASES.items():
         r = res[key]
         cells = [_cell(runs.get(f"{key}/{side}")) for side in ("alexdist", "alexdist_pillow", "torchvision")]
         lines.append(f"| {what} | {' | '.join(cells)} | {r['ratio']:.2f}x, {r['cpu_ratio']:.2f}x (>= {goal:.0f}x) "
                      f"| {r['of_raw_decode']:.2f}, {r['cpu_of_raw_decode']:.2f} (>= 0.6) |")
+    lines += ["", "Where the time goes at 224 px RandomResizedCrop (one process, one thread; CPU ms/img, cumulative):",
+              ""] + [f"- {side}: " + "; ".join(f"{k} {v:.2f}" for k, v in res["stages_224"][side].items())
+                     for side in ("alexdist", "torchvision")]
     lines += ["", "CPU ms/img: user + system time of the main process and its workers per image delivered, the cost "
               "whatever else the machine runs; img/s is the wall-clock rate.", "",
               "alexdist: a map-style dataset of whole batches (entry ids and crop draws from the sampler), "
@@ -309,7 +363,7 @@ def main() -> None:
     torch.set_num_threads(1)
     paths = make_images(DATA)
     res = {"files": FILES, "batch": BATCH, "workers": WORKERS, "rounds": rounds, "stack": image_stack(),
-           **measure(paths, rounds, pillow_too=_simplejpeg() is not None)}
+           "stages_224": stages(paths), **measure(paths, rounds, pillow_too=_simplejpeg() is not None)}
     write("loader_speed", res, table(res), "nice -n 10 .venv/bin/python benchmarks/loader_speed.py")
 
 

@@ -158,9 +158,10 @@ class Checkpointer:
         loader, fingerprint = self.data_path
         if state.data_loader != loader:
             how = {"stream": "streamed from disk", "memory": "in memory"}
+            was = how.get(state.data_loader, state.data_loader)
             raise CheckpointError(
-                f"checkpoint {path} was trained with its data {how[state.data_loader]}, this run would take it "
-                f"{how[loader]}; resume with data.loader={state.data_loader}, or start a new run in another output_dir")
+                f"checkpoint {path} was trained with its data {was}, this run would take it {how[loader]}; resume "
+                f"with data.loader={state.data_loader}, or start a new run in another output_dir")
         if loader == "stream" and state.data_fingerprint != fingerprint:
             raise CheckpointError(
                 f"checkpoint {path} was trained on other data (indexed files {state.data_fingerprint}, now "

@@ -24,7 +24,7 @@ from alexdist.config import Recipe, flatten
 
 RUN_DEFINING = ("model.name", "model.width_mult", "model.input_size", "data.source", "data.revision",
                 "data.image_size", "data.val_split", "data.synthetic_train", "data.synthetic_test", "optim.name",
-                "data.mean", "data.std", "data.skip_corrupt")
+                "data.mean", "data.std")
 TRAINING_SECTIONS = ("optim.", "schedule.", "augment.")
 NOT_RECORDED = ("checkpoint.resume:", "checkpoint.allow_config_change:")
 TRAINING_KEYS = ("train.epochs", "train.seed", "train.grad_clip", "train.label_smoothing", "train.ema_decay",

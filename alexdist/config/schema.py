@@ -100,14 +100,10 @@ class DataConfig(Section):
             "samples (ImageNet, any folder larger than memory). auto: memory when the decoded set fits, else stream."
         ),
     )
-    workers: int | None = Field(
-        default=None, ge=0, le=64,
-        description="Streamed: loader worker processes per rank; None = the cores per local process, at most 8.",
-    )
-    skip_corrupt: bool = Field(
-        default=False,
-        description="Streamed: skip (and count) the unreadable images indexing finds, instead of refusing the source.",
-    )
+    workers: int | None = Field(default=None, ge=0, le=64, description="Streamed: loader worker processes per "
+                                "rank; None = the cores per local process, at most 8.")
+    skip_corrupt: bool = Field(default=False, description="Streamed: skip (and count) the unreadable images "
+                               "indexing finds, instead of refusing the source.")
     mean: tuple[float, float, float] | None = Field(
         default=None,
         description="Per-channel mean (0..1) for normalization; None: CIFAR-10's in memory, measured on a sample of "
@@ -124,6 +120,13 @@ class DataConfig(Section):
             "else a plain resize to image_size x image_size, as in memory."
         ),
     )
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: Any) -> Any:
+        if v is not None and min(v) <= 0:
+            raise ValueError(f"give three standard deviations above 0, not {list(v)}")
+        return v
 
     @field_validator("val_split", mode="before")
     @classmethod
@@ -143,16 +146,22 @@ class AugmentConfig(Section):
         description='Random crops of the image zero-padded by this many pixels on each side (0: no crops).',
     )
     flip: bool = Field(default=True, description='Random horizontal flips.')
-    random_resized_crop: bool = Field(
-        default=False,
-        description="ImageNet's training crop (torchvision's RandomResizedCrop), not the padded one; streamed only.",
-    )
+    random_resized_crop: bool = Field(default=False, description="ImageNet's training crop (torchvision's "
+                                      "RandomResizedCrop), not the padded one; streamed only.")
     rrc_scale: tuple[float, float] = Field(
         default=(0.08, 1.0), description="augment.random_resized_crop: the crop's share of the image area, low, high."
     )
     rrc_ratio: tuple[float, float] = Field(
         default=(0.75, 4 / 3), description="augment.random_resized_crop: the crop's aspect ratio (w/h), low and high."
     )
+
+    @field_validator("rrc_scale", "rrc_ratio")
+    @classmethod
+    def _range(cls, v: tuple[float, float], info) -> tuple[float, float]:
+        top = 1.0 if info.field_name == "rrc_scale" else float("inf")
+        if not 0 < v[0] <= v[1] <= top:
+            raise ValueError(f"give [low, high] with 0 < low <= high{' <= 1' if top == 1 else ''}, not {list(v)}")
+        return v
 
 
 class TrainConfig(Section):

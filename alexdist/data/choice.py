@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from alexdist.config import DataConfig
+from alexdist.config import AugmentConfig, DataConfig
 from alexdist.data.dataset import available_memory
 from alexdist.errors import ConfigError
 
@@ -43,11 +43,13 @@ def decoded_bytes(n_images: int, size: int) -> int:
     return 3 * n_images * 3 * size * size
 
 
-def choose_loader(cfg: DataConfig, processes: int) -> tuple[str, str | None]:
+def choose_loader(cfg: DataConfig, aug: AugmentConfig, processes: int) -> tuple[str, str | None]:
     """("memory" | "stream", why or None): data.loader as set, or for auto the in-memory path when every process
     on this node can hold the decoded set in 80 % of the available memory. Sources the memory path reads only
     (digits, mnist, synthetic, Hub ids, CIFAR's batches) stay in memory."""
     root = _local_folder(cfg.source)
+    streamed_only = ("augment.random_resized_crop" if aug.random_resized_crop else
+                     "data.eval_resize" if cfg.eval_resize is not None else None)
     if root is not None:
         from alexdist.data.index import index_file, indexable, load_index
     can_stream = root is not None and indexable(str(root))
@@ -58,7 +60,12 @@ def choose_loader(cfg: DataConfig, processes: int) -> tuple[str, str | None]:
                               f"data.loader=memory")
         return "stream", None
     if cfg.loader == "memory" or not can_stream:
+        if streamed_only:
+            raise ConfigError(f"{streamed_only} applies to streamed data only; set data.loader=stream (a local folder "
+                              f"of images, parquet or tar shards), or drop {streamed_only}")
         return "memory", None
+    if streamed_only:
+        return "stream", f"{streamed_only} is set: streamed from disk"
     from alexdist.data.cache import cache_path
 
     if cache_path(cfg).is_file():

@@ -24,7 +24,7 @@ def read_image_folder(root: Path, size: int = 32) -> Dataset:
     classes, class_to_idx = find_classes(root / "train")
     listed = []
     # ImageNet's layout names the evaluation split `val`: alexdist's test split (data.val_split holds out of train).
-    test = "test" if (root / "test").is_dir() or not (root / "val").is_dir() else "val"
+    test = "val" if (root / "val").is_dir() else "test"  # the index's choice too (index_folder.py)
     for split in ("train", test):
         folder = root / split
         if not folder.is_dir():

@@ -11,6 +11,7 @@ the in-memory path does: uint8 crosses the process boundary (4x less than float)
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -78,8 +79,18 @@ def _loader(reader: _Reader, jobs: _Jobs, workers: int, device: torch.device,
     return torch.utils.data.DataLoader(
         reader, batch_size=None, sampler=jobs, num_workers=workers, pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=persistent and workers > 0,
-        generator=torch.Generator(),
+        generator=torch.Generator(), worker_init_fn=_ignore_stop_signals,
     )
+
+
+def _ignore_stop_signals(_worker: int) -> None:
+    """A stop request (scancel, a second Ctrl-C) reaches every process of the job; torch's worker handler would
+    let SIGTERM kill the worker and so crash the trainer mid-step, before its checkpoint. The trainer stops the
+    workers itself (they also leave when it dies)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _decode_eval(data: bytes, params, size: int, eval_resize: int | None, name: str) -> torch.Tensor:
@@ -90,6 +101,9 @@ def _decode_eval(data: bytes, params, size: int, eval_resize: int | None, name: 
 
 def _unpack(item) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(item, _Failed):
+        rank = int(os.environ.get("RANK", "0"))
+        if rank:  # only rank 0 prints a run's error line, and this rank alone read the file
+            print(f"alexdist: rank {rank}: {item.message}", file=sys.stderr, flush=True)
         raise DataError(item.message)
     return item
 

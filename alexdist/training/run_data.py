@@ -25,8 +25,8 @@ from alexdist.training.run_inputs import RunData
 
 def run_data(recipe: Recipe, accelerator) -> RunData:
     """This rank's training batches, the validation split, the test set and the class names."""
-    loader, why = from_main(accelerator, choose_loader(recipe.data, local_processes()) if accelerator.is_main_process
-                            else None)
+    choice = choose_loader(recipe.data, recipe.augment, local_processes()) if accelerator.is_main_process else None
+    loader, why = from_main(accelerator, choice)
     if loader == "stream":
         from alexdist.training.run_data_streamed import streamed_run_data
 

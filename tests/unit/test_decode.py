@@ -93,7 +93,7 @@ def test_rrc_params_are_the_same_for_a_position_whatever_the_positions_asked_wit
 @pytest.mark.parametrize("scale, ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.9, 1.0), (0.2, 5.0)),
                                           ((0.01, 0.02), (1.0, 1.0))])
 def test_rrc_box_stays_inside_the_image(scale, ratio):
-    params = rrc_params(0, 0, np.arange(2000))
+    params = rrc_params(0, 0, np.arange(600))
     for width, height in [(500, 375), (375, 500), (1000, 120), (3, 3), (1, 40)]:
         for row in params:
             left, top, w, h = rrc_box(row, width, height, scale, ratio)
@@ -121,10 +121,10 @@ def test_rrc_box_matches_torchvisions_distribution_where_boxes_do_not_fit():
 
     torch.manual_seed(0)
     img = torch.zeros(1, 375, 500)
-    theirs = np.array([RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(10_000)])
-    ours = np.array([rrc_box(r, 500, 375, (0.08, 1.0), (3 / 4, 4 / 3)) for r in rrc_params(0, 0, np.arange(10_000))])
+    theirs = np.array([RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(5000)])
+    ours = np.array([rrc_box(r, 500, 375, (0.08, 1.0), (3 / 4, 4 / 3)) for r in rrc_params(0, 0, np.arange(5000))])
     area_theirs, area_ours = (theirs[:, 2] * theirs[:, 3]).mean(), (ours[:, 2] * ours[:, 3]).mean()
-    assert area_ours == pytest.approx(area_theirs, rel=0.02)
+    assert area_ours == pytest.approx(area_theirs, rel=0.03)
     assert np.log(ours[:, 2] / ours[:, 3]).mean() == pytest.approx(np.log(theirs[:, 3] / theirs[:, 2]).mean(), abs=0.01)
 
 
@@ -181,7 +181,7 @@ def test_small_crops_decode_at_full_size_as_torchvisions_resized_crop(monkeypatc
     data = _encode(_photo(500, 375))
     full = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
     sizes = _decoded_sizes(monkeypatch, decoder)
-    for row in rrc_params(0, 0, np.arange(20)):
+    for row in rrc_params(0, 0, np.arange(8)):
         left, top, w, h = rrc_box(row, 500, 375, RRC.rrc_scale, RRC.rrc_ratio)
         want = resized_crop(full, top, left, h, w, [224, 224], antialias=True)
         want = want.flip(-1) if row[4] else want
@@ -218,7 +218,7 @@ def test_every_image_mode_decodes_to_three_channels(decoder, fmt, mode):
     if mode == "CMYK":  # a reduced decode of a CMYK JPEG keeps its colours
         full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         want = _resized_box(full, rrc_box(row, 300, 200, RRC.rrc_scale, RRC.rrc_ratio), 32).flip(-1)
-        assert (decode_train(data, row, 32, RRC).float() - want.float()).abs().mean() < 3
+        assert (decode_train(data, row, 32, RRC).float() - want.float()).abs().mean() < 1
 
 
 @pytest.mark.parametrize("call", [lambda d: decode_train(d, np.array([0.5] * 5), 32, RRC, name="a/b.JPEG"),
@@ -244,8 +244,8 @@ def test_simplejpeg_and_pillow_crop_the_same_pixels(monkeypatch):
         buf = io.BytesIO()
         (im.convert(mode) if mode else im).save(buf, "JPEG", quality=90, **kwargs)
         cases.append(buf.getvalue())
-    rows = rrc_params(5, 0, np.arange(12))
-    rows[:4, 0] = 0.99  # large boxes: reduced decodes at 32 and 64 px
+    rows = rrc_params(5, 0, np.arange(6))
+    rows[:3, 0] = 0.99  # large boxes: reduced decodes at 32 and 64 px
 
     def crops() -> list[torch.Tensor]:
         return [decode_train(d, r, s, RRC) for d in cases for r in rows for s in (224, 64, 32)] + \
