@@ -54,12 +54,16 @@ class DivergedError(AlexdistError, exit_code=6):
 
 
 def require_extra(extra: str, feature: str, *modules: str) -> None:
-    """Import `modules` (the packages of pyproject.toml's extra `extra`); where one is missing, a SetupError that
-    names the feature, the missing package and the command that installs the extra, in one line."""
+    """Import `modules` (the packages of pyproject.toml's extra `extra`); where one is missing or does not import,
+    a SetupError that names the feature, the package (and why) and the command that installs the extra, in one
+    line."""
     for name in modules:
+        # Any failure to import, not only ImportError: an installed but broken extra raises what its loader raises
+        # (OSError for a missing shared library, RuntimeError for a binary built against another numpy), and the
+        # fix is the same, the extra's install; its cause is shown.
         try:
             importlib.import_module(name)
-        except ImportError as exc:  # a broken install too (a missing shared library): the same fix, its cause shown
+        except Exception as exc:
             what = (f"{exc.name} is not installed" if isinstance(exc, ModuleNotFoundError) and exc.name
                     else f"{name} does not import ({brief(exc)})")
             raise SetupError(f"{feature} needs the '{extra}' extra ({what}): pip install 'alexdist[{extra}]'") from None

@@ -13,6 +13,8 @@ is written to $OUT/gpu_check.{md,jsonl} as soon as it finishes, so a run cut sho
 - probes on alexdist's own loop: host syncs per optimizer step, collectives per step (ZeRO's buffers, LARS under
   FSDP2), SyncBatchNorm against DDP, fp16 overflows, a NaN loss from step 3 (skipped, then exit 6), a ZeRO-2
   universal-checkpoint resume;
+- ImageNet-size: images/s per GPU of the imagenet_alexnet_bn_lars recipe at 224 px streamed from disk against
+  the same step from memory, and which of the two bounds a step (gpu_check_imagenet.py);
 - the headline: seconds per CIFAR-sized epoch (50,000 images + evaluation of 10,000) of the bn recipe in its
   fastest setting, and the share of the device's matmul ceiling it reaches.
 The error column shows the `alexdist: error:` line, or the Python exception, never the launcher's wrapper.
@@ -34,6 +36,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import gpu_probes  # noqa: E402 (after the sys.path line)
 from common import error_line  # noqa: E402
+from gpu_check_imagenet import fmt_imagenet  # noqa: E402
 from gpu_plan import CPU, GPU, Row, Setting, plan  # noqa: E402
 from gpu_runners import training_tflop  # noqa: E402
 
@@ -65,6 +68,8 @@ def fmt(row: Row, r: dict, bare_ips: dict[str, float]) -> str:
         return f"| {row.name} | skipped: {r['skipped']} | | | | |"
     if "error" in r:
         return f"| {row.name} | failed (exit {r.get('exit')}): {r['error'].replace('|', '/')} | | | | |"
+    if "stream_images_per_s" in r:
+        return fmt_imagenet(row.name, r)
     if "images_per_s" in r:
         base = bare_ips.get(row.precision)
         bare = row.name.startswith("bare loop")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gpu_check_imagenet import imagenet_row
 from gpu_probes import (
     bare_loop,
     ceiling,
@@ -106,6 +107,8 @@ def plan(s: Setting) -> list[Row]:
         Row(f"FSDP2 {half}, real process group", train, half, fsdp, launcher="torchrun"),
         Row(f"FSDP2 {half} channels_last (contiguous parameters)", train, half, fsdp + ["speed.channels_last=true"],
             launcher="torchrun"),
+        # ImageNet-size: does the loader or the model bound a step? (gpu_check_imagenet.py)
+        Row("ImageNet-size 224 px: img/s per GPU streamed from disk vs from memory", imagenet_row, half),
     ]
     for p in s.precisions:
         if p != half:

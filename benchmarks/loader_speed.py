@@ -1,6 +1,7 @@
-"""Images/s of the streamed loader (alexdist's decode functions in 2 DataLoader workers) against torchvision's
-ImageFolder + PIL + DataLoader with the same 2 workers, on the same JPEG files, at the model's input (normalized
-float batches), after a warm-up; and the raw Pillow decode rate of those files on the same cores.
+"""Images/s of the streamed loader users run (alexdist/data/streamed.py's StreamBatches and StreamEvalSet over
+an index of the files, 2 loader workers) against torchvision's ImageFolder + PIL + DataLoader with the same 2
+workers, on the same JPEG files, at the model's input (normalized float batches), after a warm-up; and the raw
+Pillow decode rate of those files on the same cores.
 
     nice -n 10 .venv/bin/python benchmarks/loader_speed.py   # -> benchmarks/results/loader_speed.{json,md}
 
@@ -16,6 +17,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +33,12 @@ SIZES = [((500, 375), 50), ((375, 500), 20), ((500, 333), 15), ((500, 500), 10),
 
 
 def make_images(root: Path, n: int = FILES, classes: int = CLASSES, seed: int = 0) -> list[Path]:
-    """n JPEGs in root/train/CLASS/ (made once; kept for later runs)."""
+    """n JPEGs in root/train/CLASS/, one a class linked into root/val/CLASS/ (made once; kept for later runs)."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
     paths = [root / "train" / f"n{i % classes:08d}" / f"img_{i:05d}.JPEG" for i in range(n)]
-    if all(p.is_file() for p in paths):
+    if all(p.is_file() for p in paths) and (root / "val").is_dir():
         return paths
     g = np.random.default_rng(seed)
     photos = [Image.fromarray(a) for a in load_sample_images().images]  # 640 x 427 each
@@ -50,79 +52,41 @@ def make_images(root: Path, n: int = FILES, classes: int = CLASSES, seed: int = 
         arr = arr + g.normal(0, 2, arr.shape).round().astype(np.int16)  # sensor grain: ImageNet-like file sizes
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=95)
+    for path in paths[:classes]:  # the index wants a test split: one image a class, linked
+        val = root / "val" / path.parent.name / path.name
+        val.parent.mkdir(parents=True, exist_ok=True)
+        os.link(path, val)
     return paths
 
 
-class PathList:
-    """The encoded bytes and label of each entry, read from a list of files: the stand-in for the streamed index
-    (its SplitIndex has the same read(i) and labels), which replaces this class once it lands."""
+def index(paths: list[Path]):
+    """The streamed path's index of the files (built once, under DATA's cache; kept for later runs)."""
+    from alexdist.config import DataConfig
+    from alexdist.data.index import build_index
 
-    def __init__(self, paths: list[Path]):
-        self.paths = [str(p) for p in paths]
-        names = sorted({p.parent.name for p in paths})
-        self.labels = np.array([names.index(p.parent.name) for p in paths], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def read(self, i: int) -> bytes:
-        with open(self.paths[i], "rb") as f:
-            return f.read()
+    return build_index(DataConfig(source=str(DATA), cache_dir=str(DATA.parent / f"{DATA.name}-cache"), workers=0),
+                       progress=False)
 
 
-class BatchSampler:
-    """Whole batches: (entry ids, per-position params) drawn from (seed, epoch, position) as the streamed path
-    draws them, PASSES epochs in a row (one iterator, so the workers never drain between epochs)."""
-
-    def __init__(self, n: int, train: bool, seed: int = 0):
-        self.n, self.train, self.seed = n, train, seed
-
-    def __iter__(self):
-        from alexdist.data.batches import epoch_permutation
-        from alexdist.data.crops import rrc_params
-
-        for epoch in range(PASSES):
-            order = epoch_permutation(self.n, self.seed, epoch).numpy() if self.train else np.arange(self.n)
-            for start in range(0, self.n - BATCH + 1, BATCH):
-                pos = np.arange(start, start + BATCH)
-                yield order[pos], (rrc_params(self.seed, epoch, pos) if self.train else None)
-
-    def __len__(self) -> int:
-        return PASSES * (self.n // BATCH)
+def entries(n: int) -> np.ndarray:
+    """PASSES passes over the n files as one epoch's entries (an entry may repeat): one loader pass, so the
+    workers never drain between epochs, as in an ImageNet epoch of thousands of steps."""
+    return np.tile(np.arange(n), PASSES)
 
 
-class Batches(torch.utils.data.Dataset):
-    """Map-style dataset whose items are whole batches: uint8 (B, 3, S, S) built straight into shared memory in
-    the worker (what crosses to the trainer is a handle, and 1 byte a value rather than a float's 4). The
-    streamed loader's batches; SplitIndex.read replaces PathList.read there."""
+def shipped(paths: list[Path], size: int, train: bool, eval_resize: int | None):
+    """alexdist's own streamed batches (alexdist/data/streamed.py) over the files, with WORKERS loader workers:
+    (number of batches, an iterator of normalized float batches)."""
+    from alexdist.config import AugmentConfig
+    from alexdist.data.streamed import StreamBatches, StreamEvalSet
 
-    def __init__(self, files: PathList, size: int, train: bool, eval_resize: int | None = None):
-        from alexdist.config import AugmentConfig
-
-        self.files, self.size, self.train, self.eval_resize = files, size, train, eval_resize
-        self.aug = AugmentConfig(random_resized_crop=True)
-
-    def __getitem__(self, item: tuple[np.ndarray, np.ndarray | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        from alexdist.data.decode import decode_eval, decode_train
-
-        ids, params = item
-        # channels last: the decoder's pixel order, so each crop is a plain copy (see decode.py)
-        x = torch.empty((len(ids), 3, self.size, self.size), dtype=torch.uint8, memory_format=torch.channels_last)
-        if torch.utils.data.get_worker_info() is not None:
-            x.share_memory_()
-        for j, i in enumerate(ids):
-            data = self.files.read(int(i))
-            x[j] = (decode_train(data, params[j], self.size, self.aug) if self.train
-                    else decode_eval(data, self.size, self.eval_resize))
-        return x, torch.from_numpy(self.files.labels[ids])
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 -> normalized float, as batches.normalize does on the training device; the channels-last batch made
-    contiguous on the way (a per-channel op over channels-last floats costs 1.6x: the inner loop is 3 long)."""
-    scale = torch.tensor([1 / (255 * s) for s in STD]).view(1, 3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(MEAN, STD, strict=True)]).view(1, 3, 1, 1)
-    return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).sub_(shift)
+    idx, cpu, n = index(paths), torch.device("cpu"), len(paths) * PASSES
+    if not train:
+        ev = StreamEvalSet(idx.train, entries(len(paths)), size, eval_resize, size, cpu, WORKERS, MEAN, STD)
+        return ev.n_batches(0, 1, BATCH), ev.batches(0, 1, BATCH)
+    sb = StreamBatches(idx.train, entries(len(paths)), BATCH, 1, 0, 1, 0, AugmentConfig(random_resized_crop=True),
+                       size, size, cpu, WORKERS, MEAN, STD)
+    return n // BATCH, (xy for micro in sb.epoch(0) for xy in micro)
 
 
 def cpu_seconds() -> float:
@@ -141,13 +105,12 @@ def cpu_seconds() -> float:
     return total
 
 
-def timed(loader, post=lambda x: x) -> tuple[float, float]:
-    """(images/s, CPU ms per image) after WARMUP_BATCHES batches (worker start, imports, first allocations),
-    measured up to the last batch (before the workers exit). Each batch's pages are touched as a model's first
-    layer would (a worker's batch arrives as shared memory, mapped on first access)."""
-    n, last = 0, len(loader)
-    for b, (x, _) in enumerate(loader, 1):
-        x = post(x)
+def timed(last: int, batches) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of `last` batches after WARMUP_BATCHES batches (worker start, imports, first
+    allocations), measured up to the last batch (before the workers exit). Each batch's pages are touched as a
+    model's first layer would."""
+    n = 0
+    for b, (x, _) in enumerate(batches, 1):
         x.as_strided((x.numel() // 1024,), (1024,)).sum()  # one value a page (dense: any memory format)
         if b > WARMUP_BATCHES:
             n += len(x)
@@ -158,19 +121,17 @@ def timed(loader, post=lambda x: x) -> tuple[float, float]:
     return n / (t1 - t0), 1e3 * (c1 - c0) / n
 
 
-def _pillow_only(worker_id: int) -> None:
-    from alexdist.data import decode
-
-    decode._simplejpeg = lambda: None
-
-
 def ours(paths: list[Path], size: int, train: bool, eval_resize: int | None = None,
          pillow_only: bool = False) -> tuple[float, float]:
-    files = PathList(paths)
-    loader = torch.utils.data.DataLoader(Batches(files, size, train, eval_resize), batch_size=None,
-                                         sampler=BatchSampler(len(files), train), num_workers=WORKERS,
-                                         prefetch_factor=2, worker_init_fn=_pillow_only if pillow_only else None)
-    return timed(loader, normalize)
+    from alexdist.data import decode
+
+    cached = decode._simplejpeg
+    if pillow_only:  # the workers fork from here, and so decode with Pillow too
+        decode._simplejpeg = lambda: None
+    try:
+        return timed(*shipped(paths, size, train, eval_resize))
+    finally:
+        decode._simplejpeg = cached
 
 
 def torchvision_ips(size: int, train: bool) -> tuple[float, float]:
@@ -188,7 +149,7 @@ def torchvision_ips(size: int, train: bool) -> tuple[float, float]:
                else list(range(len(ds))) * PASSES)
     loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, sampler=sampler, num_workers=WORKERS,
                                          drop_last=True, prefetch_factor=2)
-    return timed(loader)
+    return timed(len(loader), loader)
 
 
 def _decode_files(args: tuple[list[str], int]) -> int:
@@ -230,29 +191,33 @@ def stages(paths: list[Path], size: int = 224) -> dict:
     from PIL import Image
     from torchvision import transforms as T
 
+    from alexdist.config import AugmentConfig
+    from alexdist.data.batches import normalize
+    from alexdist.data.crops import rrc_params
     from alexdist.data.decode import _simplejpeg, decode_train
+    from alexdist.data.streamed import _device_batch, _Reader
 
-    files = PathList(paths[:2 * BATCH])
-    n, data = len(files), [files.read(i) for i in range(len(files))]
-    ds = Batches(files, size, train=True)
-    batches = list(BatchSampler(n, True))[:2]
-    params = np.concatenate([p for _, p in batches])
-    ids = np.concatenate([i for i, _ in batches])
+    split, aug, n = index(paths).train, AugmentConfig(random_resized_crop=True), 2 * BATCH
+    data = [split.read(i) for i in range(n)]
+    ds = _Reader(split, partial(decode_train, size=size, aug=aug), size, channels_last=True)
+    batches = [(np.arange(b, b + BATCH), rrc_params(0, 0, np.arange(b, b + BATCH))) for b in (0, BATCH)]
+    ids, params = np.arange(n), np.concatenate([p for _, p in batches])
     sj = _simplejpeg()
     full = (lambda d: sj.decode_jpeg(d, "RGB")) if sj else (lambda d: np.asarray(Image.open(io.BytesIO(d))))
     # Each step's outputs are dropped as made (as in a pipeline): keeping them all would time page faults.
     ours = {"decode (full size, to an array)": _cpu_ms(lambda: [full(data[i]) is None for i in ids], n),
-            "+ crop, resize, flip (decode_train)": _cpu_ms(lambda: [decode_train(data[i], p, size, ds.aug) is None
+            "+ crop, resize, flip (decode_train)": _cpu_ms(lambda: [decode_train(data[i], p, size, aug) is None
                                                                     for i, p in zip(ids, params, strict=True)], n),
             "+ file reads, the batch (uint8)": _cpu_ms(lambda: [ds[b] is None for b in batches], n)}
-    xs = [ds[b][0] for b in batches]
+    xs = [ds[b] for b in batches]
+    cpu = torch.device("cpu")
     ours["+ normalize (float)"] = ours["+ file reads, the batch (uint8)"] + _cpu_ms(
-        lambda: [normalize(x) is None for x in xs], n)
+        lambda: [normalize(_device_batch(x, cpu)[0], size, MEAN, STD) is None for x in xs], n)
+    images = [Image.open(io.BytesIO(d)).convert("RGB") for d in data]
     steps = [("+ RandomResizedCrop, flip", T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip()])),
              ("+ ToTensor", T.ToTensor()), ("+ Normalize", T.Normalize(MEAN, STD))]
     total = _cpu_ms(lambda: [Image.open(io.BytesIO(d)).convert("RGB") is None for d in data], n)
     theirs = {"open, decode, RGB (ImageFolder's loader)": total}
-    images = [Image.open(io.BytesIO(d)).convert("RGB") for d in data]
     for name, step in steps:
         total += _cpu_ms(lambda step=step, images=images: [step(im) is None for im in images], n)
         images = [step(im) for im in images]
@@ -342,13 +307,20 @@ def table(res: dict) -> list[str]:
     lines += ["", "Where the time goes at 224 px RandomResizedCrop (one process, one thread; CPU ms/img, cumulative):",
               ""] + [f"- {side}: " + "; ".join(f"{k} {v:.2f}" for k, v in res["stages_224"][side].items())
                      for side in ("alexdist", "torchvision")]
+    load, one = res["load_average"], "; ratios from one round" if res["rounds"] == 1 else ""
+    busy = f" (above {WORKERS}: other work shared the cores)" if max(load) > WORKERS else ""
+    lines += ["", f"Load average of the machine's {os.cpu_count()} cores {load[0]:.1f} -> {load[1]:.1f} over the "
+              f"run{busy}{one}."]
     lines += ["", "CPU ms/img: user + system time of the main process and its workers per image delivered, the cost "
               "whatever else the machine runs; img/s is the wall-clock rate.", "",
-              "alexdist: a map-style dataset of whole batches (entry ids and crop draws from the sampler), "
-              "crops decoded by alexdist's decode_train / decode_eval (reduced-size JPEG decode where the crop "
-              "allows) into a channels-last uint8 batch in shared memory, normalized as one float op in the main "
-              "process (one intra-op thread on both sides). torchvision: ImageFolder, per-image RandomResizedCrop "
-              "/ Resize + CenterCrop, flip, ToTensor, Normalize, default collate."]
+              "alexdist: what a run streams, StreamBatches / StreamEvalSet (alexdist/data/streamed.py) over the "
+              "files' index: whole micro-batches per DataLoader item (entry ids and crop draws from the trainer), "
+              "read and decoded by decode_train / decode_eval (reduced-size JPEG decode where the crop allows) "
+              "straight into a channels-last uint8 batch in shared memory, reused by each worker in turn; in the "
+              "trainer made contiguous and normalized (one intra-op thread on both sides). Its epoch is the "
+              f"{PASSES} passes over the files, so its workers do not drain between passes. torchvision: "
+              "ImageFolder, per-image RandomResizedCrop / Resize + CenterCrop, flip, ToTensor, Normalize, default "
+              "collate."]
     return lines
 
 
@@ -363,7 +335,9 @@ def main() -> None:
     torch.set_num_threads(1)
     paths = make_images(DATA)
     res = {"files": FILES, "batch": BATCH, "workers": WORKERS, "rounds": rounds, "stack": image_stack(),
-           "stages_224": stages(paths), **measure(paths, rounds, pillow_too=_simplejpeg() is not None)}
+           "load_average": [os.getloadavg()[0]], "stages_224": stages(paths),
+           **measure(paths, rounds, pillow_too=_simplejpeg() is not None)}
+    res["load_average"].append(os.getloadavg()[0])  # other work on the cores stretches img/s, less CPU ms/img
     write("loader_speed", res, table(res), "nice -n 10 .venv/bin/python benchmarks/loader_speed.py")
 
 

@@ -11,14 +11,16 @@
 Each run is `accelerate launch --multi_gpu --num_processes 2 -m alexdist.train RECIPE` on MNIST (60k images
 padded to 32 px, 10 % held out as the validation split by the recipe, the 10k test images) at x0.25 width, with
 the effective batch reached as 2 processes x train.grad_accum x a per-process batch of at most 128 (the
-equivalence tests prove accumulation = more processes). It stops at the first epoch whose validation accuracy
-reaches the recipe's TARGET (train.stop_at_acc), or at its epoch cap: MIN_EPOCHS, or as many epochs as give the
-batch MIN_STEPS optimizer steps if that is more (batch 8192: 34 epochs, 204 steps). The schedule (warmup, then
-cosine decay) is sized by the cap: one formula of the batch, as Shallue et al. give each batch a step budget.
-One JSON file per run in benchmarks/results/steps_to_target/
-(steps and epochs to target, final validation and test accuracy, the noise scale per epoch, wall time, the
-exact command); a run whose file exists is skipped, so the study runs in pieces. Every choice of rule reads
-validation accuracy only.
+equivalence tests prove accumulation = more processes), without flips. It stops at the first evaluation whose
+validation accuracy reaches the recipe's TARGET (train.stop_at_acc; VAL_CHECKS evaluations an epoch once within
+VAL_WITHIN of it, so the crossing, interpolated between two evaluations, is known to ~2 %), or at its epoch cap:
+MIN_EPOCHS, or as many epochs as give the batch MIN_STEPS optimizer steps if that is more (batch 8192: 34 epochs,
+204 steps). The schedule (warmup, then cosine decay) is sized by the cap: one formula of the batch, as Shallue
+et al. give each batch a step budget. One JSON file per run in benchmarks/results/steps_to_target/ (steps to
+target with their bracket, epochs, final validation and test accuracy, the noise scale at the crossing and per
+epoch, wall time, the exact command, the commit, CPU, torch and ATEN_CPU_CAPABILITY); a run whose file exists is
+skipped, so the study runs in pieces. Each run trains in runs/study/<id>/, checkpointed at every epoch end: a
+stopped study (Ctrl-C, SIGTERM) run again resumes it. Every choice of rule reads validation accuracy only.
 
 Rules (optimizer overrides on top of the recipe; lr always given for the recipe's ref_batch of 128):
 - `shipped`: what the recipe file holds now (the run's id names it explicitly, SHIPPED);
@@ -29,20 +31,28 @@ Rules (optimizer overrides on top of the recipe; lr always given for the recipe'
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from common import ROOT, env, error_line
+from report import machine
 
 from alexdist.distributed.launcher import launch_command
+from alexdist.errors import STOPPED_EXIT_CODE
 
-# Results land here; STUDY_OUT lets the pinned worktree the study runs from write into the checkout.
+# Results land here; STUDY_OUT lets the pinned worktree the study runs from write into the checkout. The runs'
+# own folders (checkpoints, metrics, launch.log) under STUDY_RUNS: a stopped run resumes from there.
 OUT = Path(os.environ.get("STUDY_OUT", ROOT / "benchmarks" / "results" / "steps_to_target"))
+RUNS = Path(os.environ.get("STUDY_RUNS", ROOT / "runs" / "study"))
+# 1: the first study (flips, the target read at epoch ends); 2: issue 40's (no flips, VAL_CHECKS evaluations an
+# epoch from VAL_WITHIN below the target, the crossing interpolated). Protocol 2's run ids end in `-p2`.
+PROTOCOL = 2
+VAL_CHECKS, VAL_WITHIN = 8, 0.01
 NPROC = 2
 MICRO = 128  # per-process batch (BatchNorm's batch), as the recipes' batch_size on one GPU
 WIDTH = 0.25
@@ -95,56 +105,102 @@ def epoch_cap(batch: int, rule: str) -> int:
 
 
 def run_id(recipe: str, batch: int, rule: str) -> str:
-    return f"{recipe}-b{batch}-{rule}"
+    return f"{recipe}-b{batch}-{rule}-p{PROTOCOL}"
 
 
 def command_args(recipe: str, batch: int, rule: str, out: str) -> list[str]:
+    """The run's overrides. Protocol 2 (issue 40): no flips (a mirrored digit is another symbol, or none), the
+    validation split evaluated VAL_CHECKS times an epoch once within VAL_WITHIN of the target (every step where an
+    epoch has fewer), and a checkpoint at every epoch end, which a stopped run resumes from."""
     per, accum = layout(batch)
     cap = epoch_cap(batch, rule)
     steps = cap * (TRAIN_IMAGES // batch)
     return [recipe, "data.source=mnist", f"model.width_mult={WIDTH}", f"train.epochs={cap}",
             f"train.batch_size={per}", f"train.grad_accum={accum}", f"train.stop_at_acc={TARGET[recipe]}",
-            f"tracking.time_to_acc={TARGET[recipe]}", "tracking.wandb=false", "checkpoint.at_epoch_end=false",
+            f"tracking.time_to_acc={TARGET[recipe]}", "tracking.wandb=false", "checkpoint.keep=1",
+            "augment.flip=false", f"eval.val_checks.per_epoch={VAL_CHECKS}", f"eval.val_checks.within={VAL_WITHIN}",
             "eval.confusion_png=false", "speed.channels_last=true", f"train.log_every={max(1, steps // 200)}",
             *INPUT_SIZE.get(recipe, []), *rule_overrides(rule), f"output_dir={out}"]
 
 
 def run_one(recipe: str, batch: int, rule: str) -> dict | None:
+    """The run, resumed from its checkpoint if an earlier attempt stopped (Ctrl-C, SIGTERM: the trainer checkpoints
+    and exits 75; rerun the study to continue it); None if its result file exists or it stopped again."""
     rid = run_id(recipe, batch, rule)
     path = OUT / f"{rid}.json"
     if path.is_file():
         return None
-    with tempfile.TemporaryDirectory() as out:
-        args = command_args(recipe, batch, rule, out)
-        t0 = time.time()
-        proc = subprocess.run(launch_command(args, NPROC, "accelerate"), cwd=ROOT, env=env(), capture_output=True,
-                              text=True, check=False)
-        wall = time.time() - t0
-        metrics, summary = Path(out) / "metrics.jsonl", Path(out) / "summary.json"
-        events = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
-        s = json.loads(summary.read_text()) if summary.is_file() else {}
+    run_dir = RUNS / rid
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = command_args(recipe, batch, rule, str(run_dir))
+    t0 = time.time()
+    with open(run_dir / "launch.log", "a") as log:
+        proc = subprocess.Popen(launch_command(args, NPROC, "accelerate"), cwd=ROOT, env=env(), stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:  # the launcher got the same Ctrl-C: its ranks checkpoint, then exit
+            proc.wait()
+            raise
+    with open(run_dir / "attempts.jsonl", "a") as f:  # the run's wall time over all its attempts
+        f.write(json.dumps({"wall_s": round(time.time() - t0, 1), "returncode": rc}) + "\n")
+    if rc == STOPPED_EXIT_CODE:
+        return None
+    result = result_row(recipe, batch, rule, run_dir, rc)
+    OUT.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def result_row(recipe: str, batch: int, rule: str, run_dir: Path, rc: int) -> dict:
+    """The result file's row: the run's outcome, the target's crossing (bracket, interpolated step, noise scale
+    there), its curves, and what it ran on."""
+    rid = run_id(recipe, batch, rule)
+    metrics, summary = run_dir / "metrics.jsonl", run_dir / "summary.json"
+    events = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    s = json.loads(summary.read_text()) if summary.is_file() else {}
+    attempts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    crossing = s.get("target_crossing")
     shown = ["accelerate launch --multi_gpu --num_processes 2 -m alexdist.train",
-             *[a for a in args if not a.startswith("output_dir=")], f"output_dir=runs/study/{rid}"]
-    result = {
-        "id": rid, "recipe": recipe, "effective_batch": batch, "rule": rule, "width": WIDTH,
+             *[a for a in command_args(recipe, batch, rule, "") if not a.startswith("output_dir=")],
+             f"output_dir=runs/study/{rid}"]
+    return {
+        "id": rid, "protocol": PROTOCOL, "recipe": recipe, "effective_batch": batch, "rule": rule, "width": WIDTH,
         "target": TARGET[recipe], "epoch_cap": epoch_cap(batch, rule), "overrides": rule_overrides(rule),
         "per_process_batch": layout(batch)[0], "grad_accum": layout(batch)[1], "processes": NPROC,
-        "returncode": proc.returncode, "status": s.get("status"),
+        "returncode": rc, "status": s.get("status"),
         "reached": s.get("status") == "target_reached", "steps": s.get("steps"), "epochs": s.get("epochs_run"),
+        "crossing_step": crossing and crossing["interpolated_step"], "crossing_bracket": crossing and
+        crossing["bracket"], "crossing": crossing, "noise_at_crossing": crossing and crossing.get("noise_scale"),
         "steps_per_epoch": s.get("steps_per_epoch"), "final_val_acc": s.get("final_val_acc"),
         "final_test_acc": s.get("final_test_acc"), "best_val_acc": s.get("best_val_acc"),
         "peak_lr": s.get("peak_lr"), "warmup_steps": s.get("warmup_steps"),
         "noise_scale": (s.get("noise_scale") or {}).get("b_simple"), "noise_scale_facts": s.get("noise_scale"),
         "time_to_target_s": s.get("time_to_target_s"), "images_per_s": s.get("images_per_s"),
-        "wall_s": round(wall, 1),
-        "curve": [{"epoch": e["epoch"], "step": e["step"], "val_acc": e["acc"]} for e in events if e["event"] == "val"],
-        "noise_curve": [[e["step"], e.get("noise_scale")] for e in events if e["event"] == "train"],
+        "wall_s": round(sum(a["wall_s"] for a in attempts), 1), "attempts": len(attempts),
+        "curve": [{"epoch": e["epoch"], "step": e["step"], "val_acc": e["acc"], "val_loss": e["loss"]}
+                  for e in events if e["event"] in ("val", "val_check")],
+        "noise_curve": [[e["step"], e.get("noise_scale"), e.get("grad_sq"), e.get("grad_trace")]
+                        for e in events if e["event"] in ("train", "val_check")],
         "train_loss": [[e["step"], e["loss"]] for e in events if e["event"] == "step"],
-        "command": " ".join(shown), "error": error_line(proc.stderr) if proc.returncode else None,
+        "command": " ".join(shown), **provenance(),
+        "error": error_line((run_dir / "launch.log").read_text(errors="replace")) if rc else None,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return result
+
+
+@functools.cache
+def provenance() -> dict:
+    """What the runs ran on: the commit (+dirty with local changes), the CPU, torch, and the CPU kernels torch
+    chose (ATEN_CPU_CAPABILITY: the variable as set, and the capability torch reports under it)."""
+    def out(*cmd: str) -> str:
+        return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, check=False).stdout.strip()
+
+    dirty = bool(out("git", "status", "--porcelain", "--untracked-files=no"))
+    torch_facts = out(sys.executable, "-c", "import torch; print(torch.__version__); "
+                      "print(torch.backends.cpu.get_cpu_capability())").splitlines() or [None, None]
+    return {"git_commit": (out("git", "rev-parse", "HEAD") or "unknown") + ("+dirty" if dirty else ""),
+            "cpu": machine()["cpu"], "torch": torch_facts[0], "aten_cpu_capability": torch_facts[-1],
+            "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY")}
 
 
 # The rules tried for the BatchNorm-free models at large batch, after You et al. (LARS with a few warmup

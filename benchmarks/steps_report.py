@@ -26,10 +26,27 @@ def fit_critical_batch(points: list[tuple[int, int]]) -> tuple[float, float] | N
     return best[1], best[2]
 
 
+def steps_of(r: dict) -> float:
+    """The steps to the target: the crossing interpolated between two evaluations where the run recorded it
+    (protocol 2), else the step of the first evaluation at or above the target (an epoch end)."""
+    return r.get("crossing_step") or r["steps"]
+
+
+def noise_of(r: dict) -> float | None:
+    """The run's noise scale: read at the target's crossing where recorded, else at the run's end."""
+    at = r.get("noise_at_crossing") or {}
+    return at.get("noise_scale") if r.get("crossing_step") else r.get("noise_scale")
+
+
 def _cell(r: dict) -> str:
     if r["returncode"] not in (0, None) or r["steps"] is None:
         return "failed"
-    return f"{r['steps']}" if r["reached"] else f"> {r['steps']} (not reached)"
+    if not r["reached"]:
+        return f"> {r['steps']} (not reached)"
+    if r.get("crossing_step"):
+        lo, hi = r["crossing_bracket"]
+        return f"{r['crossing_step']:.0f} ({lo}-{hi})"
+    return f"{r['steps']}"
 
 
 def _pct(v: float | None) -> str:
@@ -41,12 +58,12 @@ def table(rows: list[dict]) -> list[str]:
     lines = ["| recipe | rule | batch | steps to target | epochs | val acc | test acc | efficiency vs 128 | "
              "noise scale | wall (min) |", "|" + "---|" * 10]
     # Against batch 128 under the same rule: another rule's steps (another step budget) would not compare.
-    base = {(r["recipe"], r["rule"]): r["steps"] for r in rows if r["effective_batch"] == 128 and r["reached"]}
+    base = {(r["recipe"], r["rule"]): steps_of(r) for r in rows if r["effective_batch"] == 128 and r["reached"]}
     for r in sorted(rows, key=lambda r: (r["recipe"], r["rule"], r["effective_batch"])):
         eff = "—"
         if r["reached"] and (r["recipe"], r["rule"]) in base:
-            eff = f"{base[r['recipe'], r['rule']] / r['steps'] / (r['effective_batch'] / 128):.2f}"
-        noise = f"{r['noise_scale']:,.0f}" if r.get("noise_scale") else "—"
+            eff = f"{base[r['recipe'], r['rule']] / steps_of(r) / (r['effective_batch'] / 128):.2f}"
+        noise = f"{noise_of(r):,.0f}" if noise_of(r) else "—"
         lines.append(f"| {r['recipe']} | {r['rule']} | {r['effective_batch']} | {_cell(r)} | {r['epochs']} | "
                      f"{_pct(r['final_val_acc'])} | {_pct(r['final_test_acc'])} | {eff} | {noise} | "
                      f"{r['wall_s'] / 60:.0f} |")
@@ -54,12 +71,13 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def fits(rows: list[dict]) -> list[str]:
-    lines = ["| recipe | S_min | fitted B_crit | measured noise scale (median of the runs, at their end) | ratio |",
+    where = "at the target's crossing" if any(r.get("crossing_step") for r in rows) else "at their end"
+    lines = [f"| recipe | S_min | fitted B_crit | measured noise scale (median of the runs, {where}) | ratio |",
              "|---|---|---|---|---|"]
     for recipe in sorted({r["recipe"] for r in rows}):
         mine = [r for r in rows if r["recipe"] == recipe and r["reached"]]
-        fit = fit_critical_batch([(r["effective_batch"], r["steps"]) for r in mine])
-        noise = sorted(r["noise_scale"] for r in mine if r.get("noise_scale"))
+        fit = fit_critical_batch([(r["effective_batch"], steps_of(r)) for r in mine])
+        noise = sorted(noise_of(r) for r in mine if noise_of(r))
         measured = noise[len(noise) // 2] if noise else None
         if fit is None:
             lines.append(f"| {recipe} | — | — | {measured or '—'} | — |")
@@ -81,7 +99,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for i, recipe in enumerate(sorted({r["recipe"] for r in rows})):
         color = f"C{i}"
         mine = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["effective_batch"])
-        hit = [(r["effective_batch"], r["steps"]) for r in mine if r["reached"]]
+        hit = [(r["effective_batch"], steps_of(r)) for r in mine if r["reached"]]
         miss = [(r["effective_batch"], r["steps"]) for r in mine if not r["reached"] and r["steps"]]
         if hit:
             label = f"{recipe} (target {100 * mine[0]['target']:g} %)"
@@ -107,20 +125,63 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def report(results: list[dict], shipped: dict[str, str]) -> str:
-    """README.md of the results folder (and the plot): the shipped rules' grid, then every run."""
+NEXT_STUDY = """## How the next study runs
+
+`nice -n 19 .venv/bin/python benchmarks/recipes.py run` runs protocol 2 (issue 40). Its run ids end in `-p2`; once
+one of its result files exists, this page reports protocol 2's runs alone (the first study's files stay beside
+them).
+
+- No flips (`augment.flip=false`): a mirrored digit is another symbol, or none.
+- The target checked inside an epoch (`eval.val_checks.per_epoch=8`, `eval.val_checks.within=0.01`): once a
+  validation accuracy is within a point of the target, the validation split is evaluated after 8 steps spread over
+  each epoch (every step where an epoch has fewer: batch 8192's 6), its loss beside its accuracy (`val_check`
+  events). The steps to target are the crossing interpolated linearly between the last evaluation below the target
+  and the first at or above it, shown with that bracket (the run stops at its end): ~53 steps wide at batch 128
+  (~2 % of ~3,000), ~3 at 2048. The evaluations leave the training bit for bit the same
+  (tests/unit/test_val_checks.py).
+- The noise scale's two terms (|G|^2 and tr Σ) are averaged over the last ~65,536 examples, the same stretch of
+  training at every batch (until now ~100 steps: 13k examples at batch 128, 800k at 8192), and read at the
+  crossing (`noise_at_crossing` in each result file); the fitted B_crit is compared with those.
+- Each run lives in `runs/study/<id>/` (STUDY_RUNS) and is checkpointed at every epoch end; Ctrl-C or SIGTERM
+  checkpoints at once, and running the study again resumes it. A run with a result file is skipped. Each row
+  records the commit (`+dirty` with local changes), the CPU, torch and ATEN_CPU_CAPABILITY (as set, and as torch
+  reports it).
+"""
+
+
+def latest_protocol(results: list[dict]) -> list[dict]:
+    """The runs of the newest protocol present (the first study's files carry none: protocol 1)."""
+    newest = max((r.get("protocol", 1) for r in results), default=1)
+    return [r for r in results if r.get("protocol", 1) == newest]
+
+
+def readme(results: list[dict], shipped: dict[str, str]) -> str:
+    """README.md of the results folder: the shipped rules' grid, then every run, then how the next study runs."""
     main = [r for r in results if shipped.get(r["recipe"]) == r["rule"]]
-    # A recipe with no run under its shipped rule is drawn with the runs it has (their rule named in the table).
-    plot(main + [r for r in results if r["recipe"] not in {m["recipe"] for m in main}], OUT / "steps_to_target.png")
+    if any(r.get("crossing_step") for r in main):
+        noise = ("A run's noise scale is read at its target's crossing, its two terms averaged over the last ~65,536 "
+                 "examples (the same stretch of training at every batch).")
+    else:
+        noise = ("A run's noise scale is a moving average over its steps, and the estimate grows as the loss falls "
+                 "(McCandlish et al.): a large-batch run, which reaches the target in few steps, ends with an average "
+                 "that still holds its early, small values. Read the critical batch from the small-batch runs and the "
+                 "fit.")
     text = ["# Steps to a validation target against the batch", "",
             "Produced by `python benchmarks/recipes.py report` from the JSON files beside it; one run each (no "
             "seeds repeated). MNIST, x0.25 width, 2 CPU processes x accumulation; each recipe's shipped rule.", "",
             *table(main), "", "Efficiency: steps(128) / steps(B) / (B / 128); 1 is perfect scaling.", "",
-            *fits(main), "", "A run's noise scale is a moving average over its steps, and the estimate grows as "
-            "the loss falls (McCandlish et al.): a large-batch run, which reaches the target in few steps, ends with "
-            "an average that still holds its early, small values. Read the critical batch from the small-batch runs "
-            "and the fit.",
+            *fits(main), "", noise,
             "", "![steps to target](steps_to_target.png)", "", "## Every run", "",
-            *table(results), ""]
-    (OUT / "README.md").write_text("\n".join(text))
+            *table(results), "", NEXT_STUDY]
     return "\n".join(text)
+
+
+def report(results: list[dict], shipped: dict[str, str]) -> str:
+    """README.md of the results folder and the plot, from the newest protocol's runs."""
+    results = latest_protocol(results)
+    main = [r for r in results if shipped.get(r["recipe"]) == r["rule"]]
+    # A recipe with no run under its shipped rule is drawn with the runs it has (their rule named in the table).
+    plot(main + [r for r in results if r["recipe"] not in {m["recipe"] for m in main}], OUT / "steps_to_target.png")
+    text = readme(results, shipped)
+    (OUT / "README.md").write_text(text)
+    return text

@@ -1,5 +1,6 @@
 """Fixtures only (helpers.py holds the functions): a dataset cache for the session, the fp32 accuracy band of the
-digits run and its untrained control, a clean Accelerate state; and one line for skipped Slurm tests."""
+digits run and its untrained control, the float64 DDP runs that FSDP2 and ZeRO are compared with, a clean
+Accelerate state; the order and grouping of test files under pytest-xdist; and one line for skipped Slurm tests."""
 
 from __future__ import annotations
 
@@ -13,7 +14,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/unit and tests/e2e import `helpers` from here
 
-from helpers import DIGITS_CONTROL, DIGITS_RUN, DIGITS_SEEDS, AccuracyBand, check, final_accuracy, launch
+from helpers import (
+    DIGITS_CONTROL,
+    DIGITS_RUN,
+    DIGITS_SEEDS,
+    EQUIV_ACCUM_CLIP,
+    FP64,
+    AccuracyBand,
+    check,
+    final_accuracy,
+    launch,
+)
 
 
 def pytest_configure(config):
@@ -60,6 +71,17 @@ def untrained_control(tmp_path_factory, cache_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def ddp_fp64(tmp_path_factory, cache_dir) -> dict[str, Path]:
+    """EQUIV_ACCUM_CLIP under DDP on 2 processes in float64, and the same without clipping (the control that
+    clipping acted): the reference of both test_fsdp.py and test_zero_equivalence.py (one worker: SHARED_WORKER)."""
+    root = tmp_path_factory.mktemp("ddp-fp64")
+    runs = {"ddp": root / "ddp", "ddp_noclip": root / "ddp_noclip"}
+    for name, extra in [("ddp", []), ("ddp_noclip", ["train.grad_clip=null"])]:
+        check(launch(EQUIV_ACCUM_CLIP + FP64 + extra + [f"output_dir={runs[name]}"], cache_dir, nproc=2))
+    return runs
+
+
 # -- a run built in this process --------------------------------------------------------------------------
 
 @pytest.fixture
@@ -81,9 +103,31 @@ def fresh_accelerate_state():
 # -- running two test files at once (`make test`: pytest-xdist, `-n 2 --dist loadfile`) ----------------------
 
 # Files whose tests must share one worker beyond their own file: the session's fp32 digits band (minutes of
-# training) is measured once, and Slurm jobs queue on one cluster instead of competing for its two nodes.
-SHARED_WORKER = {"test_speed_options.py": "digits-band", "test_fsdp.py": "digits-band",
+# training) and float64 DDP runs (ddp_fp64) are each made once, and Slurm jobs queue on one cluster instead of
+# competing for its two nodes.
+SHARED_WORKER = {"test_speed_options.py": "reference-runs", "test_fsdp.py": "reference-runs",
+                 "test_zero_equivalence.py": "reference-runs",
                  "test_slurm.py": "slurm", "test_slurm_two_nodes.py": "slurm"}
+
+# The longest units of work first, so that the short ones (the rest, tests/unit last) fill in at the end and both
+# workers finish together: by the seconds each took in the last full run (`bash .ci/run`, 2 workers), longest
+# first. A unit not listed runs after these, in collection order.
+LONGEST_FIRST = ["reference-runs", "slurm", "test_crash_recovery.py", "test_elastic.py", "test_stop_at_any_step.py",
+                 "test_recipes_learn.py", "test_streamed.py", "test_error_messages.py", "test_gpu_check.py",
+                 "test_compare.py", "test_launcher_death.py", "test_ddp_equivalence.py", "test_quickstart.py",
+                 "test_buffer_broadcasts.py"]
+
+
+def _unit(path: Path) -> str:
+    """A test file's unit of work: its SHARED_WORKER group or itself (tests/unit has files of the same names)."""
+    return SHARED_WORKER.get(path.name, path.name) if path.parent.name == "e2e" else str(path)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order the files by LONGEST_FIRST (a stable sort: a file's own tests keep their order). xdist hands units
+    out in collection order (`--no-loadscope-reorder`, since its own reorder counts tests, not seconds)."""
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_unit(item.path), len(rank)))
 
 
 @pytest.hookimpl(optionalhook=True)  # plain `pytest` (no xdist installed) must still run
@@ -95,8 +139,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ByFile(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            file = nodeid.split("::", 1)[0]
-            return SHARED_WORKER.get(Path(file).name, file)
+            return _unit(Path(nodeid.split("::", 1)[0]))
 
     return ByFile(config, log)
 

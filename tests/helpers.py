@@ -11,6 +11,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,6 +157,9 @@ EQUIV = ["model.name=alexnet_3x3", "model.width_mult=0.25", "model.dropout=0", "
 # missed micro-batch or an unsynchronised rank differs by >1e-4. The bound sits far from both.
 FP64 = ["precision=fp64"]
 FP64_BOUND = 1e-10
+# EQUIV as 2 ranks x 4 x accumulation 2 with clipping active: what FSDP2 and ZeRO are compared with DDP on
+# (conftest.ddp_fp64 trains it once for both).
+EQUIV_ACCUM_CLIP = EQUIV + ["train.batch_size=4", "train.grad_accum=2", "train.grad_clip=0.2"]
 
 
 # Real digits trained to a converged test accuracy: the BatchNorm model at x0.125, 5 epochs of 32 (220 steps),
@@ -270,3 +275,45 @@ def one_step(run, micro_batches, epoch: int = 0):
     result = train_step(run, next(micro_batches), run.state.global_step + 1)
     record_step(run, result, epoch)
     return result
+
+
+@contextmanager
+def in_this_process(threads: int | None = None, **env: str) -> Iterator[None]:
+    """Runs trained in this process (one rank, no process group; `train_here`), with the process-wide state they
+    touch put back after: Accelerate's singletons, the signal handlers, torch's thread count (`threads`: e.g. 1, as
+    a launched rank has) and the environment variables given (e.g. ALEXDIST_CACHE=...)."""
+    import signal
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from alexdist import faults
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
+    saved_env, saved_threads = {k: os.environ.get(k) for k in env}, torch.get_num_threads()
+    os.environ.update(env)
+    if threads:
+        torch.set_num_threads(threads)
+    faults._active.cache_clear()  # ALEXDIST_FAULT is read once per process: these runs are several
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved_threads)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for k, v in saved_env.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        faults._active.cache_clear()
+
+
+def train_here(recipe: str, overrides: list[str]) -> dict:
+    """One run in this process (inside `in_this_process`), from a fresh Accelerate state; its summary."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from alexdist.config import load_recipe
+    from alexdist.training.loop import train
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return train(load_recipe(recipe, overrides))

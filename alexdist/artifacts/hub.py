@@ -2,7 +2,7 @@
 
     model.safetensors   the weights (alexdist.checkpoint.weights' format: metadata names the model, input size, classes)
     config.json         what rebuilding and feeding the model needs (architecture, width, input size, classes,
-                        normalisation) plus its test results
+                        the input pipeline: image size, resize and centre crop, normalisation) plus its test results
     README.md           the model card: Hub metadata (YAML front matter), the recipe, the data, test accuracy
                         and a per-class table measured at export, the command that trained it, how to load it
 """
@@ -17,8 +17,7 @@ import yaml
 from huggingface_hub import ModelCardData
 
 from alexdist import __version__
-from alexdist.checkpoint.weights import save_weights
-from alexdist.data.batches import CIFAR_MEAN, CIFAR_STD
+from alexdist.checkpoint.weights import pipeline_of, save_weights
 from alexdist.fileio import atomic_write_text
 
 
@@ -49,11 +48,13 @@ def write_hub_dir(source: str | Path, weights: dict[str, torch.Tensor], meta: di
     n_params = sum(v.numel() for k, v in weights.items() if not k.endswith(("running_mean", "running_var",
                                                                            "num_batches_tracked")))
     recipe, command = _training_facts(Path(source))
+    p = pipeline_of(meta)
     config = {
         "library_name": "alexdist", "alexdist_version": __version__, "architecture": meta["model"],
-        "input_size": int(meta["input_size"]), "width_mult": float(meta["width_mult"]), "num_classes": 10,
-        "classes": evaluation["classes"], "normalization": {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD),
-                                                            "scale": "pixels / 255, then (x - mean) / std"},
+        "input_size": p.input_size, "width_mult": float(meta["width_mult"]),
+        "num_classes": len(evaluation["classes"]), "classes": evaluation["classes"],
+        "image_size": p.image_size, "eval_resize": p.eval_resize,
+        "normalization": {"mean": list(p.mean), "std": list(p.std), "scale": "pixels / 255, then (x - mean) / std"},
         "parameters": n_params, "step": int(meta["step"]), "data": json.loads(meta.get("data", "{}")),
         "test_accuracy": evaluation["test_acc"], "test_loss": evaluation["test_loss"],
         "test_images": evaluation["images"],
@@ -102,16 +103,37 @@ The recipe (alexdist's resolved config):
 
 ## Use
 
-```python
-from safetensors.torch import load_file
-from alexdist.models import build_model
-
-model = build_model("{config['architecture']}", {config['input_size']}, width_mult={config['width_mult']})
-model.load_state_dict(load_file("model.safetensors"))
-model.eval()
-# inputs: float N x 3 x {config['input_size']} x {config['input_size']}, pixels / 255 normalised with mean
-# {config['normalization']['mean']} and std {config['normalization']['std']}
-```
+{usage(config)}
 
 or `alexdist predict IMAGE --weights model.safetensors`. Class order: {', '.join(config['classes'])}.
 """
+
+
+def usage(config: dict) -> str:
+    """The card's code: load the weights, and feed them as the run's own evaluation did (its stored pipeline)."""
+    size, resize = config["image_size"], config["eval_resize"]
+    crop, how = ((f"T.Resize({resize}), T.CenterCrop({size})",
+                  f"the shorter side resized to {resize} px, the centre {size} x {size} kept") if resize is not None
+                 else (f"T.Resize(({size}, {size}))", f"the whole image resized to {size} x {size}"))
+    n = config["input_size"]
+    upsample = "" if n == size else f",\n                        T.Resize(({n}, {n}), antialias=False)"
+    norm = config["normalization"]
+    return f"""```python
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torchvision.transforms import v2 as T
+from alexdist.models import build_model
+
+model = build_model("{config['architecture']}", {config['input_size']}, width_mult={config['width_mult']},
+                    num_classes={config['num_classes']})
+model.load_state_dict(load_file("model.safetensors"))
+model.eval()
+# The input pipeline of the run's own evaluation: RGB, {how},
+# pixels / 255 normalised with mean {norm['mean']} and std {norm['std']}
+preprocess = T.Compose([T.ToImage(), {crop},
+                        T.ToDtype(torch.float32, scale=True),
+                        T.Normalize(mean={norm['mean']}, std={norm['std']}){upsample}])
+with torch.no_grad():
+    logits = model(preprocess(Image.open("cat.jpg").convert("RGB")).unsqueeze(0))
+```"""

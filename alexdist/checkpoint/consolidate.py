@@ -40,7 +40,8 @@ def consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     weights = checkpoint_strategy(path).consolidate(path, model)
     if recipe.train.ema_is_model and (path / EMA_FILE).is_file():
         weights = _with_ema(path, weights, model)
-    return plain_weights(weights), weights_metadata(recipe, state.global_step, state.test_acc, classes)
+    return plain_weights(weights), weights_metadata(recipe, state.global_step, state.test_acc, classes,
+                                                state.normalization)
 
 
 def _model(recipe: Recipe, num_classes: int) -> torch.nn.Module:

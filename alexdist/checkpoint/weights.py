@@ -1,27 +1,68 @@
 """The weights file: one safetensors file (no pickle) holding the model's own parameter names, with metadata
-that names the model, its input size and width, the data it was trained on and the step, so `evaluate`,
-`build_model` and anyone else can rebuild it. `train` writes it at the end of a run, `export` from a checkpoint,
-`evaluate` reads either.
+that names the model, its input size and width, the data it was trained on, the input pipeline its evaluation
+used (Pipeline) and the step, so `evaluate`, `predict`, the ONNX export, the Hub card and anyone else can rebuild
+and feed it. `train` writes it at the end of a run, `export` from a checkpoint, `evaluate` reads either.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from alexdist.config import Recipe
+from alexdist.data.batches import CIFAR_MEAN, CIFAR_STD, Stats
+from alexdist.data.crops import eval_resize_of
 from alexdist.errors import DataError
 from alexdist.fileio import atomic_path
 from alexdist.models import resolve_input_size
 
 
-def weights_metadata(recipe: Recipe, step: int, test_acc: float | None, classes: list[str]) -> dict[str, str]:
-    """The metadata header (safetensors metadata values are strings)."""
+@dataclass(frozen=True)
+class Pipeline:
+    """How an image file becomes the model's input, as the run's evaluation did it: decoded to RGB; the shorter
+    side resized to `eval_resize` and the centre image_size x image_size crop kept (eval_resize None: the whole
+    image resized to image_size x image_size); pixels / 255, then (x - mean) / std per channel; then resized
+    (bilinear) to input_size where that differs (data.decode.decode_eval, then data.batches.normalize)."""
+
+    image_size: int
+    eval_resize: int | None
+    input_size: int
+    mean: Stats
+    std: Stats
+
+
+def run_pipeline(recipe: Recipe, normalization: dict | None = None) -> Pipeline:
+    """A run's pipeline; `normalization` ({"mean", "std"}) is what the run used (measured on the data when streamed
+    without data.mean/std), None for weights made outside a run: the recipe's, else CIFAR-10's."""
+    d = recipe.data
+    norm = normalization or {"mean": d.mean or CIFAR_MEAN, "std": d.std or CIFAR_STD}
+    return Pipeline(d.image_size, eval_resize_of(d.image_size, d.eval_resize, recipe.augment.random_resized_crop),
+                    resolve_input_size(recipe.model.name, recipe.model.input_size),
+                    tuple(norm["mean"]), tuple(norm["std"]))
+
+
+def pipeline_of(meta: dict[str, str]) -> Pipeline:
+    """The pipeline a weights file records; files written before it was recorded: the data settings they carry,
+    else CIFAR-10's constants and a plain resize to 32 px (what every run of theirs used in memory)."""
+    if meta.get("pipeline"):
+        p = json.loads(meta["pipeline"])
+        return Pipeline(p["image_size"], p["eval_resize"], p["input_size"], tuple(p["mean"]), tuple(p["std"]))
+    data = json.loads(meta["data"]) if meta.get("data") else {}
+    return Pipeline(data.get("image_size") or 32, data.get("eval_resize"), int(meta["input_size"]),
+                    tuple(data.get("mean") or CIFAR_MEAN), tuple(data.get("std") or CIFAR_STD))
+
+
+def weights_metadata(recipe: Recipe, step: int, test_acc: float | None, classes: list[str],
+                     normalization: dict | None = None) -> dict[str, str]:
+    """The metadata header (safetensors metadata values are strings); `normalization` as in run_pipeline."""
+    pipeline = run_pipeline(recipe, normalization)
     return {
         "model": recipe.model.name,
-        "input_size": str(resolve_input_size(recipe.model.name, recipe.model.input_size)),
+        "input_size": str(pipeline.input_size),
+        "pipeline": json.dumps(asdict(pipeline)),
         "width_mult": str(recipe.model.width_mult),
         "dropout": str(recipe.model.dropout),
         "data_source": recipe.data.source,

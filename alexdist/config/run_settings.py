@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from alexdist.config.base import Section
+from alexdist.config.val_checks import ValChecksConfig
 
 
 class DeepSpeedConfig(Section):
@@ -236,3 +237,4 @@ class EvalConfig(Section):
             "matrix are in metrics.jsonl and W&B either way."
         ),
     )
+    val_checks: ValChecksConfig = Field(default_factory=ValChecksConfig, description="Validation inside an epoch.")

@@ -22,7 +22,7 @@ class ModelConfig(Section):
     name: str = Field(
         default="alexnet_bn",
         description=(
-            "A model of the registry (alexnet, alexnet_3x3, alexnet_bn: `alexdist models`) or your own by import "
+            "A model of the registry (alexnet, alexnet_bn, ...: `alexdist models` lists them) or your own by import "
             "path, 'my_pkg.models:build' (a callable taking num_classes; input_size, dropout and width_mult only if "
             "its signature names them: torchvision.models:resnet18 and timm.models:resnet18 work)."
         ),
@@ -306,9 +306,9 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    name: Literal["cosine", "onecycle", "constant"] = Field(
-        default="cosine",
-        description="The lr's shape: cosine decay, one-cycle (linear up, linear down) or constant, after the warmup.",
+    name: Literal["cosine", "onecycle", "constant", "step", "poly"] = Field(
+        default="cosine", description="The lr's shape after the warmup: cosine decay, one-cycle (linear up, linear "
+        "down), constant, step (x0.1 at 1/3 and 2/3 of the decay: 30 and 60 of 90 epochs) or poly ((1 - t)^2).",
     )
     warmup_frac: float = Field(
         default=0.0, ge=0, lt=1, description="Linear warmup, as a fraction of all optimizer steps..."

@@ -15,7 +15,7 @@ from alexdist.data.dataset import Dataset, check_labels
 from alexdist.data.sources import decode_source, mnist_file
 from alexdist.fileio import atomic_path
 
-CACHE_VERSION = 2  # bump when the decoded format changes (2: class names in the cache's metadata)
+CACHE_VERSION = 3  # bump when the decoded format changes (2: class names; 3: one test-split rule)
 
 
 def _default_cache_dir() -> Path:

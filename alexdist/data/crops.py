@@ -73,6 +73,14 @@ def rrc_box(params_row: np.ndarray, width: int, height: int, scale: tuple[float,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def eval_resize_of(image_size: int, eval_resize: int | None, random_resized_crop: bool) -> int | None:
+    """The shorter side evaluation resizes to before its centre crop: data.eval_resize, else torchvision's 256/224
+    of the image size with ImageNet's training crop; None: a plain resize to image_size x image_size."""
+    if eval_resize is None and random_resized_crop:
+        return round(image_size * 256 / 224)
+    return eval_resize
+
+
 def centre_box(width: int, height: int, eval_resize: int, size: int) -> tuple[float, float, float, float]:
     """(left, top, w, h), in the image's own pixels (fractional), of what torchvision's Resize(eval_resize) +
     CenterCrop(size) keep: the shorter side resized to eval_resize, the longer one to its whole pixels, the crop's

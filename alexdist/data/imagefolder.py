@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from alexdist.data.dataset import Dataset, check_fits, image_tensor
+from alexdist.data.index_folder import test_folder
 from alexdist.errors import DataError
 
 
@@ -24,7 +25,7 @@ def read_image_folder(root: Path, size: int = 32) -> Dataset:
     classes, class_to_idx = find_classes(root / "train")
     listed = []
     # ImageNet's layout names the evaluation split `val`: alexdist's test split (data.val_split holds out of train).
-    test = "val" if (root / "val").is_dir() else "test"  # the index's choice too (index_folder.py)
+    test = test_folder(root) or "test"  # the index's rule; none: "test" is said missing below
     for split in ("train", test):
         folder = root / split
         if not folder.is_dir():

@@ -8,7 +8,8 @@ the Hub's parquet layout (index_parquet.py). READERS picks by what the folder ho
 
 Building checks every image without decoding it (index_check.py) and is done in parts (index_parts.py), saved as
 they finish: a rerun checks only the parts whose files changed. The finished index is written to a new folder
-(gen-FINGERPRINT-*) and published by replacing index.json in one rename, so a reader never sees half an index.
+(gen-FINGERPRINT-*) and published by replacing index.json in one rename, so a reader never sees half an index;
+the generation it replaces is kept until the next build (a job started on it may still be reading it).
 The fingerprint changes when any indexed file's path, size or modification time, or a label, changes.
 
     CACHE/index/NAME-KEY/index.json       which generation is current, and a summary
@@ -32,7 +33,7 @@ import numpy as np
 from alexdist.config import DataConfig
 from alexdist.data import index_folder, index_parquet, index_tar
 from alexdist.data.index_check import mean_std
-from alexdist.data.index_parts import PartInfo, Plan, assemble, run_jobs
+from alexdist.data.index_parts import PartInfo, Plan, assemble, available_cores, run_jobs
 from alexdist.data.index_split import SplitIndex, load_split, save_split
 from alexdist.errors import DataError
 from alexdist.fileio import atomic_write_text
@@ -41,7 +42,8 @@ INDEX_VERSION = 1  # bump when the saved format changes: older indexes are then 
 # Detection order: the image folder before parquet, whose glob two folders deep would list every class folder.
 READERS = {"webdataset": index_tar, "imagefolder": index_folder, "parquet": index_parquet}
 LAYOUTS_HELP = ("an ImageNet-layout folder (train/CLASS/*.JPEG and val/CLASS/*), the Hub's parquet layout "
-                "(train-*.parquet and validation-*.parquet) or WebDataset tar shards (train-*.tar and val-*.tar)")
+                "(train-*.parquet and validation-*.parquet or test-*.parquet) or WebDataset tar shards (train-*.tar "
+                "and val-*.tar)")
 
 
 @dataclass
@@ -102,7 +104,7 @@ def build_index(cfg: DataConfig, progress: bool = True) -> DataIndex:
     work = path.parent
     (work / "parts").mkdir(parents=True, exist_ok=True)
     plan: Plan = reader.plan(root)
-    workers = cfg.workers if cfg.workers is not None else min(8, _cores())
+    workers = cfg.workers if cfg.workers is not None else min(8, available_cores())
     infos = run_jobs(reader.index_part, plan.jobs, work, workers, progress, f"indexing {root.name}", plan.unit)
     fingerprint = _fingerprint(layout, plan, infos)
     corrupt = [[f"{root}/{name}", why] for info in infos for name, why in info.corrupt]
@@ -122,14 +124,8 @@ def build_index(cfg: DataConfig, progress: bool = True) -> DataIndex:
     meta = {"version": INDEX_VERSION, "source": str(root), "layout": layout, "classes": classes,
             "fingerprint": fingerprint, "skipped": len(corrupt), "skipped_names": [n for n, _ in corrupt[:20]],
             "mean": stats[0], "std": stats[1], "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _publish(path, meta, splits)
-    _clean(work, infos)
+    _clean(work, infos, {published.get("generation"), _publish(path, meta, splits)})
     return load_index(cfg)
-
-
-def _cores() -> int:
-    """The cores this process may run on (a Slurm job's, not the node's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _fingerprint(layout: str, plan: Plan, infos: list[PartInfo]) -> str:
@@ -179,8 +175,8 @@ def _published(path: Path) -> dict:
         return {}
 
 
-def _publish(path: Path, meta: dict, splits: dict[str, SplitIndex]) -> None:
-    """Write the index to a new generation folder, then point index.json at it in one rename."""
+def _publish(path: Path, meta: dict, splits: dict[str, SplitIndex]) -> str:
+    """Write the index to a new generation folder, then point index.json at it in one rename; the folder's name."""
     work = path.parent
     gen = work / f"gen-{meta['fingerprint']}-{secrets.token_hex(3)}"
     tmp = work / f".{gen.name}.tmp"
@@ -195,23 +191,49 @@ def _publish(path: Path, meta: dict, splits: dict[str, SplitIndex]) -> None:
     summary = {k: meta[k] for k in ("version", "source", "layout", "fingerprint", "skipped", "built")}
     entries = {name: len(s) for name, s in splits.items()}
     atomic_write_text(path, json.dumps({"generation": gen.name, **summary, "entries": entries}, indent=1) + "\n")
-    for old in work.glob("gen-*"):
-        if old != gen:  # a process that has it mapped keeps reading it: unlinked files live while mapped
-            shutil.rmtree(old, ignore_errors=True)
+    return gen.name
 
 
-def _clean(work: Path, infos: list[PartInfo]) -> None:
-    """Remove parts and packed files no longer used (a changed class folder's old part, ...), and temporaries
-    left by an interrupted build more than a day ago."""
-    keep = {i.digest for i in infos}
+def _clean(work: Path, infos: list[PartInfo], generations: set[str | None]) -> None:
+    """Remove what neither the next build nor a running job reads: generations other than `generations` (the one
+    just published and the one it replaced), parts no longer used (a changed class folder's old part, ...),
+    packed files neither kept generation reads, and temporaries left by an interrupted build over a day ago.
+
+    The replaced generation stays because a job started before this build reads it, its packed files included,
+    and not only through pages already mapped (which outlive an unlink): each loader worker opens the arrays and
+    files again by path (a split pickles as where it lies). The one before it goes: a job still reading that has
+    outlived two builds (index ahead of jobs, not during them)."""
+    kept = {g for g in generations if g}
+    packed = {i.digest for i in infos}
+    for name in kept:
+        packed |= {Path(f).stem for f in _packed_files(work / name)}
     day_ago = time.time() - 86400
-    for folder in (work / "parts", work / "packed"):
-        if not folder.is_dir():
-            continue
-        for f in folder.iterdir():
-            stale = f.stem not in keep if not f.name.startswith(".") else f.stat().st_mtime < day_ago
-            if stale:
+    for old in work.glob("gen-*"):
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
+    for folder, keep in (("parts", {i.digest for i in infos}), ("packed", packed)):
+        for f in (work / folder).iterdir() if (work / folder).is_dir() else ():
+            if f.stem not in keep if not f.name.startswith(".") else _mtime(f) < day_ago:
                 f.unlink(missing_ok=True)
+    for tmp in work.glob(".gen-*.tmp"):  # an interrupted publish's
+        if _mtime(tmp) < day_ago:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _packed_files(gen: Path) -> list[str]:
+    """The packed files (packed/DIGEST.bin) a generation's splits read; none for a folder or shards."""
+    try:
+        splits = json.loads((gen / "meta.json").read_text())["splits"].values()
+    except (OSError, ValueError, KeyError):
+        return []
+    return [f for s in splits if s.get("file_root") is None for f in s["files"] if f.startswith("packed/")]
+
+
+def _mtime(f: Path) -> float:
+    try:
+        return f.stat().st_mtime
+    except OSError:  # removed meanwhile
+        return float("inf")
 
 
 def load_index(cfg: DataConfig) -> DataIndex:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -26,10 +27,18 @@ def _class_folders(folder: Path) -> list[str]:
         return sorted(e.name for e in os.scandir(folder) if e.is_dir())
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as exc:
+        _unlisted(exc)
 
 
 def is_layout(root: Path) -> bool:
     return bool(_class_folders(root / "train"))
+
+
+def test_folder(root: Path) -> str | None:
+    """The folder of alexdist's test split: the first of val/, test/ that holds class folders. The rule of both
+    readers, this index and the in-memory one (imagefolder.py)."""
+    return next((n for n in TEST_FOLDERS if _class_folders(root / n)), None)
 
 
 def plan(root: Path) -> Plan:
@@ -37,7 +46,7 @@ def plan(root: Path) -> Plan:
     the train split lacks: DataError."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes  # the parent only: it imports torch
 
-    test = next((n for n in TEST_FOLDERS if _class_folders(root / n)), None)
+    test = test_folder(root)
     if test is None:
         flat = " (ImageNet's val/ comes flat: sort it into class folders first, as PyTorch's examples/imagenet " \
                "extract_ILSVRC.sh does)" if (root / "val").is_dir() else ""
@@ -59,8 +68,16 @@ def plan(root: Path) -> Plan:
     return Plan(classes, jobs, "class folder")
 
 
+def _unlisted(exc: OSError) -> NoReturn:
+    """os.walk's onerror: a folder it cannot list (permissions, gone meanwhile) is refused, not skipped in silence
+    (its images would be missing from the index without a word)."""
+    raise DataError(f"the folder '{exc.filename}' could not be listed ({exc.strerror or brief(exc)}); make it "
+                    f"readable (or remove it) and index again")
+
+
 def _has_image(folder: Path, extensions: tuple[str, ...]) -> bool:
-    return any(f.lower().endswith(extensions) for _, _, files in os.walk(folder, followlinks=True) for f in files)
+    walk = os.walk(folder, onerror=_unlisted, followlinks=True)
+    return any(f.lower().endswith(extensions) for _, _, files in walk for f in files)
 
 
 def list_images(folder: Path, extensions: tuple[str, ...]) -> list[str]:
@@ -68,7 +85,7 @@ def list_images(folder: Path, extensions: tuple[str, ...]) -> list[str]:
     links followed, by extension, case-insensitive). Written out rather than called: make_dataset imports torch
     in each worker process and returns full paths of a whole split at once."""
     out, base = [], len(str(folder)) + 1
-    for where, _, files in sorted(os.walk(folder, followlinks=True)):
+    for where, _, files in sorted(os.walk(folder, onerror=_unlisted, followlinks=True)):
         sub = where[base:]
         out += [f"{sub}/{f}" if sub else f for f in sorted(files) if f.lower().endswith(extensions)]
     return out

@@ -34,18 +34,25 @@ def files(root: Path, split: str) -> list[Path]:
     return sorted(found)
 
 
+def split_files(root: Path) -> dict[str, list[Path]]:
+    """The files of alexdist's train and test splits: train-*, and for test the first of validation-*, val-*,
+    test-* found (imagenet-1k's unlabeled test split is then ignored). The rule of both readers, this index and
+    the in-memory one (sources.py), so that either path reads the same images."""
+    test = next((found for s in TEST_SPLITS if (found := files(root, s))), [])
+    return {"train": files(root, "train"), "test": test}
+
+
 def is_layout(root: Path) -> bool:
     return bool(files(root, "train"))
 
 
 def plan(root: Path) -> Plan:
-    test = next((s for s in TEST_SPLITS if files(root, s)), None)
-    if test is None:
+    chosen = split_files(root)
+    if not chosen["test"]:
         raise DataError(f"'{root}' has train-*.parquet but no validation-*.parquet or test-*.parquet for the test "
                         f"split; add them")
     jobs, classes = [], None
-    for split, name in (("train", "train"), ("test", test)):
-        found = files(root, name)
+    for split, found in chosen.items():
         schema = _schema(found[0])
         image, label = _columns(schema, found[0], split == "train")
         if split == "train":
@@ -95,7 +102,11 @@ def index_part(job: Job, work: Path) -> PartInfo:
     import pyarrow.parquet as pq
 
     path = Path(job.root) / job.key
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:  # gone or unreadable since the plan listed it
+        raise DataError(f"'{path}' could not be read ({exc.strerror or brief(exc)}); restore it (or make it "
+                        f"readable) and index again") from None
     key = digest(job, [st.st_size, st.st_mtime_ns])
     if (known := load_info(work, key)) is not None:
         return known

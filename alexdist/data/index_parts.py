@@ -88,6 +88,11 @@ def names_blob(names: list[str]) -> dict[str, np.ndarray]:
     return {"names": np.frombuffer(b"".join(encoded), dtype=np.uint8), "name_ends": ends}
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a Slurm job's cgroup, taskset), not the node's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _ignore_sigint() -> None:  # Ctrl-C is the main process's to handle: the workers finish the part they hold
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

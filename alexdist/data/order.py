@@ -16,16 +16,20 @@ from __future__ import annotations
 import torch
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+def epoch_permutation(n: int, seed: int, epoch: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """The epoch's order. The same permutation in any integer dtype that holds n (torch draws it alike): the
+    streamed path keeps it as int32, 4 bytes a sample (tests/unit/test_order.py)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=g, dtype=dtype)
 
 
-def epoch_augment_params(n: int, seed: int, epoch: int, padding: int, flip: bool) -> torch.Tensor:
-    """(n, 3) int64: crop offsets dy, dx in [0, 2*padding] and a flip bit, one row per epoch position."""
+def epoch_augment_params(n: int, seed: int, epoch: int, padding: int, flip: bool,
+                         dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """(n, 3): crop offsets dy, dx in [0, 2*padding] and a flip bit, one row per epoch position; the same values
+    in any integer dtype (the streamed path keeps int16: 6 bytes a sample)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_777_777)
-    offs = torch.randint(0, 2 * padding + 1, (n, 2), generator=g)
-    flips = torch.randint(0, 2, (n, 1), generator=g) if flip else torch.zeros(n, 1, dtype=torch.int64)
+    offs = torch.randint(0, 2 * padding + 1, (n, 2), generator=g, dtype=dtype)
+    flips = torch.randint(0, 2, (n, 1), generator=g, dtype=dtype) if flip else torch.zeros(n, 1, dtype=dtype)
     return torch.cat([offs, flips], dim=1)
 
 

@@ -3,7 +3,8 @@
 Sources (`data.source`):
 - a Hub id such as `uoft-cs/cifar10`, loaded with `datasets` (needs the network, or the Hub cache);
 - a local folder in the Hub's parquet layout (`.../train-*.parquet`, `.../test-*.parquet`, as written by
-  `hf download uoft-cs/cifar10 --repo-type dataset --local-dir DIR`);
+  `hf download uoft-cs/cifar10 --repo-type dataset --local-dir DIR`; `validation-*.parquet` before `test-*`, as
+  the index takes them: index_parquet.split_files);
 - a local torchvision `cifar-10-batches-py` folder (or its parent);
 - a local image folder, one folder per class as torchvision's ImageFolder: `train/CLASS/*.png`,
   `test/CLASS/*.png` (imagefolder.py);
@@ -33,6 +34,7 @@ import torch
 from alexdist.config import DataConfig
 from alexdist.data.dataset import CIFAR10_CLASSES, Dataset, check_fits, image_tensor, resize
 from alexdist.data.imagefolder import read_image_folder
+from alexdist.data.index_parquet import split_files
 from alexdist.errors import DataError
 from alexdist.pickle_checks import load_numpy_pickle
 
@@ -41,13 +43,14 @@ def detect_layout(path: Path) -> str:
     """'parquet' | 'torchvision' for a local folder, or DataError naming both expected layouts."""
     if (path / "data_batch_1").is_file() or (path / "cifar-10-batches-py" / "data_batch_1").is_file():
         return "torchvision"
-    if any(path.rglob("train-*.parquet")) and any(path.rglob("test-*.parquet")):
+    if all(split_files(path).values()):
         return "parquet"
     if (path / "train").is_dir() and any(d.is_dir() for d in (path / "train").iterdir()):
         return "imagefolder"
     raise DataError(
         f"'{path}' is in no known dataset layout: expected the Hub parquet layout (train-*.parquet and "
-        f"test-*.parquet, from `hf download uoft-cs/cifar10 --repo-type dataset --local-dir DIR`), "
+        f"validation-*.parquet or test-*.parquet, from `hf download uoft-cs/cifar10 --repo-type dataset "
+        f"--local-dir DIR`), "
         f"torchvision's cifar-10-batches-py folder (data_batch_1..5, test_batch) or an image folder "
         f"(train/CLASS/*.png and test/CLASS/*.png)"
     )
@@ -107,7 +110,7 @@ def _hub(repo_id: str, revision: str | None, size: int) -> Dataset:
 def _parquet(root: Path, size: int) -> Dataset:
     import datasets
 
-    files = {split: sorted(str(f) for f in root.rglob(f"{split}-*.parquet")) for split in ("train", "test")}
+    files = {split: [str(f) for f in found] for split, found in split_files(root).items()}
     try:
         dd = datasets.load_dataset("parquet", data_files=files)
     except Exception as exc:

@@ -34,26 +34,54 @@ class _Failed:
         self.message = message
 
 
-class _Reader(torch.utils.data.Dataset):
-    """Decodes one micro-batch per item, in a loader worker (or in the trainer with data.workers=0)."""
+PREFETCH = 4  # micro-batches each loader worker keeps ready (DataLoader's prefetch_factor)
+# Batch buffers each worker reuses in turn. The trainer holds at most PREFETCH + 1 of a worker's batches at once
+# (DataLoader sends a worker a new job only as the trainer takes one of its PREFETCH in flight, and the trainer
+# keeps only the last one it took: it normalizes each into a new float tensor), so the one written next is free;
+# one more for margin. A new shared batch per job instead costs 0.11 CPU ms an image at 224 px (fresh pages
+# zeroed and mapped: 5 % of a decode), a reused one 0.007.
+RING = PREFETCH + 2
 
-    def __init__(self, split, decode):
+
+class _Reader(torch.utils.data.Dataset):
+    """Decodes one micro-batch per item, in a loader worker (or in the trainer with data.workers=0), straight into
+    one uint8 batch tensor: in a worker, one of its RING buffers in shared memory, so what crosses to the trainer
+    is a handle (a tensor in the worker's own memory would be copied into shared memory on the way)."""
+
+    def __init__(self, split, decode, size: int, channels_last: bool):
         self.split, self.decode = split, decode  # the split's arrays are memory-mapped: shared, never copied
+        self.size, self.channels_last = size, channels_last
+        self._ring: list[torch.Tensor] = []  # this worker's buffers (each worker fills its own copy)
+        self._turn = 0
+
+    def _batch(self, n: int) -> torch.Tensor:
+        """An (n, 3, S, S) uint8 batch to fill; channels last where the decoder's crops are (decode.py: each crop
+        is then a plain copy)."""
+        s = self.size
+        shape, stride = (n, 3, s, s), ((3 * s * s, 1, 3 * s, 3) if self.channels_last else (3 * s * s, s * s, s, 1))
+        if torch.utils.data.get_worker_info() is None:  # in the trainer: nothing to share
+            return torch.empty_strided(shape, stride, dtype=torch.uint8)
+        slot, self._turn = self._turn % RING, self._turn + 1
+        if slot == len(self._ring) or len(self._ring[slot]) < n:
+            storage = torch.UntypedStorage._new_shared(n * 3 * s * s)  # shared from the start: never copied
+            buf = torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape, stride)
+            self._ring[slot:slot + 1] = [buf]
+        return self._ring[slot][:n]
 
     def __getitem__(self, job: tuple[np.ndarray, np.ndarray | None]):
         ids, params = job
-        images = []
+        x = self._batch(len(ids))
         for k, i in enumerate(ids):
             try:
                 i = int(i)
-                images.append(self.decode(self.split.read(i), None if params is None else params[k],
-                                          name=self.split.name(i)))
+                x[k] = self.decode(self.split.read(i), None if params is None else params[k],
+                                   name=self.split.name(i))
             except DataError as exc:
                 return _Failed(str(exc))
             except Exception as exc:  # a file that decodes badly although it indexed well
                 return _Failed(f"'{self.split.name(int(i))}' could not be decoded ({type(exc).__name__}: {exc}); "
                                f"fix or remove it and index again (alexdist index)")
-        return torch.stack(images), torch.from_numpy(np.asarray(self.split.labels[ids], dtype=np.int64))
+        return x, torch.from_numpy(np.asarray(self.split.labels[ids], dtype=np.int64))
 
 
 class _Jobs(torch.utils.data.Sampler):
@@ -64,6 +92,10 @@ class _Jobs(torch.utils.data.Sampler):
 
     def __iter__(self):
         return self.jobs
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    return torch.int32 if n < 2**31 else torch.int64
 
 
 def default_workers() -> int:
@@ -78,7 +110,7 @@ def _loader(reader: _Reader, jobs: _Jobs, workers: int, device: torch.device,
     # advance the global RNG and so change the dropout masks (the workers draw nothing at random).
     return torch.utils.data.DataLoader(
         reader, batch_size=None, sampler=jobs, num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None, persistent_workers=persistent and workers > 0,
+        prefetch_factor=PREFETCH if workers else None, persistent_workers=persistent and workers > 0,
         generator=torch.Generator(), worker_init_fn=_ignore_stop_signals,
     )
 
@@ -108,6 +140,13 @@ def _unpack(item) -> tuple[torch.Tensor, torch.Tensor]:
     return item
 
 
+def _device_batch(item, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A worker's batch on the device, the images in the contiguous layout the in-memory path hands the model
+    (a channels-last batch is made contiguous there, as uint8: a quarter of the bytes of the float batch)."""
+    x, y = _unpack(item)
+    return to_device(x, device).contiguous(), to_device(y, device)
+
+
 @dataclass
 class StreamBatches(StepLayout):
     """This rank's streamed micro-batches, grouped by optimizer step (TrainBatches' interface)."""
@@ -131,8 +170,11 @@ class StreamBatches(StepLayout):
     def __post_init__(self) -> None:
         from alexdist.data.decode import decode_train
 
+        # int32 entry ids where they fit: the trainer keeps them all run long (4 bytes a sample, not 8).
+        self.entries = np.asarray(self.entries, dtype=np.int32 if len(self.split) < 2**31 else np.int64)
         decode = partial(decode_train, size=self.image_size, aug=self.augment_cfg)
-        self._loader = _loader(_Reader(self.split, decode), self._jobs, self.workers, self.device, True)
+        reader = _Reader(self.split, decode, self.image_size, self.augment_cfg.random_resized_crop)
+        self._loader = _loader(reader, self._jobs, self.workers, self.device, True)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -140,11 +182,12 @@ class StreamBatches(StepLayout):
 
     def _epoch_jobs(self, epoch: int, start_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         n, aug = len(self.entries), self.augment_cfg
-        # int32 where it fits: the trainer keeps the epoch's order, 4 bytes per sample instead of 8.
-        perm = epoch_permutation(n, self.seed, epoch).numpy().astype(np.int32 if n < 2**31 else np.int64)
+        # Drawn straight in the small dtypes the trainer keeps (4 + 6 bytes a sample): an int64 draw cast down
+        # would leave 48 bytes a sample of freed heap that the allocator keeps (benchmarks/loader_memory.py).
+        perm = epoch_permutation(n, self.seed, epoch, _index_dtype(n)).numpy()
         pad = None
         if not aug.random_resized_crop:  # the in-memory path's parameters, so both paths crop alike
-            pad = epoch_augment_params(n, self.seed, epoch, aug.crop_padding, aug.flip).numpy().astype(np.int16)
+            pad = epoch_augment_params(n, self.seed, epoch, aug.crop_padding, aug.flip, torch.int16).numpy()
         for step in range(start_step, self.steps_per_epoch):
             for j in range(self.grad_accum):
                 pos = self.positions(step, j)
@@ -162,8 +205,7 @@ class StreamBatches(StepLayout):
         for _ in range(start_step, self.steps_per_epoch):
             micro = []
             for _ in range(self.grad_accum):
-                x, y = _unpack(next(items))
-                x, y = to_device(x, self.device), to_device(y, self.device)
+                x, y = _device_batch(next(items), self.device)
                 micro.append((normalize(x, self.input_size, self.mean, self.std), y))
             yield micro
 
@@ -186,7 +228,8 @@ class StreamEvalSet:
     def __post_init__(self) -> None:
         decode = partial(_decode_eval, size=self.image_size, eval_resize=self.eval_resize)
         # Workers start per evaluation (not kept): val and test sets would otherwise each hold a pool all run long.
-        self._loader = _loader(_Reader(self.split, decode), self._jobs, self.workers, self.device, False)
+        reader = _Reader(self.split, decode, self.image_size, self.eval_resize is not None)
+        self._loader = _loader(reader, self._jobs, self.workers, self.device, False)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -198,6 +241,5 @@ class StreamEvalSet:
         shard = self.entries[eval_shard(len(self.entries), rank, world).numpy()]
         self._jobs.jobs = iter([(shard[i:i + batch_size], None) for i in range(0, len(shard), batch_size)])
         for item in self._loader:
-            x, y = _unpack(item)
-            x, y = to_device(x, self.device), to_device(y, self.device)
+            x, y = _device_batch(item, self.device)
             yield normalize(x, self.input_size, self.mean, self.std), y

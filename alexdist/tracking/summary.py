@@ -46,12 +46,16 @@ def run_summary(recipe: Recipe, state: TrainState, info: dict, ending: Ending, p
         "epochs_run": state.epoch + (1 if state.step_in_epoch else 0), "steps": state.global_step,
         "final_test_acc": state.test_acc, "final_test_loss": state.test_loss,
         "final_val_acc": state.val_acc, "final_val_loss": state.val_loss,
+        # Top-5 with more than 10 classes (ImageNet's second figure); absent otherwise.
+        **{f"final_{k}_acc5": v for k, v in (("test", state.test_acc5), ("val", state.val_acc5)) if v is not None},
         # Model selection: on validation with data.val_split, else on test (then the figures are optimistic).
         "selected_on": state.selected_on,
         f"best_{state.selected_on}_acc": state.best_acc, "best_epoch": state.best_epoch,
         **({"test_acc_at_best_epoch": state.test_acc_at_best} if val else {}),
         "time_to_acc": recipe.tracking.time_to_acc, "time_to_target_s": state.time_to_target_s,
         "epoch_to_target": state.epoch_to_target,
+        # Where the selection accuracy first reached the target, interpolated between the evaluations around it.
+        "target_crossing": state.target_crossing,
         "noise_scale": noise,
         "images_per_s": sum(state.images_per_s) / max(1, len(state.images_per_s)),
         "train_time_s": round(state.train_time_s, 2), "git_commit": git_commit(), **checksums,

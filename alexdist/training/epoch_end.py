@@ -4,6 +4,7 @@
   beside it (train.ema_decay);
 - record: the selection accuracy (validation with a split, else test; the EMA's with train.ema_is_model) picks
   the best epoch, tracking.time_to_acc's time and train.stop_at_acc's stop; the epoch is marked done;
+- inside an epoch (eval.val_checks): the validation split alone, deciding the same (check_validation);
 - report: the `train`, `val` and `test` events (metrics.jsonl and the trackers) and the epoch's line;
 - the epoch-end checkpoint, which then records all of it.
 """
@@ -19,6 +20,7 @@ from alexdist.data.interface import EvalSet
 from alexdist.distributed.collectives import broadcast_buffers
 from alexdist.training.evaluation import Evaluation, evaluate_ranks
 from alexdist.training.run import Run
+from alexdist.training.val_checks import note_selection
 
 
 @dataclass
@@ -65,8 +67,7 @@ def epoch_train_figures(run: Run, started: tuple[float, int]) -> dict:
     ips = (state.step_in_epoch - started[1]) * b.effective_batch / elapsed
     if state.step_in_epoch > started[1]:
         state.images_per_s.append(ips)
-    noise = {} if run.noise is None else {"noise_scale": run.noise.value, "grad_sq": run.noise.grad_sq,
-                                          "grad_trace": run.noise.trace}
+    noise = {} if run.noise is None else run.noise.terms()
     return {"loss": loss, "acc": acc, "lr": run.scheduler.get_last_lr()[0], "images_per_s": ips,
             "epoch_time_s": elapsed, **noise}
 
@@ -86,6 +87,23 @@ def evaluate_epoch(run: Run) -> EpochEvaluation:
     return ev
 
 
+def check_validation(run: Run, epoch: int) -> None:
+    """eval.val_checks' evaluation inside an epoch, after this step: the validation split (the EMA's with
+    train.ema_is_model, as an epoch end selects) with rank 0's BatchNorm statistics, as there; a `val_check` event
+    with the noise scale's terms; and what it decides (the target's crossing, time and stop)."""
+    state = run.state
+    broadcast_buffers(run.accelerator, run.model)
+    if run.ema and run.recipe.train.ema_is_model:
+        with run.ema.swapped():
+            ev = _evaluate(run, run.val, tta="none")
+    else:
+        ev = _evaluate(run, run.val, tta="none")
+    noise = run.noise.terms() if run.noise else {}
+    run.log.event("val_check", state.global_step, epoch + 1, loss=ev.loss, acc=ev.acc,
+                  step_in_epoch=state.step_in_epoch, elapsed_s=round(time.time() - run.t_start, 3), **noise)
+    note_selection(run, epoch, ev.acc, ev.loss)
+
+
 def _evaluate(run: Run, data: EvalSet, tta: str | None = None) -> Evaluation:
     return evaluate_ranks(run.accelerator, run.model, data, run.recipe.train.eval_batch_size, run.in_dtype,
                           run.strategy.sharded_forward, run.recipe.speed.channels_last,
@@ -99,22 +117,15 @@ def record_epoch(run: Run, epoch: int, ev: EpochEvaluation, epoch_done: bool) ->
     ema_is_model = recipe.train.ema_is_model
     chosen, test = ev.selection(ema_is_model), ev.reported_test(ema_is_model)
     state.selection_acc = chosen.acc
-    state.test_acc, state.test_loss = test.acc, test.loss
+    state.test_acc, state.test_loss, state.test_acc5 = test.acc, test.loss, test.acc5
     if ev.val is not None:
         val = ev.ema_val if ema_is_model else ev.val
-        state.val_acc, state.val_loss = val.acc, val.loss
+        state.val_acc, state.val_loss, state.val_acc5 = val.acc, val.loss, val.acc5
     if chosen.acc > state.best_acc:
         state.best_acc, state.best_epoch, state.test_acc_at_best = chosen.acc, epoch + 1, test.acc
-    target = recipe.tracking.time_to_acc
-    if target and chosen.acc >= target and state.time_to_target_s is None:
-        state.time_to_target_s, state.epoch_to_target = time.time() - run.t_start, epoch + 1
+    note_selection(run, epoch, chosen.acc, chosen.loss)  # the target: its crossing, time and stop
     if epoch_done:
         state.epoch, state.step_in_epoch = epoch + 1, 0
-    stop_at = recipe.train.stop_at_acc
-    if stop_at and chosen.acc >= stop_at:
-        state.target_reached = True
-        run.log.say(f"alexdist: {state.selected_on} accuracy {chosen.acc:.4f} reached train.stop_at_acc={stop_at}: "
-                    f"stopping here")
 
 
 def report_epoch(run: Run, epoch: int, train: dict, ev: EpochEvaluation) -> None:
@@ -125,23 +136,32 @@ def report_epoch(run: Run, epoch: int, train: dict, ev: EpochEvaluation) -> None
     elapsed = round(time.time() - run.t_start, 3)  # training wall time since the run began, over all attempts
     if ev.val is not None:
         ema = {} if ev.ema_val is None else {"ema_loss": ev.ema_val.loss, "ema_acc": ev.ema_val.acc}
-        log.event("val", state.global_step, epoch + 1, loss=ev.val.loss, acc=ev.val.acc, **ema, elapsed_s=elapsed,
-                  per_class_acc=ev.val.per_class_acc(), **partial)
+        log.event("val", state.global_step, epoch + 1, loss=ev.val.loss, acc=ev.val.acc, **_top5(ev.val), **ema,
+                  elapsed_s=elapsed, per_class_acc=ev.val.per_class_acc(), **partial)
     t = ev.test
     extra = {} if t.tta_acc is None else {"tta_loss": t.tta_loss, "tta_acc": t.tta_acc}
     if ev.ema_test is not None:
         extra.update(ema_loss=ev.ema_test.loss, ema_acc=ev.ema_test.acc)
-    log.event("test", state.global_step, epoch + 1, loss=t.loss, acc=t.acc, **extra, elapsed_s=elapsed,
+    log.event("test", state.global_step, epoch + 1, loss=t.loss, acc=t.acc, **_top5(t), **extra, elapsed_s=elapsed,
               per_class_acc=t.per_class_acc(), confusion=t.confusion, **partial)
     log.confusion(state.global_step, run.classes, t.confusion)
     log.say(_epoch_line(epoch, state.global_step, train, ev, bool(partial)))
 
 
+def _top5(e: Evaluation) -> dict:
+    """`acc5` (metrics.jsonl; `test/acc5` and `val/acc5` in the trackers) where top-5 was measured."""
+    return {} if e.acc5 is None else {"acc5": e.acc5}
+
+
+def _top5_text(e: Evaluation) -> str:
+    return "" if e.acc5 is None else f" top-5 {e.acc5:.4f}"
+
+
 def _epoch_line(epoch: int, step: int, train: dict, ev: EpochEvaluation, partial: bool) -> str:
     t = ev.test
     line = (f"epoch {epoch + 1:3d} step {step:6d} | train loss {train['loss']:.4f} acc {train['acc']:.4f}"
-            + (f" | val loss {ev.val.loss:.4f} acc {ev.val.acc:.4f}" if ev.val is not None else "")
-            + f" | test loss {t.loss:.4f} acc {t.acc:.4f}"
+            + (f" | val loss {ev.val.loss:.4f} acc {ev.val.acc:.4f}{_top5_text(ev.val)}" if ev.val is not None else "")
+            + f" | test loss {t.loss:.4f} acc {t.acc:.4f}{_top5_text(t)}"
             + (f" (TTA {t.tta_acc:.4f})" if t.tta_acc is not None else "")
             + (f" | EMA {ev.ema_test.acc:.4f}" if ev.ema_test is not None else "")
             + f" | {train['images_per_s']:,.0f} img/s")

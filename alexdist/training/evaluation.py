@@ -17,6 +17,10 @@ from alexdist.distributed.collectives import plain_module
 from alexdist.models import NUM_CLASSES
 from alexdist.training.precision import loss_input
 
+# Top-5 accuracy is reported beside top-1 above this many classes (ImageNet's convention; at 10 classes it says
+# little: 5 guesses of 10).
+TOP5_ABOVE = 10
+
 
 def batch_stats(loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[summed loss, correct, count] as float64 on the device (no host sync: the count is a fill, not a copy)."""
@@ -54,6 +58,7 @@ class Evaluation:
     confusion: list[list[int]]
     tta_loss: float | None = None
     tta_acc: float | None = None
+    acc5: float | None = None  # top-5 accuracy, with more than TOP5_ABOVE classes
 
     def per_class_acc(self) -> list[float]:
         return [row[i] / max(1, sum(row)) for i, row in enumerate(self.confusion)]
@@ -91,8 +96,9 @@ def evaluate_ranks(accelerator, model, data: EvalSet, batch_size: int, in_dtype:
     net = model if sharded or accelerator is None else plain_module(accelerator, model)
     was_training = net.training
     net.eval()
-    k = num_classes
-    sums = torch.zeros(5 + k * k, dtype=torch.float64, device=device)  # loss, correct, n, tta loss, tta correct, cm
+    k, top5 = num_classes, num_classes > TOP5_ABOVE
+    # loss, correct, n, tta loss, tta correct, top-5 correct, then the confusion matrix: one reduce, exact counts
+    sums = torch.zeros(6 + k * k, dtype=torch.float64, device=device)
     n_own = data.n_batches(rank, world, batch_size)
     n_forward = data.n_batches(0, world, batch_size) if sharded else n_own
     batches = data.batches(rank, world, batch_size)
@@ -108,14 +114,16 @@ def evaluate_ranks(accelerator, model, data: EvalSet, batch_size: int, in_dtype:
             sums[:3] += batch_stats(F.cross_entropy(out, yb, reduction="sum"), out, yb)
             if aug is not None:
                 sums[3:5] += batch_stats(F.cross_entropy(aug, yb, reduction="sum"), aug, yb)[:2]
+            if top5:
+                sums[5] += (out.topk(5, 1).indices == yb[:, None]).any(1).sum()
             # index_add_, not bincount: bincount sizes its output from the data, a host sync per batch on CUDA.
             cells = (yb * k + out.argmax(1)).long()
-            sums[5:].index_add_(0, cells, torch.ones_like(cells, dtype=sums.dtype))
+            sums[6:].index_add_(0, cells, torch.ones_like(cells, dtype=sums.dtype))
     net.train(was_training)
     if world > 1:
         sums = accelerator.reduce(sums, reduction="sum")
     v = sums.tolist()
     n = v[2]
-    cm = [[int(c) for c in v[5 + r * k:5 + (r + 1) * k]] for r in range(k)]
+    cm = [[int(c) for c in v[6 + r * k:6 + (r + 1) * k]] for r in range(k)]
     tta_loss, tta_acc = (v[3] / n, v[4] / n) if tta != "none" else (None, None)
-    return Evaluation(v[0] / n, v[1] / n, cm, tta_loss, tta_acc)
+    return Evaluation(v[0] / n, v[1] / n, cm, tta_loss, tta_acc, v[5] / n if top5 else None)

@@ -24,11 +24,12 @@ from alexdist.tracking.progress import Progress
 from alexdist.tracking.summary import Ending, run_summary
 from alexdist.training.build_run import build_run
 from alexdist.training.divergence import diverged, nan_like
-from alexdist.training.epoch_end import end_epoch
+from alexdist.training.epoch_end import check_validation, end_epoch
 from alexdist.training.evaluation import EpochMeter, batch_stats
 from alexdist.training.noise_scale import cost_line
 from alexdist.training.precision import loss_input
 from alexdist.training.run import Run
+from alexdist.training.val_checks import check_due, check_settings
 
 
 def why_stop(run: Run) -> Ending | None:
@@ -46,6 +47,7 @@ def train(recipe: Recipe) -> dict:
     with build_run(recipe) as run:  # holds output_dir until the run ends, however it ends
         progress = Progress(run.accelerator.is_main_process, run.total_steps, run.batches.effective_batch,
                             run.state.global_step)
+        check_settings(run)
         ending = why_stop(run)  # a finished run resumed again ends at once
         if ending is not None and not run.state.evaluated:
             ending = evaluate_owed(run)
@@ -64,7 +66,9 @@ def run_epoch(run: Run, epoch: int, progress: Progress) -> Ending | None:
                            run.accelerator.is_main_process)
     started = (time.time(), state.step_in_epoch)
     progress.start_epoch(epoch, run.batches.steps_per_epoch, state.step_in_epoch)
-    for micro in run.batches.epoch(epoch, start_step=state.step_in_epoch):
+    if check_due(run):  # a stop request at an in-epoch evaluation's step left it to this attempt
+        check_validation(run, epoch)
+    for micro in run.batches.epoch(epoch, start_step=state.step_in_epoch) if not why_stop(run) else ():
         result = train_step(run, micro, state.global_step + 1)
         record_step(run, result, epoch)
         log_step(run, result, epoch, progress)
@@ -77,6 +81,10 @@ def run_epoch(run: Run, epoch: int, progress: Progress) -> Ending | None:
             progress.end_epoch()
             checkpoint_and_leave(run, epoch)
             return Ending.STOP_REQUESTED
+        if check_due(run):  # eval.val_checks: before the step's checkpoint, which then records it
+            check_validation(run, epoch)
+            if why_stop(run):  # train.stop_at_acc reached here: the epoch end's evaluation and checkpoint
+                break
         run.save_if_due()
     progress.end_epoch()
     end_epoch(run, epoch, started, why_stop)
@@ -240,15 +248,16 @@ def finish(run: Run, ending: Ending) -> dict:
     if ending is not Ending.STOP_REQUESTED:
         weights = final_state_dict(run)
         if accelerator.is_main_process:
-            meta = weights_metadata(recipe, state.global_step, state.test_acc, run.classes)
+            meta = weights_metadata(recipe, state.global_step, state.test_acc, run.classes, state.normalization)
             save_weights(f"{recipe.output_dir}/model.safetensors", weights, meta)
     summary = run_summary(recipe, state, run.info, ending, peaks, accelerator.process_index, device.type,
                           run.noise.facts() if run.noise else None, rank_checksums(run))
     run.log.finish(summary)
     if ending is not Ending.STOP_REQUESTED:
         on = state.selected_on
-        run.log.say(f"alexdist: done at step {state.global_step} | final test acc {state.test_acc:.4f} | best {on} "
-                    f"acc {state.best_acc:.4f} at epoch {state.best_epoch}"
+        top5 = "" if state.test_acc5 is None else f" top-5 {state.test_acc5:.4f}"
+        run.log.say(f"alexdist: done at step {state.global_step} | final test acc {state.test_acc:.4f}{top5} | best "
+                    f"{on} acc {state.best_acc:.4f} at epoch {state.best_epoch}"
                     + (f" (test acc there {state.test_acc_at_best:.4f})" if on == "val" else ""))
         if line := cost_line(run.batches.effective_batch, run.noise.value if run.noise else None):
             run.log.say(f"alexdist: note: {line}")

@@ -50,6 +50,10 @@ def lr_factor(step: int, total: int, cfg: ScheduleConfig, warmup: int | None = N
     t = _progress(step, total, warmup, anchor)
     if cfg.name == "cosine":
         shape = 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    elif cfg.name == "step":  # torchvision's StepLR(30, 0.1) over 90 epochs, for any length of run
+        shape = 0.1 ** min(2, int(3 * t + 1e-9))
+    elif cfg.name == "poly":  # Caffe's poly policy, power 2, as the LARS paper's runs
+        shape = max(0.0, 1.0 - t) ** 2
     else:  # onecycle: linear warmup (above), then linear decay
         shape = max(0.0, 1.0 - t)
     return cfg.final_frac + (1 - cfg.final_frac) * shape

@@ -5,10 +5,12 @@ index (read and decoded by loader workers). The path is chosen once, on rank 0, 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
 from alexdist import faults
+from alexdist.checkpoint.state import complete_checkpoints, read_state
 from alexdist.config import Recipe
 from alexdist.data.batches import CIFAR_MEAN, CIFAR_STD, MemoryEvalSet, TrainBatches, source_bytes
 from alexdist.data.cache import load_dataset
@@ -18,15 +20,14 @@ from alexdist.data.interface import Batches
 from alexdist.data.validation import stratified_split
 from alexdist.distributed.accelerator import local_processes
 from alexdist.distributed.collectives import every_rank, from_main
-from alexdist.errors import ConfigError, SetupError
+from alexdist.errors import AlexdistError, ConfigError, SetupError
 from alexdist.models import resolve_input_size
 from alexdist.training.run_inputs import RunData
 
 
 def run_data(recipe: Recipe, accelerator) -> RunData:
     """This rank's training batches, the validation split, the test set and the class names."""
-    choice = choose_loader(recipe.data, recipe.augment, local_processes()) if accelerator.is_main_process else None
-    loader, why = from_main(accelerator, choice)
+    loader, why = _choose(recipe, accelerator)
     if loader == "stream":
         from alexdist.training.run_data_streamed import streamed_run_data
 
@@ -38,6 +39,36 @@ def run_data(recipe: Recipe, accelerator) -> RunData:
         print(f"alexdist: data: {why}", file=sys.stderr, flush=True)
     _check_steps(data.batches, recipe, accelerator, data.train_images)
     return data
+
+
+def _choose(recipe: Recipe, accelerator) -> tuple[str, str | None]:
+    """The data path, chosen on rank 0 and handed to every rank (a collective), a refusal too: raised on rank 0
+    alone, it would leave the other ranks waiting in the broadcast."""
+    choice = None
+    if accelerator.is_main_process:
+        try:
+            choice = choose_loader(recipe.data, recipe.augment, local_processes(), resumed_loader(recipe))
+        except AlexdistError as exc:
+            choice = exc
+    choice = from_main(accelerator, choice)
+    if isinstance(choice, AlexdistError):
+        raise choice
+    return choice
+
+
+def resumed_loader(recipe: Recipe) -> str | None:
+    """The data path (memory | stream) recorded by the checkpoint this run would continue, None for a fresh
+    start: data.loader=auto follows it. The newest readable one: the resume moves a damaged one aside, and every
+    checkpoint of one output_dir took the same path (a resume that would switch is refused)."""
+    r = recipe.checkpoint.resume
+    if r == "never":
+        return None
+    for path in reversed(complete_checkpoints(recipe.output_dir)) if r == "auto" else [Path(r)]:
+        try:
+            return read_state(path).data_loader
+        except (OSError, ValueError, TypeError):  # unreadable: the resume says so, or takes the one before
+            continue
+    return None
 
 
 def _memory_run_data(recipe: Recipe, accelerator) -> RunData:

@@ -10,9 +10,12 @@ import numpy as np
 import torch
 
 from alexdist.config import Recipe
+from alexdist.data.choice import default_workers
+from alexdist.data.crops import eval_resize_of
 from alexdist.data.dataset import label_gap_warning
-from alexdist.data.streamed import StreamBatches, StreamEvalSet, default_workers
+from alexdist.data.streamed import StreamBatches, StreamEvalSet
 from alexdist.data.validation import stratified_split
+from alexdist.distributed.accelerator import local_processes
 from alexdist.models import resolve_input_size
 from alexdist.training.run_inputs import RunData
 
@@ -33,7 +36,7 @@ def _index_once(recipe: Recipe, accelerator):
 def streamed_run_data(recipe: Recipe, accelerator) -> RunData:
     cfg, t = recipe.data, recipe.train
     index = _index_once(recipe, accelerator)
-    labels = torch.from_numpy(np.asarray(index.train.labels, dtype=np.int64))
+    labels = torch.from_numpy(np.array(index.train.labels, dtype=np.int64))  # a copy: the index is read-only
     if accelerator.is_main_process:
         if gaps := label_gap_warning(labels, index.classes):
             print(f"alexdist: warning: {gaps}", file=sys.stderr, flush=True)
@@ -46,14 +49,12 @@ def streamed_run_data(recipe: Recipe, accelerator) -> RunData:
         train_entries, val_entries, fingerprint = split.train_idx.numpy(), split.val_idx.numpy(), split.fingerprint
     mean, std = tuple(cfg.mean or index.mean), tuple(cfg.std or index.std)
     input_size = resolve_input_size(recipe.model.name, recipe.model.input_size)
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    workers = default_workers(local_processes()) if cfg.workers is None else cfg.workers
     device = accelerator.device
     batches = StreamBatches(index.train, train_entries, t.batch_size, t.grad_accum, accelerator.process_index,
                             accelerator.num_processes, t.seed, recipe.augment, cfg.image_size, input_size, device,
                             workers, mean, std)
-    eval_resize = cfg.eval_resize
-    if eval_resize is None and recipe.augment.random_resized_crop:
-        eval_resize = round(cfg.image_size * 256 / 224)
+    eval_resize = eval_resize_of(cfg.image_size, cfg.eval_resize, recipe.augment.random_resized_crop)
 
     def eval_set(split, entries: np.ndarray) -> StreamEvalSet:
         return StreamEvalSet(split, entries, cfg.image_size, eval_resize, input_size, device, workers, mean, std)

@@ -18,10 +18,11 @@ from helpers import check, comparable_events, launch, read_jsonl, run_env
 from safetensors.torch import load_file
 
 # 8 steps per epoch, 3 epochs (evaluations at steps 8, 16, 24); a checkpoint every 2 steps, one kept (+ best),
-# so every save also rotates an older checkpoint away.
+# so every save also rotates an older checkpoint away. No confusion.png: nothing here reads it, and drawing it
+# imports matplotlib in every launch that evaluates.
 RUN = ["data.source=synthetic", "data.synthetic_train=512", "data.synthetic_test=128", "train.epochs=3",
        "train.batch_size=32", "checkpoint.every_steps=2", "checkpoint.keep=1", "tracking.wandb=false",
-       "train.log_every=1", "model.width_mult=0.25"]
+       "train.log_every=1", "model.width_mult=0.25", "eval.confusion_png=false"]
 
 # (fault, newest complete checkpoint when it fires). Steps only grow: each relaunch reaches the next fault.
 DDP_FAULTS = [

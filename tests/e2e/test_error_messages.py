@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from helpers import ROOT, check, launch, launch_command, run_env
+from PIL import Image
 
 DOC = ROOT / "docs" / "errors.md"
 BASE = ["data.source=synthetic", "data.synthetic_train=256", "data.synthetic_test=64", "train.batch_size=32",
@@ -39,6 +40,12 @@ TITLES = [  # the cases of _cases, in order: each is a test of its own
     'missing dataset path',
     'a folder in neither known layout',
     'a corrupt parquet file',
+    'data.loader=stream on a source that is not a folder',
+    'an index of a source that is not a local folder (index)',
+    'an index of a folder in no indexable layout (index)',
+    'an unreadable image found while indexing (index)',
+    'a parquet folder with no validation or test split (index)',
+    'an image folder with no val/ or test/ (index)',
     'a truncated dataset cache (not an error: rebuilt)',
     'fp16 without a GPU',
     'float64 under DeepSpeed',
@@ -132,7 +139,7 @@ def _unchanged(run: Path, snapshot: dict[str, bytes]):
     return check_run
 
 
-def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
+def _cases(root: Path, base: Path, zero: Path, zero3: Path) -> list[Case]:
     def copy_of(src: Path, name: str) -> Path:
         dst = root / name
         shutil.copytree(src, dst)
@@ -148,6 +155,15 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
     _write(bad_parquet / "plain_text" / "train-00000-of-00001.parquet", "not parquet")
     _write(bad_parquet / "plain_text" / "test-00000-of-00001.parquet", "not parquet")
     a_file = _write(root / "a-file", "x")
+    bad_images, train_only, no_val = root / "bad-images", root / "train-only-parquet", root / "no-val"
+    for split in ("train", "val"):
+        (bad_images / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(bad_images / split / "cat" / "ok.JPEG")
+    _write(bad_images / "train" / "cat" / "bad.JPEG", "not a jpeg")
+    _write(train_only / "data" / "train-00000-of-00001.parquet", "x")
+    (no_val / "train" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(no_val / "train" / "cat" / "0.JPEG")
+    index_key = re.compile(r"-[0-9a-f]{16}/unreadable")
 
     other_model = copy_of(base, "other-model")
     other_allowed = copy_of(base, "other-model-allowed")
@@ -182,7 +198,7 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
     write_manifest(_ckpt(crafted_zero))
     weights = root / "weights-truncated.safetensors"
     weights.write_bytes((base / "model.safetensors").read_bytes()[:1000])
-    zero3_moved = _zero_run(root, cache_dir, stage=3)
+    zero3_moved = zero3
     zero3_stage = copy_of(zero3_moved, "zero3-at-stage-2")
     zero_batch = copy_of(zero, "zero2-other-batch")
     from alexdist.config import DataConfig
@@ -228,6 +244,19 @@ def _cases(root: Path, base: Path, zero: Path, cache_dir: Path) -> list[Case]:
         Case("missing dataset path", [f"data.source={root / 'no-such-folder'}"], 3, "does not exist"),
         Case("a folder in neither known layout", [f"data.source={neither}"], 3, "no known dataset layout"),
         Case("a corrupt parquet file", [f"data.source={bad_parquet}"], 3, "could not read the parquet files"),
+        Case("data.loader=stream on a source that is not a folder", ["data.loader=stream"], 2,
+             "data.loader=stream needs a local folder"),
+        Case("an index of a source that is not a local folder (index)", [str(root / "no-such-folder")], 3,
+             "is not a local folder", module="index"),
+        Case("an index of a folder in no indexable layout (index)", [str(neither)], 3,
+             "is in no layout an index is built from", module="index"),
+        Case("an unreadable image found while indexing (index)", [str(bad_images), "--cache-dir",
+             str(root / "idx-cache"), "--workers", "0", "--quiet"], 3, "1 unreadable image: ", module="index",
+             normalize=lambda m: index_key.sub("-<key>/unreadable", m)),
+        Case("a parquet folder with no validation or test split (index)", [str(train_only), "--quiet"], 3,
+             "no validation-*.parquet or test-*.parquet", module="index"),
+        Case("an image folder with no val/ or test/ (index)", [str(no_val), "--quiet"], 3,
+             "has train/ but no val/ or test/ folder", module="index"),
         Case("a truncated dataset cache (not an error: rebuilt)", [f"data.cache_dir={root / 'cache'}",
              "train.max_steps=1", f"output_dir={root / 'cache-run'}"], 0, "is unreadable (SafetensorError); rebuilding",
              prefix="alexdist: dataset cache",
@@ -325,14 +354,24 @@ def _run(case: Case, cache_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def _slow(case: Case) -> bool:
+    """Starts DeepSpeed or a second process (10-20 s where a refusal before training takes 2)."""
+    return case.nproc > 1 or "distributed.strategy=deepspeed" in case.args
+
+
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("errors")
-    cases = _cases(root, _base_run(root, cache_dir), _zero_run(root, cache_dir), cache_dir)
-    assert [c.title for c in cases] == TITLES
     with ThreadPoolExecutor(2) as pool:
-        procs = list(pool.map(lambda c: _run(c, cache_dir), cases))
-    return root, list(zip(cases, procs, strict=True))
+        made = [pool.submit(_zero_run, root, cache_dir, 3), pool.submit(_zero_run, root, cache_dir, 2),
+                pool.submit(_base_run, root, cache_dir)]
+        zero3, zero, base = (f.result() for f in made)
+        cases = _cases(root, base, zero, zero3)
+        assert [c.title for c in cases] == TITLES
+        # The slow cases first, so that the quick ones fill in at the end and both threads finish together.
+        order = sorted(cases, key=lambda c: not _slow(c))
+        done = dict(zip((c.title for c in order), pool.map(lambda c: _run(c, cache_dir), order), strict=True))
+    return root, [(c, done[c.title]) for c in cases]
 
 
 def _message(proc: subprocess.CompletedProcess, prefix: str = "alexdist: error: ") -> str:

@@ -7,6 +7,7 @@ the same training agrees to ~1e-17 whatever order the kernels sum in (helpers.FP
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from helpers import (
     DIGITS_RUN,
-    EQUIV,
+    EQUIV_ACCUM_CLIP,
     FP64,
     ROOT,
     assert_same_training,
@@ -31,30 +32,32 @@ from safetensors.torch import load_file
 
 from alexdist.errors import CheckpointError
 
-COMMON = EQUIV + FP64 + ["train.batch_size=4", "train.grad_accum=2", "train.grad_clip=0.2"]
+COMMON = EQUIV_ACCUM_CLIP + FP64
 FSDP = ["distributed.strategy=fsdp"]
 BN = ["model.name=alexnet_bn", "train.max_steps=4"]
 LARS = ["optim.name=lars", "optim.lr=2.0", "optim.trust_coeff=0.01"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, cache_dir):
-    """The same 6 steps (2 x 4 per rank, accumulation 2, clipping active) under DDP and FSDP in float64; the BN
-    model under both; FSDP stopped at step 3 and resumed; FSDP 2 -> 1 -> 2 processes."""
+def runs(tmp_path_factory, cache_dir, ddp_fp64):
+    """The same 6 steps (2 x 4 per rank, accumulation 2, clipping active) under DDP (conftest.ddp_fp64) and FSDP
+    in float64; the BN model under both; FSDP stopped at step 3 and resumed on 2 processes, and the same stop
+    moved 2 -> 1 -> 2 processes."""
     root = tmp_path_factory.mktemp("fsdp")
-    out = {}
-    for name, extra in [("ddp", []), ("ddp_noclip", ["train.grad_clip=null"]), ("fsdp", FSDP),
-                        ("ddp_bn", BN), ("fsdp_bn", FSDP + BN), ("ddp_lars", LARS), ("fsdp_lars", FSDP + LARS),
-                        ("fsdp_channels_last", FSDP + ["speed.channels_last=true"])]:
+    out = dict(ddp_fp64)
+    for name, extra in [("fsdp", FSDP), ("ddp_bn", BN), ("fsdp_bn", FSDP + BN), ("ddp_lars", LARS),
+                        ("fsdp_lars", FSDP + LARS), ("fsdp_channels_last", FSDP + ["speed.channels_last=true"])]:
         out[name] = root / name
         check(launch(COMMON + extra + [f"output_dir={out[name]}"], cache_dir, nproc=2))
-    resumed = out["resumed"] = root / "resumed"
-    check(launch(COMMON + FSDP + ["train.max_steps=3", f"output_dir={resumed}"], cache_dir, nproc=2))
-    check(launch(COMMON + FSDP + [f"output_dir={resumed}"], cache_dir, nproc=2))
-    moved = out["moved"] = root / "moved"
-    for nproc, steps in [(2, 3), (1, 5), (2, 6)]:
-        check(launch(COMMON + FSDP + ["train.global_batch=16", f"train.max_steps={steps}", f"output_dir={moved}"],
-                     cache_dir, nproc=nproc))
+    # One stop at step 3 (2 processes), resumed twice: on 2 processes to step 6, and on 1 process to step 5 then
+    # 2 to step 6. global_batch is fixed, so the 1-process leg accumulates 4 micro-batches.
+    resumed, moved = out["resumed"], out["moved"] = root / "resumed", root / "moved"
+    stop = COMMON + FSDP + ["train.global_batch=16"]
+    check(launch(stop + ["train.max_steps=3", f"output_dir={resumed}"], cache_dir, nproc=2))
+    shutil.copytree(resumed, moved)
+    check(launch(stop + [f"output_dir={resumed}"], cache_dir, nproc=2))
+    for nproc, steps in [(1, 5), (2, 6)]:
+        check(launch(stop + [f"train.max_steps={steps}", f"output_dir={moved}"], cache_dir, nproc=nproc))
     return out
 
 

@@ -1,9 +1,12 @@
 """Several nodes, proven on one machine: a two-node Slurm cluster (slurm/local/start_local_slurm.sh --nodes 2:
 one slurmd per node, each in its own UTS namespace with its own loopback address), 1 process per node.
 
-`sbatch --nodes=2 slurm/train.sh` trains and equals the one-node 2-process run bit for bit, survives USR1
-preemption and `scancel`, ends soon after a node is lost and continues when resubmitted; `accelerate launch
---num_machines 2` started by hand in the two nodes' namespaces trains too; ZeRO-2 trains and resumes on two nodes.
+The data is scikit-learn's digits as PNG files in ImageNet's folder layout, on the file system both nodes share
+(its index in the shared data.cache_dir). `sbatch --nodes=2 slurm/train.sh` streams it from disk (data.loader=
+stream: each node's rank reads its own samples) and equals the one-node 2-process run, which holds it in memory,
+bit for bit. In memory, a two-node job survives USR1 preemption and `scancel`, ends soon after a node is lost and
+continues when resubmitted, each ending with the one-node run's weights; `accelerate launch --num_machines 2`
+started by hand in the two nodes' namespaces trains too; ZeRO-2 trains and resumes on two nodes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from dataset_files import digits_folder
 from helpers import ROOT, check, comparable_events, launch, read_jsonl, summary, wait_for_step
 from safetensors.torch import load_file
 from slurm_jobs import job_info, leftover, require_slurm, sbatch, slurm_env, wait_finished
@@ -25,8 +29,10 @@ from alexdist.distributed.launcher import free_port
 
 pytestmark = pytest.mark.slurm
 
-# 80 optimizer steps of the quickstart (3.6 epochs): epoch ends, evaluations and checkpoints included.
-ARGS = ["quickstart", "tracking.wandb=false", "train.log_every=2", "train.max_steps=80"]
+# 80 optimizer steps of the quickstart (3.6 epochs): epoch ends, evaluations and checkpoints included. Both data
+# paths normalize with the same constants (the streamed one would otherwise measure its own).
+QUICKSTART = ["tracking.wandb=false", "train.log_every=2", "data.loader=memory", "data.mean=[0.2,0.2,0.2]",
+              "data.std=[0.3,0.3,0.3]", "train.max_steps=80"]
 TWO_NODES = ("--nodes=2",)
 LOST_NODE_BOUND_S = 30  # measured: see the test's printout
 
@@ -34,6 +40,13 @@ LOST_NODE_BOUND_S = 30  # measured: see the test's printout
 @pytest.fixture(scope="module", autouse=True)
 def two_node_cluster():
     require_slurm(2)
+
+
+@pytest.fixture(scope="module")
+def args(tmp_path_factory) -> list[str]:
+    """The recipe and overrides of every run here (train.max_steps last): the quickstart's digits read from an
+    image folder that both nodes see (this machine's disk)."""
+    return ["quickstart", f"data.source={digits_folder(tmp_path_factory.mktemp('digits-folder'))}", *QUICKSTART]
 
 
 def _env(cache_dir):
@@ -46,25 +59,28 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def one_node(tmp_path_factory, cache_dir):
-    """The reference: the same training as 2 processes on one machine, no Slurm."""
+def one_node(tmp_path_factory, cache_dir, args):
+    """The reference: the same training as 2 processes on one machine, no Slurm, its data in memory."""
     run = tmp_path_factory.mktemp("one-node") / "run"
-    check(launch(ARGS[1:] + [f"output_dir={run}"], cache_dir, nproc=2, recipe="quickstart"))
+    check(launch(args[1:] + [f"output_dir={run}"], cache_dir, nproc=2, recipe="quickstart"))
     return run
 
 
 @pytest.fixture(scope="module")
-def two_node_job(tmp_path_factory, cache_dir):
+def two_node_job(tmp_path_factory, cache_dir, args):
+    """The same training streamed from disk: rank 0 indexes the folder into the shared cache, each node's rank
+    reads and decodes its own samples."""
     run = tmp_path_factory.mktemp("two-node") / "whole"
-    job, proc = sbatch(run, cache_dir, ARGS, TWO_NODES, wait=True, env=_env(cache_dir))
+    job, proc = sbatch(run, cache_dir, [*args, "data.loader=stream"], TWO_NODES, wait=True, env=_env(cache_dir))
     assert proc.returncode == 0, Path(f"{run}.slurm.log").read_text()[-4000:]
     return job, run
 
 
-def test_a_two_node_job_trains_and_equals_the_one_node_run_bit_for_bit(two_node_job, one_node):
+def test_a_two_node_job_streams_its_data_and_equals_the_one_node_in_memory_run_bit_for_bit(two_node_job, one_node):
     job, run = two_node_job
     s = summary(run)
     assert s["world_size"] == 2 and s["distributed_type"] == "DistributedType.MULTI_CPU" and s["steps"] == 80
+    assert s["data_loader"] == "stream" and summary(one_node)["data_loader"] == "memory"
     assert s["rank_param_sums"][0] == s["rank_param_sums"][1]
     assert s["rank_buffer_sums"][0] == s["rank_buffer_sums"][1]
     assert _same_weights(run, one_node)
@@ -76,11 +92,10 @@ def test_a_two_node_job_trains_and_equals_the_one_node_run_bit_for_bit(two_node_
     assert log.count("alexdist: done at step 80") == 1 and log.count("epoch   1 step") == 1
 
 
-def test_usr1_stops_both_nodes_at_one_step_requeues_and_ends_bit_identical(two_node_job, tmp_path, cache_dir):
-    _, whole = two_node_job
+def test_usr1_stops_both_nodes_at_one_step_requeues_and_ends_bit_identical(one_node, tmp_path, cache_dir, args):
     run = tmp_path / "preempted"
     t0 = time.time()
-    job, proc = sbatch(run, cache_dir, ARGS, TWO_NODES, env=_env(cache_dir))
+    job, proc = sbatch(run, cache_dir, args, TWO_NODES, env=_env(cache_dir))
     assert proc.returncode == 0, proc.stderr
     wait_for_step(run, 30)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
@@ -92,7 +107,7 @@ def test_usr1_stops_both_nodes_at_one_step_requeues_and_ends_bit_identical(two_n
     log = Path(f"{run}.slurm.log").read_text()  # both attempts, appended
     assert f"step-{stop[0]['step']:07d} at step {stop[0]['step']}" in log and "requeueing job" in log
     assert summary(run)["status"] == "max_steps"
-    assert _same_weights(run, whole) and comparable_events(run) == comparable_events(whole)
+    assert _same_weights(run, one_node) and comparable_events(run) == comparable_events(one_node)
     print(f"\ntwo nodes: USR1 at step {stop[0]['step']} -> checkpoint, requeue, resume, finish: {wall:.0f} s wall")
 
 
@@ -109,9 +124,9 @@ def _workers(node: str) -> list[psutil.Process]:
     return found
 
 
-def test_scancel_leaves_a_resumable_checkpoint_and_no_process_on_either_node(tmp_path, cache_dir):
+def test_scancel_leaves_a_resumable_checkpoint_and_no_process_on_either_node(tmp_path, cache_dir, args):
     run = tmp_path / "cancelled"
-    job, proc = sbatch(run, cache_dir, ARGS, TWO_NODES, env=_env(cache_dir))
+    job, proc = sbatch(run, cache_dir, args, TWO_NODES, env=_env(cache_dir))
     assert proc.returncode == 0, proc.stderr
     wait_for_step(run, 20)
     subprocess.run(["scancel", job], check=True)
@@ -123,10 +138,9 @@ def test_scancel_leaves_a_resumable_checkpoint_and_no_process_on_either_node(tmp
     assert len(stop) == 1 and (run / "checkpoints" / f"step-{stop[0]['step']:07d}" / "trainer_state.json").is_file()
 
 
-def test_a_lost_node_ends_the_job_quickly_and_a_resubmission_continues(two_node_job, tmp_path, cache_dir):
-    _, whole = two_node_job
+def test_a_lost_node_ends_the_job_quickly_and_a_resubmission_continues(one_node, tmp_path, cache_dir, args):
     run = tmp_path / "lost-node"
-    args = [*ARGS, "checkpoint.every_steps=10"]
+    args = [*args, "checkpoint.every_steps=10"]
     job, proc = sbatch(run, cache_dir, args, TWO_NODES, env=_env(cache_dir))
     assert proc.returncode == 0, proc.stderr
     wait_for_step(run, 35)
@@ -147,10 +161,10 @@ def test_a_lost_node_ends_the_job_quickly_and_a_resubmission_continues(two_node_
     assert proc.returncode == 0, Path(f"{run}.slurm.log").read_text()[-4000:]
     start = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "start"][-1]
     assert start["resumed_at_step"] == int(newest.name.split("-")[1])
-    assert _same_weights(run, whole)
+    assert _same_weights(run, one_node)
 
 
-def test_accelerate_launch_by_hand_on_two_nodes_without_slurm(one_node, tmp_path, cache_dir):
+def test_accelerate_launch_by_hand_on_two_nodes_without_slurm(one_node, tmp_path, cache_dir, args):
     """The README's multi-node command, each node's half started in that node's namespace."""
     run, port = tmp_path / "by-hand", free_port()
     env = slurm_env(cache_dir)
@@ -158,7 +172,7 @@ def test_accelerate_launch_by_hand_on_two_nodes_without_slurm(one_node, tmp_path
     for rank in (0, 1):
         launch = (f"exec {sys.executable} -m accelerate.commands.launch --multi_gpu --num_machines 2 "
                   f"--machine_rank {rank} --main_process_ip node1 --main_process_port {port} --num_processes 2 "
-                  f"--mixed_precision no --dynamo_backend no -m alexdist.train {' '.join(ARGS)} output_dir={run}")
+                  f"--mixed_precision no --dynamo_backend no -m alexdist.train {' '.join(args)} output_dir={run}")
         procs.append(subprocess.Popen(["unshare", "--uts", "sh", "-c", f"hostname node{rank + 1} && {launch}"],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]
@@ -166,13 +180,13 @@ def test_accelerate_launch_by_hand_on_two_nodes_without_slurm(one_node, tmp_path
     assert summary(run)["world_size"] == 2 and _same_weights(run, one_node)
 
 
-def test_zero2_trains_and_resumes_on_two_nodes(tmp_path, cache_dir):
+def test_zero2_trains_and_resumes_on_two_nodes(tmp_path, cache_dir, args):
     zero2 = ["distributed.strategy=deepspeed", "distributed.deepspeed.zero_stage=2"]
     ref, run = tmp_path / "zero2-one-node", tmp_path / "zero2-two-nodes"
-    check(launch([*ARGS[1:-1], "train.max_steps=40", *zero2, f"output_dir={ref}"], cache_dir, nproc=2,
+    check(launch([*args[1:-1], "train.max_steps=40", *zero2, f"output_dir={ref}"], cache_dir, nproc=2,
                  recipe="quickstart"))
     for steps in (20, 40):
-        _, proc = sbatch(run, cache_dir, [*ARGS[:-1], f"train.max_steps={steps}", *zero2], TWO_NODES, wait=True,
+        _, proc = sbatch(run, cache_dir, [*args[:-1], f"train.max_steps={steps}", *zero2], TWO_NODES, wait=True,
                          env=_env(cache_dir))
         assert proc.returncode == 0, Path(f"{run}.slurm.log").read_text()[-4000:]
     s = summary(run)

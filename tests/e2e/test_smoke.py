@@ -21,36 +21,20 @@ def tiny(tmp_path_factory, cache_dir):
     """A DDP run and an FSDP2 run of 4 steps, trained in this process (one rank: no process group), under umask
     002 (a team's shared disk: test_every_file_a_run_writes_gets_the_mode_of_the_umask)."""
     import os
-    import signal
 
-    from accelerate.state import AcceleratorState, GradientState
-
-    from alexdist.config import load_recipe
-    from alexdist.training.loop import train
+    from helpers import in_this_process, train_here
 
     root = tmp_path_factory.mktemp("tiny")
-    before = os.environ.get("ALEXDIST_CACHE")
-    os.environ["ALEXDIST_CACHE"] = str(cache_dir)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     out = {}
     umask = os.umask(0o002)
     try:
-        for name, extra in [("ddp", []), ("fsdp", ["distributed.strategy=fsdp"]),
-                            ("resumed", ["train.max_steps=2"]), ("resumed", [])]:  # stopped at 2, resumed to 4
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
-            out[name] = root / name
-            train(load_recipe("quickstart", TINY + extra + [f"output_dir={out[name]}"]))
+        with in_this_process(ALEXDIST_CACHE=str(cache_dir)):
+            for name, extra in [("ddp", []), ("fsdp", ["distributed.strategy=fsdp"]),
+                                ("resumed", ["train.max_steps=2"]), ("resumed", [])]:  # stopped at 2, resumed to 4
+                out[name] = root / name
+                train_here("quickstart", TINY + extra + [f"output_dir={out[name]}"])
     finally:
         os.umask(umask)
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        if before is None:
-            os.environ.pop("ALEXDIST_CACHE", None)
-        else:
-            os.environ["ALEXDIST_CACHE"] = before
     return out
 
 

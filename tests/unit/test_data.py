@@ -190,3 +190,18 @@ def test_dataset_pickles_may_hold_numpy_arrays_and_nothing_that_runs_code(torchv
     with pytest.raises(DataError, match="data_batch_3' is not a readable CIFAR batch .*builtins.print"):
         decode_source(DataConfig(source=str(tmp_path)))
     assert "this ran" not in capsys.readouterr().out
+
+
+def test_an_image_folder_with_a_flat_val_takes_its_test_folder_as_the_index_does(tmp_path):
+    """ImageNet's val/ arrives flat (unsorted): both readers then take test/CLASS/* (index_folder.test_folder)."""
+    from PIL import Image
+
+    for split, k in (("train", 2), ("test", 1)):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(k):
+                Image.new("RGB", (8, 8), (10 * i, 60, 90)).save(tmp_path / split / c / f"{i}.png")
+    (tmp_path / "val").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "ILSVRC2012_val_00000001.png")
+    ds = decode_source(DataConfig(source=str(tmp_path), image_size=8))
+    assert ds.classes == ["cat", "dog"] and ds.test_y.tolist() == [0, 1] and len(ds.train_y) == 4

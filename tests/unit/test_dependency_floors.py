@@ -49,6 +49,7 @@ SINCE: dict[str, tuple[str, str, str]] = {
     "torch.utils.data.DataLoader": ("torch", "2.0", "persistent_workers 1.7, prefetch_factor=None without workers 2.0"),
     "torch.utils.data.Dataset": ("torch", "1.0", "torch.utils.data"),
     "torch.utils.data.Sampler": ("torch", "1.0", "torch.utils.data"),
+    "torch.utils.data.get_worker_info": ("torch", "1.2", "torch.utils.data"),
     "torch._foreach_copy_": ("torch", "2.1", "PyTorch 2.1 (foreach copy)"),
     "torch._foreach_lerp_": ("torch", "2.0", "foreach lerp, used by torch.optim's Adam since 2.0"),
     "torch._disable_dynamo": ("torch", "2.1", "torch/_compile.py, which wraps the optimizer's methods since 2.1"),

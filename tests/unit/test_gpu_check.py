@@ -41,3 +41,24 @@ def test_wheels_are_used_only_where_the_image_lacks_a_package_or_has_it_below_it
     _, lines, missing, ds_ok = gpu_deps.plan(tmp_path, have=image.get, requires=lambda n: [])
     assert missing == ["torch (needs >=2.6)"] and not ds_ok  # torch stops the check; DeepSpeed only skips rows
     assert "gpu_check: deepspeed missing (needs >=0.15): the DeepSpeed rows are skipped" in lines
+
+
+def test_the_imagenet_row_is_in_the_plan_on_a_cpu_and_writes_photo_sized_jpegs_in_imagenets_layout(tmp_path):
+    """The dry run runs it (no CUDA needed); its files are ImageNet-like (500 x 375 JPEGs of ~85 KB, not random
+    noise's several hundred), so the streamed figure is a photo's decode."""
+    import gpu_check
+    from gpu_check_imagenet import fmt_imagenet, imagenet_folder, imagenet_row
+    from PIL import Image
+
+    for s in (gpu_check.CPU, gpu_check.GPU):
+        rows = [r for r in gpu_check.plan(s) if r.run is imagenet_row]
+        assert len(rows) == 1 and not rows[0].needs_cuda and "ImageNet" in rows[0].name
+    root = imagenet_folder(tmp_path, 40, 8)
+    files = sorted((root / "train").glob("n*/*.JPEG"))
+    assert len(files) == 40 and len(list((root / "val").glob("n*/*.JPEG"))) == 8
+    assert {Image.open(f).size for f in files} == {(500, 375), (375, 500)}
+    assert all(20_000 < f.stat().st_size < 150_000 for f in files)
+    line = fmt_imagenet("row", {"stream_images_per_s": 900.0, "memory_images_per_s": 3000.0,
+                                "stream_to_memory": 0.3, "bound_by": "loader", "data_workers": 16, "batch": 256,
+                                "image_size": 224, "peak_memory_gib": 9.5, "loss": 6.9})
+    assert line.startswith("| row | 900 img/s streamed, 3,000 from memory |") and "the loader bounds a step" in line

@@ -246,3 +246,78 @@ def test_alexdist_index_prints_one_summary_line(tmp_path, capsys):
     assert out.count("\n") == 0 and "(imagefolder): train 9 and test 6 images, 3 classes; index " in out
     assert cli.main(["index", str(tmp_path / "nowhere"), "--quiet"]) == 3
     assert "is not a local folder" in capsys.readouterr().err
+
+
+def test_the_in_memory_reader_and_the_index_take_the_same_parquet_test_split(tmp_path):
+    """imagenet-1k's files: train, validation and an unlabeled test. Both paths evaluate on validation, so a set
+    that moves between them (data.loader) keeps its test split; the size auto weighs counts those files only."""
+    from alexdist.data.choice import _count_parquet_rows
+    from alexdist.data.sources import decode_source
+
+    root = write_parquet(tmp_path / "pq")
+    idx = build_index(cfg(root, tmp_path), progress=False)
+    memory = decode_source(DataConfig(source=str(root), image_size=16))
+    assert memory.test_y.tolist() == idx.test.labels.tolist() == [lab for _, lab, _ in samples("test")]
+    assert memory.train_y.tolist() == idx.train.labels.tolist()
+    assert _count_parquet_rows(root) == len(idx.train) + len(idx.test) == 15
+
+
+def test_a_rebuild_keeps_the_generation_a_running_job_opened_and_drops_the_one_before(tmp_path):
+    """A job reads the generation it opened, its packed bytes too, through loader workers that open them again by
+    path: a rebuild while it runs (a parquet file replaced) must leave them; the next rebuild drops them."""
+    root = write_parquet(tmp_path / "pq")
+    first = build_index(cfg(root, tmp_path), progress=False)
+    worker_copy = pickle.dumps(first.train)  # what a loader worker receives
+    train_file = root / "data" / "train-00000-of-00001.parquet"
+
+    def touch():
+        st = train_file.stat()
+        os.utime(train_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a new packed file at each build
+
+    touch()
+    second = build_index(cfg(root, tmp_path), progress=False)
+    assert second.fingerprint != first.fingerprint
+    assert entries(pickle.loads(worker_copy)) == entries(first.train)  # the running job reads on
+    work = index_file(cfg(root, tmp_path)).parent
+    assert len(list(work.glob("gen-*"))) == len(list((work / "packed").glob("*.bin"))) - 1 == 2  # + validation's
+    touch()
+    build_index(cfg(root, tmp_path), progress=False)
+    with pytest.raises(DataError, match="unreadable or was replaced while in use"):
+        pickle.loads(worker_copy)
+    assert len(list(work.glob("gen-*"))) == 2 and len(list((work / "packed").glob("*.bin"))) == 3
+
+
+def test_a_parquet_file_gone_since_the_listing_is_named_in_one_line(tmp_path):
+    from alexdist.data import index_parquet
+    from alexdist.data.index_parts import Job
+
+    job = Job("train", str(tmp_path), "data/train-00001-of-00002.parquet", None, ("image", "label"))
+    with pytest.raises(DataError) as err:
+        index_parquet.index_part(job, tmp_path)
+    assert str(err.value).startswith(f"'{tmp_path}/data/train-00001-of-00002.parquet' could not be read (No such "
+                                     f"file or directory); restore it") and "\n" not in str(err.value)
+
+
+def test_a_class_folder_gone_since_the_plan_is_refused_not_listed_as_empty(tmp_path):
+    with pytest.raises(DataError, match=r"the folder '.*/gone' could not be listed \(No such file or directory\)"):
+        index_folder.list_images(tmp_path / "gone", (".jpeg",))
+
+
+def test_a_class_subfolder_that_cannot_be_listed_is_refused_not_skipped(tmp_path, monkeypatch):
+    """os.walk skips a folder it cannot list unless told otherwise: its images would be missing without a word.
+    (The permission error is raised by a stand-in for os.scandir: as root, a chmod would not stop the listing.)"""
+    root = write_folder(tmp_path / "folder")
+    locked = root / "train" / "dog" / "more"
+    locked.mkdir()
+    real = os.scandir
+
+    def scandir(path="."):
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError) as err:
+        build_index(cfg(root, tmp_path), progress=False)
+    assert str(err.value) == (f"the folder '{locked}' could not be listed (Permission denied); make it readable (or "
+                              f"remove it) and index again")

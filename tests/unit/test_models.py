@@ -57,3 +57,19 @@ def test_model_listing_command_reports_params_and_flops(capsys):
     assert "58,322,314" in out
     rows = {r["name"]: r for r in describe_models()}
     assert rows["alexnet"]["input_size"] == 227 and rows["alexnet_bn"]["input_size"] == 32
+
+
+def test_the_lars_papers_alexnet_bn_is_alexnet_with_batchnorm_after_every_conv_and_no_lrn():
+    """You et al. 2017's AlexNet-BN: alexnet's five convs, each followed by BatchNorm (and a ReLU), no LRN; the
+    convs lose their bias to BatchNorm's shift: 1,376 biases fewer, 2,752 BN weights more than alexnet."""
+    model = build_model("alexnet_bn_lars2017", 227, num_classes=1000)
+    layers = list(model.features)
+    convs = [i for i, m in enumerate(layers) if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 5 and all(isinstance(layers[i + 1], torch.nn.BatchNorm2d) for i in convs)
+    assert all(isinstance(layers[i + 2], torch.nn.ReLU) and layers[i].bias is None for i in convs)
+    assert not any(isinstance(m, torch.nn.LocalResponseNorm) for m in model.modules())
+    assert [layers[i].out_channels for i in convs] == [96, 256, 384, 384, 256]
+    assert count_params(model) == 62_379_720
+    assert count_params(model) - count_params(build_model("alexnet", 227, num_classes=1000)) == 2 * 1376 - 1376
+    assert model.features(torch.zeros(1, 3, 227, 227)).shape == (1, 256, 6, 6)  # alexnet's 55 -> 27 -> 13 -> 6
+    assert sum(isinstance(m, torch.nn.LocalResponseNorm) for m in build_model("alexnet").modules()) == 2

@@ -128,3 +128,44 @@ def test_ddp_under_torchs_python_reducer_trains_without_the_communication_hook()
             trace_rules.get_legacy_mod_inlinelist.cache_clear()
     assert isinstance(why, str) and "python_reducer" in why and "\n" not in why
     assert torch.equal(model.module.weight.grad, torch.full((1, 4), 2.0))
+
+
+def test_the_averages_memory_is_a_window_of_examples_whatever_the_effective_batch():
+    """tracking.noise_scale averages over the last ~WINDOW_EXAMPLES examples, not a fixed number of steps: after
+    the same number of examples, a run at batch 8192 weighs its old estimates as little as one at batch 128, so a
+    figure read at the target's crossing describes the same stretch of training at every batch."""
+    from alexdist.training.noise_scale import WINDOW_EXAMPLES
+
+    def share(batch: int) -> float:
+        """The share of the average that a first 8,192 examples hold after 4 windows' worth of examples more."""
+        est = GradientNoiseScale(64, batch)
+        for _ in range(8192 // batch):
+            est.update(small_sq=2.0, big_sq=1.0)
+        first = est._trace / est._weight
+        for _ in range(4 * WINDOW_EXAMPLES // batch):
+            est.update(small_sq=1.0, big_sq=1.0)  # tr(Sigma) = 0 from here on
+        return est._trace / est._weight / first
+
+    small, big = share(128), share(8192)
+    # 0.22 % at both batches; under the old fixed decay per step (0.99) the first 8,192 examples would still hold
+    # 2.6 % of the large batch's average (32 steps later) and 5e-10 of the small batch's (2,048 steps later).
+    assert small == pytest.approx(big, rel=0.05) and big < 0.05
+    assert GradientNoiseScale(64, 128).facts()["window_examples"] == WINDOW_EXAMPLES
+
+
+def test_the_two_terms_are_logged_beside_the_estimate_and_resume_exactly():
+    est = GradientNoiseScale(64, 512)
+    for small, big in [(3.0, 1.0), (2.5, 0.9), (4.0, 1.2)]:
+        est.update(small, big)
+    terms = est.terms()
+    assert terms["noise_scale"] == pytest.approx(terms["grad_trace"] / terms["grad_sq"])
+    assert set(terms) == {"noise_scale", "grad_sq", "grad_trace", "noise_window_examples"}
+    resumed = GradientNoiseScale(64, 512)
+    resumed.load_state_dict(est.state_dict())
+    est.update(3.0, 1.1)
+    resumed.update(3.0, 1.1)
+    assert resumed.terms() == est.terms()
+    old = {k: v for k, v in est.state_dict().items() if k != "weight"}  # a checkpoint written before the window
+    legacy = GradientNoiseScale(64, 512)
+    legacy.load_state_dict(old)
+    assert legacy._weight == pytest.approx(1 - 0.99 ** est.steps)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from alexdist.data.order import epoch_permutation, eval_shard, micro_positions
+from alexdist.data.order import epoch_augment_params, epoch_permutation, eval_shard, micro_positions
 
 GLOBAL_BATCH = 48
 
@@ -43,3 +43,11 @@ def test_evaluation_shards_are_disjoint_contiguous_and_cover_every_image():
     for world in (1, 2, 3, 4, 7):
         shards = [eval_shard(10, r, world).numpy() for r in range(world)]
         assert np.array_equal(np.concatenate(shards), np.arange(10))
+
+
+@pytest.mark.parametrize("n", [1, 1000, 200_003])
+def test_the_small_dtypes_the_streamed_path_keeps_hold_the_same_order_and_crops(n):
+    assert torch.equal(epoch_permutation(n, 7, 2, torch.int32).long(), epoch_permutation(n, 7, 2))
+    for padding, flip in ((4, True), (2, False)):
+        small = epoch_augment_params(n, 7, 2, padding, flip, torch.int16)
+        assert small.dtype == torch.int16 and torch.equal(small.long(), epoch_augment_params(n, 7, 2, padding, flip))

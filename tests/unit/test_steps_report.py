@@ -44,3 +44,78 @@ def test_a_rules_epoch_budget_raises_the_cap_at_every_batch_and_small_batches_ke
     assert epoch_cap(8192, "sgd-sqrt-lr0.02-wu3-gc1-ep20") == 34
     args = command_args("vgg", 512, "sgd-sqrt-lr0.02-wu3-gc1-ep20", "out")
     assert "train.epochs=20" in args and "train.grad_clip=1.0" in args and not any("ep20" in a for a in args)
+
+
+def test_the_study_trains_digits_without_flips_and_checks_the_target_inside_each_epoch():
+    """Protocol 2 (issue 40): a mirrored digit is another symbol, so no flips; the validation split evaluated 8
+    times an epoch from a point below the target; epoch-end checkpoints to resume from. Every override is a key
+    the recipe knows."""
+    from alexdist.config import load_recipe
+
+    args = command_args("bn", 8192, "lars-sqrt-lr1-wu1", "out")
+    assert "augment.flip=false" in args and "checkpoint.at_epoch_end=false" not in args
+    recipe = load_recipe(args[0], args[1:])
+    assert recipe.augment.flip is False and recipe.checkpoint.at_epoch_end
+    assert (recipe.eval.val_checks.per_epoch, recipe.eval.val_checks.within) == (8, 0.01)
+
+
+FAKE_LAUNCH = """
+import json, sys
+from pathlib import Path
+out = Path(next(a for a in sys.argv if a.startswith("output_dir="))[len("output_dir="):])
+if not (out / "stopped-once").exists():  # the first attempt is stopped (Ctrl-C): it checkpoints and exits 75
+    (out / "stopped-once").write_text("")
+    sys.exit(75)
+crossing = {"target": 0.98, "interpolated_step": 190.5, "bracket": [187, 192], "acc": [0.979, 0.981],
+            "loss": [0.07, 0.068], "noise_scale": {"noise_scale": 900.0, "grad_sq": 0.1, "grad_trace": 90.0,
+                                                   "noise_window_examples": 65536}}
+(out / "summary.json").write_text(json.dumps({"status": "target_reached", "steps": 192, "epochs_run": 8,
+                                              "target_crossing": crossing}))
+(out / "metrics.jsonl").write_text(json.dumps({"event": "val_check", "step": 192, "epoch": 8, "acc": 0.981,
+                                               "loss": 0.068}) + "\\n")
+"""
+
+
+def test_a_stopped_study_run_resumes_in_its_own_folder_and_a_run_with_a_result_is_skipped(tmp_path, monkeypatch):
+    """The launcher is replaced by a script that exits 75 (stopped, checkpointed) the first time: no result file
+    then, so the next pass runs it again in the same folder; its row then holds the crossing, both attempts' wall
+    time and the provenance; a third pass launches nothing."""
+    import sys as _sys
+
+    import recipes
+
+    script = tmp_path / "fake_launch.py"
+    script.write_text(FAKE_LAUNCH)
+    launches = []
+
+    def fake(args, nproc, launcher):
+        launches.append(args)
+        return [_sys.executable, str(script), *args]
+
+    monkeypatch.setattr(recipes, "launch_command", fake)
+    monkeypatch.setattr(recipes, "OUT", tmp_path / "results")
+    monkeypatch.setattr(recipes, "RUNS", tmp_path / "runs")
+    assert recipes.run_one("bn", 2048, "lars-sqrt-lr1-wu1") is None
+    assert not (tmp_path / "results").exists()
+    row = recipes.run_one("bn", 2048, "lars-sqrt-lr1-wu1")
+    assert launches[0] == launches[1] and f"output_dir={tmp_path / 'runs' / row['id']}" in launches[0]
+    assert row["protocol"] == 2 and row["id"].endswith("-p2") and row["attempts"] == 2 and row["reached"]
+    assert row["crossing_step"] == 190.5 and row["crossing_bracket"] == [187, 192]
+    assert row["noise_at_crossing"]["noise_scale"] == 900.0 and row["curve"][0]["val_loss"] == 0.068
+    assert row["torch"] and row["cpu"] and row["aten_cpu_capability"] and len(row["git_commit"].split("+")[0]) == 40
+    assert "aten_cpu_capability_env" in row
+    assert recipes.run_one("bn", 2048, "lars-sqrt-lr1-wu1") is None and len(launches) == 2
+
+
+def test_the_report_reads_the_newest_protocol_and_shows_the_interpolated_crossing_with_its_bracket():
+    from steps_report import fits, latest_protocol, noise_of
+
+    old = [_row("a", 128, 4000), _row("a", 512, 1000)]
+    new = [{**_row("a", b, s), "protocol": 2, "crossing_step": c, "crossing_bracket": [lo, s],
+            "noise_at_crossing": {"noise_scale": n}}
+           for b, s, c, lo, n in [(128, 4000, 3950.4, 3900, 800.0), (512, 1000, 987.5, 975, 1200.0)]]
+    assert latest_protocol(old) == old and latest_protocol(old + new) == new
+    lines = {c[3]: c for c in ([x.strip() for x in line.split("|")] for line in table(new)[2:])}
+    assert lines["128"][4] == "3950 (3900-4000)" and lines["512"][8] == f"{3950.4 / 987.5 / 4:.2f}"
+    assert noise_of(new[0]) == 800.0 and noise_of(old[0]) is None
+    assert "at the target's crossing" in fits(new)[0] and "at their end" in fits(old)[0]
