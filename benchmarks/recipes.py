@@ -20,7 +20,9 @@ et al. give each batch a step budget. One JSON file per run in benchmarks/result
 target with their bracket, epochs, final validation and test accuracy, the noise scale at the crossing and per
 epoch, wall time, the exact command, the commit, CPU, torch and ATEN_CPU_CAPABILITY); a run whose file exists is
 skipped, so the study runs in pieces. Each run trains in runs/study/<id>/, checkpointed at every epoch end: a
-stopped study (Ctrl-C, SIGTERM) run again resumes it. Every choice of rule reads validation accuracy only.
+stopped study (Ctrl-C, SIGTERM, SIGHUP, or a STOP file in the run's folder) checkpoints its run, exits 75, and
+run again resumes it; a run that ends without a summary.json (a crash) gets no result file, so a rerun retries
+it. Every choice of rule reads validation accuracy only.
 
 Rules (optimizer overrides on top of the recipe; lr always given for the recipe's ref_batch of 128):
 - `shipped`: what the recipe file holds now (the run's id names it explicitly, SHIPPED);
@@ -34,6 +36,7 @@ import argparse
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +45,7 @@ from pathlib import Path
 from common import ROOT, env, error_line
 from report import machine
 
+from alexdist.distributed.launch_supervisor import PassOn
 from alexdist.distributed.launcher import launch_command
 from alexdist.errors import STOPPED_EXIT_CODE
 
@@ -123,36 +127,83 @@ def command_args(recipe: str, batch: int, rule: str, out: str) -> list[str]:
             *INPUT_SIZE.get(recipe, []), *rule_overrides(rule), f"output_dir={out}"]
 
 
+class StudyStopped(Exception):
+    """The study was asked to stop: its run stopped on request (checkpointed), or the study itself was signalled.
+    The same command resumes it."""
+
+
 def run_one(recipe: str, batch: int, rule: str) -> dict | None:
-    """The run, resumed from its checkpoint if an earlier attempt stopped (Ctrl-C, SIGTERM: the trainer checkpoints
-    and exits 75; rerun the study to continue it); None if its result file exists or it stopped again."""
+    """The run, resumed from its checkpoint if an earlier attempt stopped; its result row, or None if its result
+    file exists or the attempt left no summary.json of its own (a crash, another process holding the run: no
+    result file, so the next pass retries it, and its error is printed). Raises StudyStopped where the run
+    stopped on request (summary.json says so: the launcher exits 1 for a stop's 75, docs/failures.md) or the
+    study was signalled while it ran (the run's result, if it finished meanwhile, is written first)."""
     rid = run_id(recipe, batch, rule)
     path = OUT / f"{rid}.json"
     if path.is_file():
         return None
     run_dir = RUNS / rid
     run_dir.mkdir(parents=True, exist_ok=True)
-    args = command_args(recipe, batch, rule, str(run_dir))
-    t0 = time.time()
-    with open(run_dir / "launch.log", "a") as log:
-        proc = subprocess.Popen(launch_command(args, NPROC, "accelerate"), cwd=ROOT, env=env(), stdout=log,
-                                stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt:  # the launcher got the same Ctrl-C: its ranks checkpoint, then exit
-            proc.wait()
-            raise
-    with open(run_dir / "attempts.jsonl", "a") as f:  # the run's wall time over all its attempts
-        f.write(json.dumps({"wall_s": round(time.time() - t0, 1), "returncode": rc}) + "\n")
-    if rc == STOPPED_EXIT_CODE:
-        return None
-    result = result_row(recipe, batch, rule, run_dir, rc)
-    OUT.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    rc, summary, log, signalled = attempt(command_args(recipe, batch, rule, str(run_dir)), run_dir)
+    error = error_line(log) if rc else None
+    status = summary and summary.get("status")
+    result = None
+    if summary is None:
+        print(f"{rid}: no result (exit {rc}, rerun to retry): {error}", flush=True)
+    elif status != "stopped":
+        result = result_row(recipe, batch, rule, run_dir, rc, error)
+        OUT.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    if status == "stopped" or signalled:
+        at = f"stopped at step {summary['steps']}" if status == "stopped" else f"ended {status or 'without a summary'}"
+        raise StudyStopped(f"{rid}: {at} ({signalled or 'its STOP file'}); the same command resumes the study")
     return result
 
 
-def result_row(recipe: str, batch: int, rule: str, run_dir: Path, rc: int) -> dict:
+def attempt(args: list[str], run_dir: Path) -> tuple[int | None, dict | None, str, str | None]:
+    """One launch of the run: (the launcher's exit code, the summary.json this attempt wrote or None, its part of
+    launch.log, the signal that asked the study to stop or None); its line in attempts.jsonl, however it ends.
+
+    The launcher leads a session of its own and the study passes its signals on as `alexdist launch` does
+    (distributed/launch_supervisor.PassOn): the first Ctrl-C, SIGTERM or SIGHUP writes the run's STOP file (the
+    ranks checkpoint at the end of their step, with no launcher deadline), a second one sends SIGTERM to the
+    launcher's process group; the study waits for the launcher either way."""
+    log_path, summary_path = run_dir / "launch.log", run_dir / "summary.json"
+    offset = log_path.stat().st_size if log_path.is_file() else 0
+    before = _identity(summary_path)  # an earlier attempt's summary.json is not this one's
+    t0, rc, passing = time.time(), None, None
+    try:
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(launch_command(args, NPROC, "accelerate"), cwd=ROOT, env=env(), stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        passing = PassOn(proc.pid, run_dir / "STOP")  # the trainer's stop file, as `alexdist launch` writes it
+        passing.install()
+        try:
+            rc = proc.wait()
+        finally:
+            passing.restore()
+    finally:
+        signalled = passing and passing.signalled and signal.Signals(passing.signalled).name
+        mine = _identity(summary_path) not in (None, before)
+        summary = json.loads(summary_path.read_text()) if mine else None
+        with open(run_dir / "attempts.jsonl", "a") as f:  # the run's wall time over all its attempts
+            f.write(json.dumps({"wall_s": round(time.time() - t0, 1), "returncode": rc, "status": summary and
+                                summary.get("status"), "signal": signalled or None}) + "\n")
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        return rc, summary, f.read().decode(errors="replace"), signalled or None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file as written (the trainer replaces summary.json atomically: a new inode and time), or None."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def result_row(recipe: str, batch: int, rule: str, run_dir: Path, rc: int | None, error: str | None) -> dict:
     """The result file's row: the run's outcome, the target's crossing (bracket, interpolated step, noise scale
     there), its curves, and what it ran on."""
     rid = run_id(recipe, batch, rule)
@@ -184,7 +235,7 @@ def result_row(recipe: str, batch: int, rule: str, run_dir: Path, rc: int) -> di
                         for e in events if e["event"] in ("train", "val_check")],
         "train_loss": [[e["step"], e["loss"]] for e in events if e["event"] == "step"],
         "command": " ".join(shown), **provenance(),
-        "error": error_line((run_dir / "launch.log").read_text(errors="replace")) if rc else None,
+        "error": error,
     }
 
 
@@ -243,7 +294,11 @@ def main() -> int:
         return 0
     todo = [_item(*x.split(":")) for x in a.only.split(",")] if a.only else grid(a.grid)
     for item in todo:
-        res = run_one(*item)
+        try:
+            res = run_one(*item)
+        except StudyStopped as stop:  # a stop stops the study, not only its run
+            print(f"study stopped: {stop}", flush=True)
+            return STOPPED_EXIT_CODE
         if res:
             print(f"{res['id']}: reached {res['reached']} steps {res['steps']} val {res['final_val_acc']} "
                   f"test {res['final_test_acc']} noise {res['noise_scale']} ({res['wall_s']:.0f} s, "

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from alexdist.config.base import Section
-from alexdist.config.val_checks import ValChecksConfig
+from alexdist.config.val_checks import ValChecksConfig, val_checks_problem
 
 
 class DeepSpeedConfig(Section):
@@ -238,3 +238,13 @@ class EvalConfig(Section):
         ),
     )
     val_checks: ValChecksConfig = Field(default_factory=ValChecksConfig, description="Validation inside an epoch.")
+
+
+class CrossSectionRules(Section):
+    """The Recipe's base (schema.py): the rules between its sections that concern the settings here."""
+
+    @model_validator(mode="after")
+    def _val_checks_fit_the_recipe(self) -> CrossSectionRules:
+        if problem := val_checks_problem(self):  # self is the Recipe
+            raise ValueError(problem)
+        return self

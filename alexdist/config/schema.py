@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from alexdist.config.base import Section
 from alexdist.config.run_settings import (
     CheckpointConfig,
+    CrossSectionRules,
     DistributedConfig,
     EvalConfig,
     SpeedConfig,
@@ -324,7 +325,7 @@ class ScheduleConfig(Section):
     final_frac: float = Field(default=0.0, ge=0, le=1, description="The lr at the end, as a fraction of the peak.")
 
 
-class Recipe(Section):
+class Recipe(CrossSectionRules):
     name: str = Field(default="recipe", description="The recipe's name (its file's stem): W&B's default group.")
     model: ModelConfig = Field(default_factory=ModelConfig, description='The network.')
     data: DataConfig = Field(

@@ -5,35 +5,16 @@ And the streamed path's loader workers per process (data.workers unset)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from alexdist.config import AugmentConfig, DataConfig
 from alexdist.data.dataset import available_memory
-from alexdist.errors import ConfigError, DataError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from alexdist.errors import ConfigError
 
 
 def _local_folder(source: str) -> Path | None:
     p = Path(source).expanduser()
     return p if p.is_dir() else None
-
-
-def _count_folder_images(root: Path) -> int:
-    """Image files under root/{train,val,test}/CLASS/ (a listing, no decoding)."""
-    n = 0
-    try:
-        for split in ("train", "val", "test"):
-            if not (root / split).is_dir():
-                continue
-            for cls in os.scandir(root / split):
-                if cls.is_dir():
-                    n += sum(1 for f in os.scandir(cls.path) if f.name.lower().endswith(IMAGE_EXTENSIONS))
-    except OSError as exc:
-        raise DataError(f"the folder '{exc.filename}' could not be listed ({exc.strerror or exc}); make it readable "
-                        f"(or remove it)") from None
-    return n
 
 
 def _count_parquet_rows(root: Path) -> int:
@@ -107,7 +88,9 @@ def choose_loader(cfg: DataConfig, aug: AugmentConfig, processes: int,
         except Exception:  # unreadable: the in-memory reader names the file and the fix in one line
             return "memory", None
     else:
-        n = _count_folder_images(root)
+        from alexdist.data.index_folder import count_images
+
+        n = count_images(root)  # the files the index would take, by its own listing
     need, have = processes * decoded_bytes(n, cfg.image_size), available_memory()
     if need <= 0.8 * have:
         return "memory", None

@@ -9,7 +9,8 @@ the Hub's parquet layout (index_parquet.py). READERS picks by what the folder ho
 Building checks every image without decoding it (index_check.py) and is done in parts (index_parts.py), saved as
 they finish: a rerun checks only the parts whose files changed. The finished index is written to a new folder
 (gen-FINGERPRINT-*) and published by replacing index.json in one rename, so a reader never sees half an index;
-the generation it replaces is kept until the next build (a job started on it may still be reading it).
+the generation it replaces is kept until the next build, and any generation for a day (a job started on it may
+still be reading it). Builds take a lock (build.lock): one at a time per index.
 The fingerprint changes when any indexed file's path, size or modification time, or a label, changes.
 
     CACHE/index/NAME-KEY/index.json       which generation is current, and a summary
@@ -19,12 +20,16 @@ The fingerprint changes when any indexed file's path, size or modification time,
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import secrets
 import shutil
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +40,7 @@ from alexdist.data import index_folder, index_parquet, index_tar
 from alexdist.data.index_check import mean_std
 from alexdist.data.index_parts import PartInfo, Plan, assemble, available_cores, run_jobs
 from alexdist.data.index_split import SplitIndex, load_split, save_split
-from alexdist.errors import DataError
+from alexdist.errors import DataError, brief
 from alexdist.fileio import atomic_write_text
 
 INDEX_VERSION = 1  # bump when the saved format changes: older indexes are then built again
@@ -57,6 +62,7 @@ class DataIndex:
     mean: tuple[float, float, float]  # per channel, 0..1, over a fixed sample of <= 1000 train images
     std: tuple[float, float, float]
     path: Path | None = None  # the index.json it was loaded from
+    generation: str = ""  # its folder beside index.json (gen-FINGERPRINT-*)
 
 
 def detect_layout(root: Path) -> str | None:
@@ -98,20 +104,26 @@ def _source_root(source: str) -> tuple[Path, str]:
 def build_index(cfg: DataConfig, progress: bool = True) -> DataIndex:
     """Index data.source (checking every image, in parts, resumable) and publish the index; an index whose
     files did not change since it was built is returned as it is. Workers: data.workers processes (None: the
-    cores, at most 8; 0 or 1: this process)."""
+    cores, at most 8; 0 or 1: this process). One build at a time per index (a lock): the others wait, then find
+    it built."""
     root, layout = _source_root(cfg.source)
-    reader, path = READERS[layout], index_file(cfg)
-    work = path.parent
-    (work / "parts").mkdir(parents=True, exist_ok=True)
+    path = index_file(cfg)
+    (path.parent / "parts").mkdir(parents=True, exist_ok=True)
+    with _build_lock(path.parent, progress):
+        return _build_locked(cfg, root, layout, path, progress)
+
+
+def _build_locked(cfg: DataConfig, root: Path, layout: str, path: Path, progress: bool) -> DataIndex:
+    reader, work = READERS[layout], path.parent
     plan: Plan = reader.plan(root)
     workers = cfg.workers if cfg.workers is not None else min(8, available_cores())
     infos = run_jobs(reader.index_part, plan.jobs, work, workers, progress, f"indexing {root.name}", plan.unit)
     fingerprint = _fingerprint(layout, plan, infos)
     corrupt = [[f"{root}/{name}", why] for info in infos for name, why in info.corrupt]
     listing = _write_corrupt_list(work, corrupt)
-    published = _published(path)
+    published = _published(path)  # read under the lock: no other build publishes until this one is done
     if published.get("fingerprint") == fingerprint and (work / published["generation"] / "meta.json").is_file():
-        return load_index(cfg)  # nothing changed since it was built
+        return load_index(cfg, published["generation"])  # nothing changed since it was built
     if corrupt and not cfg.skip_corrupt:
         raise DataError(_corrupt_message(corrupt, listing, str(root)))
     file_root = str(work) if layout == "parquet" else str(root)
@@ -124,8 +136,31 @@ def build_index(cfg: DataConfig, progress: bool = True) -> DataIndex:
     meta = {"version": INDEX_VERSION, "source": str(root), "layout": layout, "classes": classes,
             "fingerprint": fingerprint, "skipped": len(corrupt), "skipped_names": [n for n, _ in corrupt[:20]],
             "mean": stats[0], "std": stats[1], "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _clean(work, infos, {published.get("generation"), _publish(path, meta, splits)})
-    return load_index(cfg)
+    generation = _publish(path, meta, splits)
+    _clean(work, infos, {published.get("generation"), generation})
+    return load_index(cfg, generation)
+
+
+@contextmanager
+def _build_lock(work: Path, progress: bool) -> Iterator[None]:
+    """Exclusive while held, across processes and nodes: two builds at once (an array of jobs on a new folder,
+    `alexdist index` beside a job that builds) would each clean away the generation the other published. flock
+    reaches other nodes on NFS (Linux maps it to a byte-range lock over NFSv4 or the lock manager) and on Lustre
+    mounted with -o flock; a file system without locks (ENOLCK, ENOSYS) builds unlocked, with a warning."""
+    with open(work / "build.lock", "a") as fh:
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if progress:
+                    print(f"alexdist: waiting for another build of the index in '{work}'", file=sys.stderr,
+                          flush=True)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:
+            print(f"alexdist: warning: '{work}' takes no file lock ({brief(exc)}): two builds of this index at once "
+                  f"would remove each other's files; build it once (alexdist index) before starting jobs",
+                  file=sys.stderr, flush=True)
+        yield  # the lock goes with the file's closing
 
 
 def _fingerprint(layout: str, plan: Plan, infos: list[PartInfo]) -> str:
@@ -194,20 +229,25 @@ def _publish(path: Path, meta: dict, splits: dict[str, SplitIndex]) -> str:
     return gen.name
 
 
+LEASE_S = 86400  # a generation published less than this ago stays, whichever build replaced it
+
+
 def _clean(work: Path, infos: list[PartInfo], generations: set[str | None]) -> None:
     """Remove what neither the next build nor a running job reads: generations other than `generations` (the one
-    just published and the one it replaced), parts no longer used (a changed class folder's old part, ...),
-    packed files neither kept generation reads, and temporaries left by an interrupted build over a day ago.
+    just published and the one it replaced) published over a day ago, parts no longer used (a changed class
+    folder's old part, ...), packed files no kept generation reads, and temporaries left by an interrupted build
+    over a day ago. Called under the build lock.
 
     The replaced generation stays because a job started before this build reads it, its packed files included,
     and not only through pages already mapped (which outlive an unlink): each loader worker opens the arrays and
-    files again by path (a split pickles as where it lies). The one before it goes: a job still reading that has
-    outlived two builds (index ahead of jobs, not during them)."""
-    kept = {g for g in generations if g}
+    files again by path (a split pickles as where it lies). Younger ones stay too (a lease): a job may have opened
+    one a few builds ago, or between two quick rebuilds. The older ones go: a job still reading them has outlived
+    two builds and a day (index ahead of jobs, not during them)."""
+    day_ago = time.time() - LEASE_S
+    kept = {g for g in generations if g} | {g.name for g in work.glob("gen-*") if _mtime(g) >= day_ago}
     packed = {i.digest for i in infos}
     for name in kept:
         packed |= {Path(f).stem for f in _packed_files(work / name)}
-    day_ago = time.time() - 86400
     for old in work.glob("gen-*"):
         if old.name not in kept:
             shutil.rmtree(old, ignore_errors=True)
@@ -236,16 +276,22 @@ def _mtime(f: Path) -> float:
         return float("inf")
 
 
-def load_index(cfg: DataConfig) -> DataIndex:
-    """The published index of data.source, its arrays memory-mapped (shared pages across loader workers)."""
-    path = index_file(cfg)
-    pointer = _published(path)
-    if not pointer:
-        raise DataError(f"'{cfg.source}' has no index yet (looked for '{path}'); build it once, before training: "
-                        f"alexdist index {cfg.source}" + (f" --cache-dir {cfg.cache_dir}" if cfg.cache_dir else ""))
-    gen = path.parent / pointer["generation"]
+def load_index(cfg: DataConfig, generation: str | None = None) -> DataIndex:
+    """The published index of data.source, or its generation `generation` (the one another rank loaded), its
+    arrays memory-mapped (shared pages across loader workers)."""
+    path, named = index_file(cfg), generation is not None
+    if not named:
+        pointer = _published(path)
+        if not pointer:
+            raise DataError(f"'{cfg.source}' has no index yet (looked for '{path}'); build it once, before training: "
+                            f"alexdist index {cfg.source}" + (f" --cache-dir {cfg.cache_dir}" if cfg.cache_dir else ""))
+        generation = pointer["generation"]
+    gen = path.parent / generation
     try:
         meta = json.loads((gen / "meta.json").read_text())
+    except FileNotFoundError:
+        again = "" if named else f"; build the index again: alexdist index {cfg.source}"
+        raise DataError(f"the index folder '{gen}' is not there{again}") from None
     except (OSError, ValueError):
         meta = {}
     if meta.get("version") != INDEX_VERSION:
@@ -257,4 +303,4 @@ def load_index(cfg: DataConfig) -> DataIndex:
                         f"or fix them and index again (alexdist index {cfg.source})")
     return DataIndex(load_split(str(gen), "train"), load_split(str(gen), "test"), meta["classes"],
                      meta["fingerprint"], meta["layout"], meta["skipped"], tuple(meta["mean"]), tuple(meta["std"]),
-                     path)
+                     path, generation)

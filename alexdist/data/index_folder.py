@@ -91,6 +91,17 @@ def list_images(folder: Path, extensions: tuple[str, ...]) -> list[str]:
     return out
 
 
+def count_images(root: Path) -> int:
+    """The images an index of this folder takes (train/CLASS/ and the test folder's class folders, subfolders
+    included), by the same listing, without checking them: data.loader=auto's estimate (choice.py)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    test = test_folder(root)
+    folders = [root / "train" / c for c in _class_folders(root / "train")]
+    folders += [root / test / c for c in _class_folders(root / test)] if test else []
+    return sum(len(list_images(f, IMG_EXTENSIONS)) for f in folders)
+
+
 def index_part(job: Job, work: Path) -> PartInfo:
     """A class folder's images, each checked (index_check.check_image); the part keeps their names and sizes."""
     folder = os.path.join(job.root, job.key)  # str paths: a Path per file costs more than the stat

@@ -98,12 +98,6 @@ def _index_dtype(n: int) -> torch.dtype:
     return torch.int32 if n < 2**31 else torch.int64
 
 
-def default_workers() -> int:
-    """The cores per local process, at most 8 (torchvision's references use 16 per GPU on large nodes)."""
-    per = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(8, per))
-
-
 def _loader(reader: _Reader, jobs: _Jobs, workers: int, device: torch.device,
             persistent: bool) -> torch.utils.data.DataLoader:
     # A generator of its own: each new iterator draws its workers' base seed from it, which would otherwise

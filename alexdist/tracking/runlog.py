@@ -30,9 +30,11 @@ def git_commit() -> str | None:
 
 
 def _truncate_after(path: Path, step: int) -> None:
-    """Keep the events up to `step`, minus a mid-epoch stop's evaluation at `step` (the epoch goes on)."""
+    """Keep the events up to `step`, minus a mid-epoch stop's evaluation at `step` (the epoch goes on), unless
+    that evaluation ended the run (its target reached: a relaunch ends at once and logs nothing again)."""
     kept = [e for e in read_jsonl(path)  # a line cut by a crash is dropped
-            if e.get("step", 0) < step or (e.get("step") == step and not e.get("partial_epoch"))]
+            if e.get("step", 0) < step
+            or (e.get("step") == step and (not e.get("partial_epoch") or e.get("ends_run")))]
     atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
 
 

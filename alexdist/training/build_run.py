@@ -118,7 +118,9 @@ def _build(recipe: Recipe, accelerator, strategy: Strategy, data: RunData, lock:
         accelerator.step = 0  # Accelerate restores its micro-step count: every step starts its accumulation anew
         if noise and state.noise_scale:
             noise.load_state_dict(state.noise_scale)
-    state.normalization = {"mean": list(data.mean), "std": list(data.std)}  # also over an older checkpoint's None
+    # What the batches normalize with: on a resume the checkpoint's own figures (run_data_streamed's
+    # _normalization), so this rewrites them unchanged; also over an older checkpoint's None.
+    state.normalization = {"mean": list(data.mean), "std": list(data.std)}
     input_size = resolve_input_size(recipe.model.name, recipe.model.input_size)
     # The schedule is sized by epochs; max_steps only stops early, so a capped run resumes into the full one.
     last_step = min(total_steps, recipe.train.max_steps or total_steps)

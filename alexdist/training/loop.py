@@ -29,7 +29,7 @@ from alexdist.training.evaluation import EpochMeter, batch_stats
 from alexdist.training.noise_scale import cost_line
 from alexdist.training.precision import loss_input
 from alexdist.training.run import Run
-from alexdist.training.val_checks import check_due, check_settings
+from alexdist.training.val_checks import check_due
 
 
 def why_stop(run: Run) -> Ending | None:
@@ -47,7 +47,6 @@ def train(recipe: Recipe) -> dict:
     with build_run(recipe) as run:  # holds output_dir until the run ends, however it ends
         progress = Progress(run.accelerator.is_main_process, run.total_steps, run.batches.effective_batch,
                             run.state.global_step)
-        check_settings(run)
         ending = why_stop(run)  # a finished run resumed again ends at once
         if ending is not None and not run.state.evaluated:
             ending = evaluate_owed(run)

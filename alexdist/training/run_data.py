@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from alexdist import faults
-from alexdist.checkpoint.state import complete_checkpoints, read_state
+from alexdist.checkpoint.state import TrainState, complete_checkpoints, read_state
 from alexdist.config import Recipe
 from alexdist.data.batches import CIFAR_MEAN, CIFAR_STD, MemoryEvalSet, TrainBatches, source_bytes
 from alexdist.data.cache import load_dataset
@@ -27,11 +27,11 @@ from alexdist.training.run_inputs import RunData
 
 def run_data(recipe: Recipe, accelerator) -> RunData:
     """This rank's training batches, the validation split, the test set and the class names."""
-    loader, why = _choose(recipe, accelerator)
+    loader, why, resumed_norm = _choose(recipe, accelerator)
     if loader == "stream":
         from alexdist.training.run_data_streamed import streamed_run_data
 
-        data = streamed_run_data(recipe, accelerator)
+        data = streamed_run_data(recipe, accelerator, resumed_norm)
     else:
         data = _memory_run_data(recipe, accelerator)
     data.loader = loader
@@ -41,13 +41,17 @@ def run_data(recipe: Recipe, accelerator) -> RunData:
     return data
 
 
-def _choose(recipe: Recipe, accelerator) -> tuple[str, str | None]:
+def _choose(recipe: Recipe, accelerator) -> tuple[str, str | None, dict | None]:
     """The data path, chosen on rank 0 and handed to every rank (a collective), a refusal too: raised on rank 0
-    alone, it would leave the other ranks waiting in the broadcast."""
+    alone, it would leave the other ranks waiting in the broadcast. With it the normalization the checkpoint this
+    run resumes recorded (None for a fresh start or an older checkpoint)."""
     choice = None
     if accelerator.is_main_process:
         try:
-            choice = choose_loader(recipe.data, recipe.augment, local_processes(), resumed_loader(recipe))
+            state = resumed_state(recipe)
+            loader = state.data_loader if state else None
+            choice = (*choose_loader(recipe.data, recipe.augment, local_processes(), loader),
+                      state.normalization if state else None)
         except AlexdistError as exc:
             choice = exc
     choice = from_main(accelerator, choice)
@@ -56,16 +60,17 @@ def _choose(recipe: Recipe, accelerator) -> tuple[str, str | None]:
     return choice
 
 
-def resumed_loader(recipe: Recipe) -> str | None:
-    """The data path (memory | stream) recorded by the checkpoint this run would continue, None for a fresh
-    start: data.loader=auto follows it. The newest readable one: the resume moves a damaged one aside, and every
-    checkpoint of one output_dir took the same path (a resume that would switch is refused)."""
+def resumed_state(recipe: Recipe) -> TrainState | None:
+    """The state of the checkpoint this run would continue, None for a fresh start: data.loader=auto follows its
+    data path (memory | stream), a streamed run its normalization. The newest readable one: the resume moves a
+    damaged one aside, and every checkpoint of one output_dir took the same path (a resume that would switch is
+    refused) and the same normalization (this one)."""
     r = recipe.checkpoint.resume
     if r == "never":
         return None
     for path in reversed(complete_checkpoints(recipe.output_dir)) if r == "auto" else [Path(r)]:
         try:
-            return read_state(path).data_loader
+            return read_state(path)
         except (OSError, ValueError, TypeError):  # unreadable: the resume says so, or takes the one before
             continue
     return None

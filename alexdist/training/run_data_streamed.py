@@ -4,6 +4,7 @@ held out of its training entries, and loader workers per rank."""
 
 from __future__ import annotations
 
+import socket
 import sys
 
 import numpy as np
@@ -13,27 +14,63 @@ from alexdist.config import Recipe
 from alexdist.data.choice import default_workers
 from alexdist.data.crops import eval_resize_of
 from alexdist.data.dataset import label_gap_warning
+from alexdist.data.index import DataIndex, build_index, cache_root, index_file, load_index
 from alexdist.data.streamed import StreamBatches, StreamEvalSet
 from alexdist.data.validation import stratified_split
 from alexdist.distributed.accelerator import local_processes
+from alexdist.distributed.collectives import first_failure, from_main
+from alexdist.errors import AlexdistError, DataError, SetupError, brief
 from alexdist.models import resolve_input_size
 from alexdist.training.run_inputs import RunData
 
 
-def _index_once(recipe: Recipe, accelerator):
-    """The source's index: built by rank 0 if missing (under data.cache_dir, which every node must see), then
-    loaded (memory-mapped) by every rank."""
-    from alexdist.data.index import build_index, index_file, load_index
+def _index_once(recipe: Recipe, accelerator) -> DataIndex:
+    """The source's index: built by rank 0 if missing (under data.cache_dir, which every node must see) and
+    loaded there; every other rank loads the generation rank 0 loaded, not whatever index.json names by then (a
+    rebuild meanwhile would give ranks different data). A failure is raised on every rank alike (collectives: a
+    rank that raised alone would leave the others waiting until a timeout)."""
+    sent = index = raised = None
+    if accelerator.is_main_process:
+        try:
+            if not index_file(recipe.data).is_file():
+                print(f"alexdist: indexing {recipe.data.source} (once; `alexdist index` does it ahead of a job)",
+                      file=sys.stderr, flush=True)
+                index = build_index(recipe.data, progress=True)
+            else:
+                index = load_index(recipe.data)
+            sent = index.generation
+        except AlexdistError as exc:
+            sent = exc
+        except Exception as exc:  # an OS error or a bug: raised here as it is, in one line on the others
+            sent, raised = SetupError(f"rank 0 failed to index {recipe.data.source} ({brief(exc)})"), exc
+    sent = from_main(accelerator, sent)
+    if raised is not None:
+        raise raised
+    if isinstance(sent, AlexdistError):
+        raise sent
+    error = None
+    if not accelerator.is_main_process:
+        try:
+            index = load_index(recipe.data, sent)
+        except AlexdistError as exc:
+            error = f"{socket.gethostname()}\t{cache_root(recipe.data)}\t{exc}"
+    if failed := first_failure(accelerator, error):
+        rank, (host, cache, why) = failed[0], failed[1].split("\t", 2)
+        raise DataError(f"rank {rank} on {host} cannot read the index rank 0 loaded ({why}); data.cache_dir (or "
+                        f"$ALEXDIST_CACHE), there '{cache}', must be on a file system every node mounts")
+    return index
 
-    if accelerator.is_main_process and not index_file(recipe.data).is_file():
-        print(f"alexdist: indexing {recipe.data.source} (once; `alexdist index` does it ahead of a job)",
-              file=sys.stderr, flush=True)
-        build_index(recipe.data, progress=True)
-    accelerator.wait_for_everyone()
-    return load_index(recipe.data)
+
+def _normalization(recipe: Recipe, index: DataIndex, resumed: dict | None) -> tuple[tuple, tuple]:
+    """data.mean/std as set, else the checkpoint's a resume continues, else the index's measured figures. The
+    checkpoint's first: an exact resume, though the index measures others after a rebuild (a wiped cache, another
+    Pillow); set ones are config, whose changes a resume refuses."""
+    cfg, resumed = recipe.data, resumed or {}
+    return tuple(cfg.mean or resumed.get("mean") or index.mean), tuple(cfg.std or resumed.get("std") or index.std)
 
 
-def streamed_run_data(recipe: Recipe, accelerator) -> RunData:
+def streamed_run_data(recipe: Recipe, accelerator, resumed_norm: dict | None = None) -> RunData:
+    """This rank's streamed data; `resumed_norm`: the normalization the checkpoint this run resumes recorded."""
     cfg, t = recipe.data, recipe.train
     index = _index_once(recipe, accelerator)
     labels = torch.from_numpy(np.array(index.train.labels, dtype=np.int64))  # a copy: the index is read-only
@@ -47,7 +84,7 @@ def streamed_run_data(recipe: Recipe, accelerator) -> RunData:
     if cfg.val_split is not None:
         split = stratified_split(labels, cfg.val_split, index.classes)
         train_entries, val_entries, fingerprint = split.train_idx.numpy(), split.val_idx.numpy(), split.fingerprint
-    mean, std = tuple(cfg.mean or index.mean), tuple(cfg.std or index.std)
+    mean, std = _normalization(recipe, index, resumed_norm)
     input_size = resolve_input_size(recipe.model.name, recipe.model.input_size)
     workers = default_workers(local_processes()) if cfg.workers is None else cfg.workers
     device = accelerator.device

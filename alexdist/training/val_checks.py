@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import time
 
-from alexdist.errors import ConfigError
+from alexdist.checkpoint.state import TrainState
+from alexdist.config.val_checks import recipe_target
 from alexdist.training.run import Run
 
 
@@ -28,19 +29,7 @@ def is_check_step(step_in_epoch: int, steps_per_epoch: int, per_epoch: int) -> b
 
 def target_of(run: Run) -> float | None:
     """The accuracy whose crossing is recorded: tracking.time_to_acc, else train.stop_at_acc."""
-    return run.recipe.tracking.time_to_acc or run.recipe.train.stop_at_acc
-
-
-def check_settings(run: Run) -> None:
-    """eval.val_checks asks for a validation split (the test set never selects anything mid-run), and `within`
-    for a target."""
-    cfg = run.recipe.eval.val_checks
-    if cfg.per_epoch > 1 and run.val is None:
-        raise ConfigError(f"eval.val_checks.per_epoch={cfg.per_epoch} evaluates the validation split inside each "
-                          f"epoch: set data.val_split (e.g. 0.1), or eval.val_checks.per_epoch=1")
-    if cfg.within is not None and target_of(run) is None:
-        raise ConfigError("eval.val_checks.within starts the in-epoch evaluations near a target: set "
-                          "tracking.time_to_acc or train.stop_at_acc, or leave eval.val_checks.within unset")
+    return recipe_target(run.recipe)
 
 
 def check_due(run: Run) -> bool:
@@ -73,11 +62,21 @@ def interpolate_crossing(before: list[float] | None, after: list[float], target:
 
 def note_selection(run: Run, epoch: int, acc: float, loss: float) -> None:
     """After every selection evaluation (in an epoch or at its end): the target's crossing (interpolated, with the
-    noise scale there), tracking.time_to_acc's time, train.stop_at_acc's stop; then the latest evaluation."""
+    noise scale there), tracking.time_to_acc's time, train.stop_at_acc's stop; then the latest evaluation.
+
+    The crossing and the time are the first evaluation's at or above the target, recorded once, with the target
+    they belong to (the crossing's `target`). A resume may change the target (tracking.time_to_acc, or
+    train.stop_at_acc where time_to_acc is unset): what was recorded for the old one is dropped, and the new
+    one's crossing and time are recorded where an evaluation first reaches it after an evaluation below it. A
+    target the previous evaluation already met (one lowered under an accuracy reached) gets neither: its
+    crossing lies somewhere before, at a step not known. A checkpoint from before crossings were recorded, whose
+    target was reached (a time to it, or the stop), gets no crossing either: the target counts as reached."""
     state, recipe = run.state, run.recipe
     step = state.global_step
     target = target_of(run)
-    if target and state.target_crossing is None and acc >= target:
+    _forget_another_target(run, target)
+    first = bool(target) and acc >= target and not _reached_before(state, target)
+    if first:
         crossing = interpolate_crossing(state.last_selection, [step, acc, loss], target)
         crossing["noise_scale"] = run.noise.terms() if run.noise else None
         state.target_crossing = crossing
@@ -86,7 +85,7 @@ def note_selection(run: Run, epoch: int, acc: float, loss: float) -> None:
         run.log.say(f"alexdist: {state.selected_on} accuracy reached {target} between steps {lo} and {hi} "
                     f"(interpolated: step {crossing['interpolated_step']:.1f})")
     time_to = recipe.tracking.time_to_acc
-    if time_to and acc >= time_to and state.time_to_target_s is None:
+    if first and time_to and state.time_to_target_s is None:  # time_to, where set, is the target
         state.time_to_target_s, state.epoch_to_target = time.time() - run.t_start, epoch + 1
     stop_at = recipe.train.stop_at_acc
     if stop_at and acc >= stop_at and not state.target_reached:
@@ -94,3 +93,24 @@ def note_selection(run: Run, epoch: int, acc: float, loss: float) -> None:
         run.log.say(f"alexdist: {state.selected_on} accuracy {acc:.4f} reached train.stop_at_acc={stop_at} at step "
                     f"{step}: stopping here")
     state.last_selection = [step, acc, loss]
+
+
+def _forget_another_target(run: Run, target: float | None) -> None:
+    """Drop the crossing and time recorded for a target other than this attempt's (changed on resume)."""
+    state = run.state
+    crossing = state.target_crossing
+    if crossing is None or crossing.get("target") == target:
+        return
+    state.target_crossing, state.time_to_target_s, state.epoch_to_target = None, None, None
+    run.log.say(f"alexdist: the target is now {target}, not {crossing.get('target')}: its crossing (step "
+                f"{crossing['interpolated_step']:.1f}) no longer applies")
+
+
+def _reached_before(state: TrainState, target: float) -> bool:
+    """Whether an evaluation before this one met `target`: the latest one did, or the run reached its target
+    without recording a crossing (a checkpoint from before crossings were recorded: the time to it, or the
+    stop, is all it kept)."""
+    last = state.last_selection
+    if last is not None and last[1] >= target:
+        return True
+    return state.target_crossing is None and (state.time_to_target_s is not None or state.target_reached)

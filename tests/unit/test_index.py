@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -262,29 +263,65 @@ def test_the_in_memory_reader_and_the_index_take_the_same_parquet_test_split(tmp
     assert _count_parquet_rows(root) == len(idx.train) + len(idx.test) == 15
 
 
-def test_a_rebuild_keeps_the_generation_a_running_job_opened_and_drops_the_one_before(tmp_path):
+def test_a_rebuild_keeps_the_generations_jobs_may_read_and_drops_those_over_a_day_old(tmp_path):
     """A job reads the generation it opened, its packed bytes too, through loader workers that open them again by
-    path: a rebuild while it runs (a parquet file replaced) must leave them; the next rebuild drops them."""
+    path: rebuilds while it runs (a parquet file replaced, twice within the day) must leave them; a rebuild once
+    they are over a day old and replaced drops them."""
     root = write_parquet(tmp_path / "pq")
     first = build_index(cfg(root, tmp_path), progress=False)
     worker_copy = pickle.dumps(first.train)  # what a loader worker receives
     train_file = root / "data" / "train-00000-of-00001.parquet"
+    work = index_file(cfg(root, tmp_path)).parent
 
-    def touch():
+    def rebuild():
         st = train_file.stat()
         os.utime(train_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a new packed file at each build
+        return build_index(cfg(root, tmp_path), progress=False)
 
-    touch()
-    second = build_index(cfg(root, tmp_path), progress=False)
-    assert second.fingerprint != first.fingerprint
+    assert rebuild().fingerprint != first.fingerprint
     assert entries(pickle.loads(worker_copy)) == entries(first.train)  # the running job reads on
-    work = index_file(cfg(root, tmp_path)).parent
     assert len(list(work.glob("gen-*"))) == len(list((work / "packed").glob("*.bin"))) - 1 == 2  # + validation's
-    touch()
-    build_index(cfg(root, tmp_path), progress=False)
+    rebuild()  # the first is neither published nor the one replaced, but younger than a day
+    assert entries(pickle.loads(worker_copy)) == entries(first.train)
+    assert len(list(work.glob("gen-*"))) == len(list((work / "packed").glob("*.bin"))) - 1 == 3
+    day_old = time.time() - 86400 - 60
+    os.utime(work / first.generation, (day_old, day_old))
+    rebuild()
     with pytest.raises(DataError, match="unreadable or was replaced while in use"):
         pickle.loads(worker_copy)
-    assert len(list(work.glob("gen-*"))) == 2 and len(list((work / "packed").glob("*.bin"))) == 3
+    assert len(list(work.glob("gen-*"))) == len(list((work / "packed").glob("*.bin"))) - 1 == 3
+
+
+def test_two_builds_at_once_leave_every_index_they_return_on_a_generation_that_exists(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """An array of jobs on a new folder, or `alexdist index` beside a job that builds: build B runs while build A
+    is between reading the published index and publishing its own. Unlocked, A's clean removed the generation B
+    published and returned (its loader workers, which open a split again by path, then fail), or B's clean removed
+    A's with index.json on it. One build at a time: B waits, then returns the index A built."""
+    import threading
+
+    from alexdist.data import index as index_module
+
+    c, real, b = cfg(write_folder(tmp_path / "f"), tmp_path), index_module.mean_std, {}
+    thread = threading.Thread(target=lambda: b.setdefault("index", build_index(c, progress=True)))
+
+    def b_builds_meanwhile(read, n):
+        if not thread.is_alive() and "index" not in b:  # A's build (B's own measures as it is)
+            thread.start()
+            said, deadline = "", time.time() + 60
+            while thread.is_alive() and "waiting for another build" not in said and time.time() < deadline:
+                time.sleep(0.05)
+                said += capsys.readouterr().err
+        return real(read, n)
+
+    monkeypatch.setattr(index_module, "mean_std", b_builds_meanwhile)
+    a = build_index(c, progress=False)
+    thread.join(60)
+    published = json.loads(index_file(c).read_text())["generation"]
+    assert (index_file(c).parent / published / "meta.json").is_file()
+    for idx in (a, b["index"]):
+        assert entries(pickle.loads(pickle.dumps(idx.train))) == entries(idx.train)  # as a loader worker reads
+    assert a.generation == b["index"].generation == published
 
 
 def test_a_parquet_file_gone_since_the_listing_is_named_in_one_line(tmp_path):

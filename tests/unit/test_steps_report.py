@@ -3,6 +3,8 @@ fit, the scaling efficiency and the step budget a rule asks for."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 import pytest
@@ -59,13 +61,27 @@ def test_the_study_trains_digits_without_flips_and_checks_the_target_inside_each
     assert (recipe.eval.val_checks.per_epoch, recipe.eval.val_checks.within) == (8, 0.01)
 
 
+# A stand-in for `accelerate launch ... -m alexdist.train`, behaving as torchrun does: exit 1 for every failure, a
+# stop's 75 included (the rank's code only in its report). Its attempts, in order: another process holds the run
+# (refused, no summary.json); stopped on request (summary.json "stopped"); a crash (no new summary.json); done.
 FAKE_LAUNCH = """
 import json, sys
 from pathlib import Path
 out = Path(next(a for a in sys.argv if a.startswith("output_dir="))[len("output_dir="):])
-if not (out / "stopped-once").exists():  # the first attempt is stopped (Ctrl-C): it checkpoints and exits 75
-    (out / "stopped-once").write_text("")
-    sys.exit(75)
+n = len(list(out.glob("attempt-*")))
+(out / f"attempt-{n}").write_text("")
+def torchrun_failed(code):
+    print(f"torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\\n  exitcode  : {code}", file=sys.stderr)
+    sys.exit(1)
+if n == 0:
+    print(f"alexdist: error: output_dir {out} is held by another run (pid 4242)", file=sys.stderr)
+    torchrun_failed(1)
+if n == 1:
+    (out / "summary.json").write_text(json.dumps({"status": "stopped", "steps": 96}))
+    torchrun_failed(75)
+if n == 2:
+    print("ValueError: boom", file=sys.stderr)
+    torchrun_failed(1)
 crossing = {"target": 0.98, "interpolated_step": 190.5, "bracket": [187, 192], "acc": [0.979, 0.981],
             "loss": [0.07, 0.068], "noise_scale": {"noise_scale": 900.0, "grad_sq": 0.1, "grad_trace": 90.0,
                                                    "noise_window_examples": 65536}}
@@ -75,36 +91,101 @@ crossing = {"target": 0.98, "interpolated_step": 190.5, "bracket": [187, 192], "
                                                "loss": 0.068}) + "\\n")
 """
 
+# Waits for the run's STOP file (what a stop request becomes), then stops as the trainer does under torchrun.
+FAKE_STOPPABLE = """
+import json, sys, time
+from pathlib import Path
+out = Path(next(a for a in sys.argv if a.startswith("output_dir="))[len("output_dir="):])
+(out / "started").write_text("")
+for _ in range(200):
+    if (out / "STOP").exists():
+        (out / "summary.json").write_text(json.dumps({"status": "stopped", "steps": 12}))
+        print("exitcode  : 75", file=sys.stderr)
+        sys.exit(1)
+    time.sleep(0.05)
+print("RuntimeError: never asked to stop", file=sys.stderr)
+sys.exit(1)
+"""
 
-def test_a_stopped_study_run_resumes_in_its_own_folder_and_a_run_with_a_result_is_skipped(tmp_path, monkeypatch):
-    """The launcher is replaced by a script that exits 75 (stopped, checkpointed) the first time: no result file
-    then, so the next pass runs it again in the same folder; its row then holds the crossing, both attempts' wall
-    time and the provenance; a third pass launches nothing."""
-    import sys as _sys
 
+def _fake_launcher(tmp_path, monkeypatch, text: str) -> list[list[str]]:
     import recipes
 
     script = tmp_path / "fake_launch.py"
-    script.write_text(FAKE_LAUNCH)
+    script.write_text(text)
     launches = []
 
     def fake(args, nproc, launcher):
         launches.append(args)
-        return [_sys.executable, str(script), *args]
+        return [sys.executable, str(script), *args]
 
     monkeypatch.setattr(recipes, "launch_command", fake)
     monkeypatch.setattr(recipes, "OUT", tmp_path / "results")
     monkeypatch.setattr(recipes, "RUNS", tmp_path / "runs")
-    assert recipes.run_one("bn", 2048, "lars-sqrt-lr1-wu1") is None
+    return launches
+
+
+def test_a_study_run_is_decided_by_its_summary_not_by_the_launchers_exit_code(tmp_path, monkeypatch, capsys):
+    """Under torchrun every failure exits 1, a stop included. A refused attempt and a crash leave no summary.json
+    of their own (the crash finds only the stopped attempt's): no result file, the run stays retryable, and the
+    line printed is that attempt's error, not an earlier one's. The stopped attempt (summary.json "stopped")
+    stops the study. The finished one gets its row: the crossing, all four attempts' wall time, the provenance;
+    then a pass launches nothing. Every attempt has its line in attempts.jsonl, in the run's own folder."""
+    import recipes
+
+    launches = _fake_launcher(tmp_path, monkeypatch, FAKE_LAUNCH)
+    item = ("bn", 2048, "lars-sqrt-lr1-wu1")
+    assert recipes.run_one(*item) is None
+    assert "is held by another run" in capsys.readouterr().out and not (tmp_path / "results").exists()
+    with pytest.raises(recipes.StudyStopped, match="stopped at step 96"):
+        recipes.run_one(*item)
     assert not (tmp_path / "results").exists()
-    row = recipes.run_one("bn", 2048, "lars-sqrt-lr1-wu1")
-    assert launches[0] == launches[1] and f"output_dir={tmp_path / 'runs' / row['id']}" in launches[0]
-    assert row["protocol"] == 2 and row["id"].endswith("-p2") and row["attempts"] == 2 and row["reached"]
-    assert row["crossing_step"] == 190.5 and row["crossing_bracket"] == [187, 192]
+    assert recipes.run_one(*item) is None
+    said = capsys.readouterr().out
+    assert "ValueError: boom" in said and "held by another run" not in said and not (tmp_path / "results").exists()
+    row = recipes.run_one(*item)
+    assert launches[0] == launches[3] and f"output_dir={tmp_path / 'runs' / row['id']}" in launches[0]
+    assert row["protocol"] == 2 and row["id"].endswith("-p2") and row["attempts"] == 4 and row["reached"]
+    assert row["crossing_step"] == 190.5 and row["crossing_bracket"] == [187, 192] and row["error"] is None
     assert row["noise_at_crossing"]["noise_scale"] == 900.0 and row["curve"][0]["val_loss"] == 0.068
     assert row["torch"] and row["cpu"] and row["aten_cpu_capability"] and len(row["git_commit"].split("+")[0]) == 40
     assert "aten_cpu_capability_env" in row
-    assert recipes.run_one("bn", 2048, "lars-sqrt-lr1-wu1") is None and len(launches) == 2
+    lines = (tmp_path / "runs" / row["id"] / "attempts.jsonl").read_text().splitlines()
+    assert [json.loads(x)["status"] for x in lines] == [None, "stopped", None, "target_reached"]
+    assert recipes.run_one(*item) is None and len(launches) == 4
+
+
+def test_a_signal_to_the_study_stops_its_run_through_the_stop_file_and_ends_the_study(tmp_path, monkeypatch):
+    """SIGTERM to the study while a run trains: passed on as the run's STOP file (its ranks checkpoint, no
+    launcher deadline), the study waits for the launcher, records the attempt with its signal, and exits 75
+    without starting the next run."""
+    import signal
+    import threading
+    import time
+
+    import recipes
+
+    launches = _fake_launcher(tmp_path, monkeypatch, FAKE_STOPPABLE)
+    first = tmp_path / "runs" / recipes.run_id("bn", 2048, "lars-sqrt-lr1-wu1")
+
+    def signal_when_started() -> None:
+        for _ in range(400):
+            if (first / "started").exists():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.025)
+
+    monkeypatch.setattr(sys, "argv", ["recipes.py", "run", "--only",
+                                      "bn:2048:lars-sqrt-lr1-wu1,bn:512:lars-sqrt-lr1-wu1"])
+    before = signal.signal(signal.SIGTERM, lambda *a: None)  # should the study not take it, pytest lives on
+    try:
+        threading.Thread(target=signal_when_started, daemon=True).start()
+        assert recipes.main() == 75
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert len(launches) == 1 and not (tmp_path / "results").exists()
+    line = json.loads((first / "attempts.jsonl").read_text())
+    assert line["signal"] == "SIGTERM" and line["status"] == "stopped" and line["returncode"] == 1
 
 
 def test_the_report_reads_the_newest_protocol_and_shows_the_interpolated_crossing_with_its_bracket():

@@ -98,6 +98,13 @@ def test_the_target_stops_the_run_at_the_evaluation_that_reaches_it_with_the_cro
     assert crossing["noise_scale"]["noise_window_examples"] > 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["target_crossing"] == crossing
     assert summary(tmp_path / "run")["epoch_to_target"] == 1
+    # The same command again ends at once and keeps the figures of the evaluation that ended the run.
+    events = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    again = _train(tmp_path / "run", overrides, cache_dir)
+    assert again["status"] == "target_reached" and again["steps"] == s["steps"]
+    kept = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    for kind in ("train", "val", "test"):
+        assert [e for e in kept if e["event"] == kind] == [e for e in events if e["event"] == kind], kind
 
 
 def test_the_crossing_is_interpolated_linearly_in_accuracy_between_the_bracketing_evaluations():
@@ -116,11 +123,23 @@ def test_the_evaluating_steps_spread_evenly_over_the_epoch_and_every_step_when_i
     assert [k for k in range(1, steps + 1) if is_check_step(k, steps, per_epoch)] == want
 
 
-def test_in_epoch_evaluations_without_a_validation_split_are_refused_in_one_line(tmp_path, cache_dir):
+def test_val_checks_that_the_recipe_cannot_serve_are_refused_as_it_loads_before_its_run_is_touched(runs, tmp_path,
+                                                                                                    cache_dir):
+    """No validation split, or `within` without a target: both follow from the recipe alone, so they are one line
+    at load_recipe, before a run takes its lock, rewrites config.yaml or truncates metrics.jsonl on a resume."""
+    import shutil
+
+    from alexdist.config import load_recipe
     from alexdist.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="set data.val_split"):
-        _train(tmp_path / "run", CHECKS + ["data.val_split=null"], cache_dir)
+    with pytest.raises(ConfigError, match=r"^eval.val_checks.per_epoch=20 .*set data.val_split \(e.g. 0.1\)"):
+        load_recipe("quickstart", TINY + CHECKS + ["data.val_split=null"])
+    run = tmp_path / "run"
+    shutil.copytree(runs["checked"], run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="^eval.val_checks.within starts .* set tracking.time_to_acc"):
+        _train(run, CHECKS + ["eval.val_checks.within=0.01"], cache_dir)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_with_a_margin_the_epoch_evaluates_only_once_an_accuracy_is_within_it_of_the_target():
@@ -133,7 +152,7 @@ def test_with_a_margin_the_epoch_evaluates_only_once_an_accuracy_is_within_it_of
     from alexdist.training.val_checks import check_due
 
     recipe = load_recipe("quickstart", ["eval.val_checks.per_epoch=4", "eval.val_checks.within=0.01",
-                                        "train.stop_at_acc=0.98"])
+                                        "train.stop_at_acc=0.98", "data.val_split=0.1"])
     run = SimpleNamespace(recipe=recipe, batches=SimpleNamespace(steps_per_epoch=40),
                           state=TrainState(global_step=50, step_in_epoch=10))
     assert not check_due(run)  # no evaluation yet
@@ -145,3 +164,61 @@ def test_with_a_margin_the_epoch_evaluates_only_once_an_accuracy_is_within_it_of
     assert not check_due(run)  # not one of the epoch's evaluating steps (10, 20, 30)
     run.state.step_in_epoch, run.state.global_step, run.state.last_selection = 20, 60, [60, 0.975, 0.1]
     assert not check_due(run)  # done at this step already
+
+
+def _selection_run(state, **overrides):
+    """What note_selection reads, without a model: the recipe, the state, a log that keeps what it is told."""
+    from types import SimpleNamespace
+
+    from alexdist.config import load_recipe
+
+    said = []
+    log = SimpleNamespace(event=lambda *a, **k: said.append(("event", a, k)), say=said.append)
+    recipe = load_recipe("quickstart", [f"{k}={v}" for k, v in overrides.items()])
+    return SimpleNamespace(recipe=recipe, state=state, noise=None, log=log, t_start=0.0), said
+
+
+def test_a_checkpoint_that_reached_its_target_before_crossings_were_recorded_records_no_bogus_crossing():
+    """A checkpoint from before the crossing was recorded: the time to the target is set, no crossing, no latest
+    evaluation. Later evaluations at or above the target (after a dip too) are not a first crossing: no bracket
+    [0, step] is made up, and the time stays the one measured."""
+    from alexdist.checkpoint.state import TrainState
+    from alexdist.training.val_checks import note_selection
+
+    state = TrainState(global_step=300, time_to_target_s=12.5, epoch_to_target=3)
+    run, said = _selection_run(state, **{"tracking.time_to_acc": 0.97})
+    for step, acc in [(300, 0.975), (400, 0.965), (500, 0.98)]:
+        state.global_step = step
+        note_selection(run, 5, acc, 0.1)
+    assert state.target_crossing is None and (state.time_to_target_s, state.epoch_to_target) == (12.5, 3)
+    assert not [s for s in said if s[0] == "event"]
+
+
+def test_a_target_changed_on_resume_is_crossed_anew_and_one_already_passed_records_none():
+    """The crossing keeps its target: resumed with a higher tracking.time_to_acc, the old crossing and time are
+    dropped and the new target's are recorded, bracketed by the evaluations around it; lowered under an accuracy
+    the previous evaluation had already reached, its crossing lies at an unknown step: none is recorded."""
+    from alexdist.checkpoint.state import TrainState
+    from alexdist.training.val_checks import interpolate_crossing, note_selection
+
+    def crossed_097():
+        return TrainState(global_step=300, last_selection=[200, 0.972, 0.2], time_to_target_s=9.0, epoch_to_target=2,
+                          target_crossing=interpolate_crossing([100, 0.96, 0.3], [200, 0.972, 0.2], 0.97))
+
+    state = crossed_097()
+    run, said = _selection_run(state, **{"tracking.time_to_acc": 0.98})
+    note_selection(run, 3, 0.975, 0.15)
+    assert state.target_crossing is None and state.time_to_target_s is None
+    assert any("the target is now 0.98, not 0.97" in s for s in said if isinstance(s, str))
+    state.global_step = 400
+    note_selection(run, 4, 0.985, 0.1)
+    assert state.target_crossing["target"] == 0.98 and state.target_crossing["bracket"] == [300, 400]
+    assert state.epoch_to_target == 5 and state.time_to_target_s is not None
+    state = crossed_097()
+    run, _ = _selection_run(state, **{"tracking.time_to_acc": 0.96})
+    note_selection(run, 3, 0.975, 0.15)
+    assert state.target_crossing is None and state.time_to_target_s is None
+    state = crossed_097()  # the same target: the crossing stays
+    run, _ = _selection_run(state, **{"tracking.time_to_acc": 0.97})
+    note_selection(run, 3, 0.975, 0.15)
+    assert state.target_crossing["bracket"] == [100, 200] and state.time_to_target_s == 9.0

@@ -45,6 +45,24 @@ def test_a_runs_weights_and_its_checkpoints_export_carry_its_input_pipeline(run)
     assert pipeline_of(load_source(checkpoint)[1]) == want  # `alexdist export` of a checkpoint: the same
 
 
+def test_a_run_without_data_mean_and_std_carries_the_figures_its_index_measured(run, tmp_path):
+    """data.mean/std unset: the streamed run normalizes with the index's measured mean and std (TrainState's
+    normalization), and its weights say so. A second run on the module run's data and index (a few seconds)."""
+    from alexdist.config import DataConfig
+    from alexdist.data.index import load_index
+
+    data, cache = run.parent / "data", run.parent / "cache"
+    with in_this_process(ALEXDIST_CACHE=str(cache)):
+        train_here("quickstart", [
+            f"data.source={data}", "data.loader=stream", "data.workers=0", "data.image_size=32", "model.input_size=32",
+            "model.width_mult=0.125", "train.batch_size=8", "train.epochs=1", "train.max_steps=1",
+            "train.eval_batch_size=24", "tracking.wandb=false", f"output_dir={tmp_path / 'run'}"])
+    index = load_index(DataConfig(source=str(data), cache_dir=str(cache)))
+    got = pipeline_of(load_source(tmp_path / "run" / "model.safetensors")[1])
+    assert (got.mean, got.std) == (pytest.approx(index.mean), pytest.approx(index.std))
+    assert (got.mean, got.std) != (CIFAR_MEAN, CIFAR_STD) and got.mean != MEAN
+
+
 def test_evaluate_reads_the_test_split_through_the_stored_pipeline(run):
     from alexdist.artifacts.weights_evaluation import evaluate_weights
     from alexdist.fileio import read_jsonl
