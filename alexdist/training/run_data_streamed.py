@@ -52,8 +52,9 @@ def _index_once(recipe: Recipe, accelerator) -> DataIndex:
     if not accelerator.is_main_process:
         try:
             index = load_index(recipe.data, sent)
-        except AlexdistError as exc:
-            error = f"{socket.gethostname()}\t{cache_root(recipe.data)}\t{exc}"
+        except Exception as exc:  # any failure here is said on every rank, never left to a collective's timeout
+            why = exc if isinstance(exc, AlexdistError) else brief(exc)
+            error = f"{socket.gethostname()}\t{cache_root(recipe.data)}\t{why}"
     if failed := first_failure(accelerator, error):
         rank, (host, cache, why) = failed[0], failed[1].split("\t", 2)
         raise DataError(f"rank {rank} on {host} cannot read the index rank 0 loaded ({why}); data.cache_dir (or "

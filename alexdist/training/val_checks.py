@@ -110,6 +110,8 @@ def _reached_before(state: TrainState, target: float) -> bool:
     """Whether an evaluation before this one met `target`: the latest one did, or the run reached its target
     without recording a crossing (a checkpoint from before crossings were recorded: the time to it, or the
     stop, is all it kept)."""
+    if state.target_crossing is not None:  # recorded once: a dip below the target and back is no new crossing
+        return True
     last = state.last_selection
     if last is not None and last[1] >= target:
         return True

@@ -222,3 +222,18 @@ def test_a_target_changed_on_resume_is_crossed_anew_and_one_already_passed_recor
     run, _ = _selection_run(state, **{"tracking.time_to_acc": 0.97})
     note_selection(run, 3, 0.975, 0.15)
     assert state.target_crossing["bracket"] == [100, 200] and state.time_to_target_s == 9.0
+
+
+def test_a_dip_below_the_target_and_back_keeps_the_first_crossing():
+    """Noisy validation near the target: 0.48, 0.52 (the crossing), 0.49, 0.53. The crossing stays the first one,
+    bracketed by steps 100 and 200, and is logged once."""
+    from alexdist.checkpoint.state import TrainState
+    from alexdist.training.val_checks import note_selection
+
+    state = TrainState()
+    run, said = _selection_run(state, **{"tracking.time_to_acc": 0.5})
+    for step, acc in [(100, 0.48), (200, 0.52), (300, 0.49), (400, 0.53)]:
+        state.global_step = step
+        note_selection(run, 1, acc, 0.1)
+    assert state.target_crossing["bracket"] == [100, 200]
+    assert len([s for s in said if s[0] == "event"]) == 1
