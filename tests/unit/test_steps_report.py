@@ -61,6 +61,22 @@ def test_the_study_trains_digits_without_flips_and_checks_the_target_inside_each
     assert (recipe.eval.val_checks.per_epoch, recipe.eval.val_checks.within) == (8, 0.01)
 
 
+
+def test_the_seeds_grid_runs_each_cell_under_three_seeds_of_its_shipped_rule_and_the_seed_reaches_the_recipe():
+    """Issue 40's seeds: a rule's `sd` is train.seed; the seeds grid gives each (recipe, batch) cell three runs of
+    its own ids, under the rule the recipe ships."""
+    from alexdist.config import load_recipe
+    from recipes import SHIPPED, grid, run_id
+
+    args = command_args("vgg", 2048, SHIPPED["vgg"] + "-sd2", "out")
+    assert load_recipe(args[0], args[1:]).train.seed == 2
+    base = command_args("vgg", 2048, SHIPPED["vgg"], "out")
+    assert load_recipe(base[0], base[1:]).train.seed == 0
+    cells = grid("seeds")
+    assert len(cells) == 12 and len({run_id(*c) for c in cells}) == 12
+    assert {(r, b) for r, b, _ in cells} == {(r, b) for r in ("vgg", "alexnet") for b in (128, 2048)}
+    assert all(rule.rsplit("-sd", 1)[0] == SHIPPED[r] for r, _, rule in cells)
+
 # A stand-in for `accelerate launch ... -m alexdist.train`, behaving as torchrun does: exit 1 for every failure, a
 # stop's 75 included (the rank's code only in its report). Its attempts, in order: another process holds the run
 # (refused, no summary.json); stopped on request (summary.json "stopped"); a crash (no new summary.json); done.
