@@ -26,6 +26,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -147,15 +148,20 @@ def _build_lock(work: Path, progress: bool) -> Iterator[None]:
     `alexdist index` beside a job that builds) would each clean away the generation the other published. flock
     reaches other nodes on NFS (Linux maps it to a byte-range lock over NFSv4 or the lock manager) and on Lustre
     mounted with -o flock; a file system without locks (ENOLCK, ENOSYS) builds unlocked, with a warning."""
-    with open(work / "build.lock", "a") as fh:
+    with open(work / "build.lock", "a+") as fh:
         try:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if progress:
-                    print(f"alexdist: waiting for another build of the index in '{work}'", file=sys.stderr,
-                          flush=True)
+                if progress:  # who holds it: a build can take hours, and a stuck one is that process to end
+                    fh.seek(0)
+                    holder = fh.read().strip() or "a process that has not yet said who it is"
+                    print(f"alexdist: waiting for another build of the index in '{work}' (by {holder}); this one "
+                          f"continues once it ends", file=sys.stderr, flush=True)
                 fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.truncate(0)
+            fh.write(f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            fh.flush()
         except OSError as exc:
             print(f"alexdist: warning: '{work}' takes no file lock ({brief(exc)}): two builds of this index at once "
                   f"would remove each other's files; build it once (alexdist index) before starting jobs",

@@ -312,11 +312,15 @@ def test_two_builds_at_once_leave_every_index_they_return_on_a_generation_that_e
             while thread.is_alive() and "waiting for another build" not in said and time.time() < deadline:
                 time.sleep(0.05)
                 said += capsys.readouterr().err
+            b["said"] = said
         return real(read, n)
 
     monkeypatch.setattr(index_module, "mean_std", b_builds_meanwhile)
     a = build_index(c, progress=False)
     thread.join(60)
+    import socket
+
+    assert f"by {socket.gethostname()} pid {os.getpid()} since " in b["said"]  # who holds the lock: here, A
     published = json.loads(index_file(c).read_text())["generation"]
     assert (index_file(c).parent / published / "meta.json").is_file()
     for idx in (a, b["index"]):
