@@ -6,6 +6,9 @@
     nice -n 19 .venv/bin/python benchmarks/recipes.py run          # the main grid; reruns skip finished runs
     .venv/bin/python benchmarks/recipes.py run --grid explore      # the rule search for vgg and alexnet
     .venv/bin/python benchmarks/recipes.py run --only vgg:2048:lars-sqrt-lr0.5-wu3
+    nice -n 19 .venv/bin/python benchmarks/recipes.py tune         # bn's lr and warmup per batch (halving)
+    nice -n 19 .venv/bin/python benchmarks/recipes.py tune --batches 128,512
+    nice -n 19 .venv/bin/python benchmarks/recipes.py run --grid tuned-seeds   # each batch's winner, 3 seeds
     .venv/bin/python benchmarks/recipes.py report                  # table, fit and plot from the result files
 
 Each run is `accelerate launch --multi_gpu --num_processes 2 -m alexdist.train RECIPE` on MNIST (60k images
@@ -31,7 +34,13 @@ Rules (optimizer overrides on top of the recipe; lr always given for the recipe'
   alike; `sd` is train.seed (initial weights, data order, augmentation; the recipe's seed 0 without it).
 
 Grids: `main` (every recipe at every batch under its shipped rule), `seeds` (issue 40's seeds: vgg and alexnet
-under their shipped rule at 128 and 2048 with SEEDS, vgg first), `explore` (the rule search above).
+under their shipped rule at 128 and 2048 with SEEDS, vgg first), `explore` (the rule search above),
+`tuned-seeds` (bn at each batch under the rule `tune` chose there, with SEEDS).
+
+`tune` (benchmarks/study_tuning.py): successive halving per batch over bn's lr (two decades) and warmup, on
+validation accuracy at rungs of 1/4, 1/2 and all of the batch's step budget; each rung relaunches the trial's
+run with a larger train.max_steps, and every rung's outcome is kept in OUT/tuning/bn-b<batch>.json, so a
+stopped tune (exit 75, as `run`) resumes where it was.
 """
 
 from __future__ import annotations
@@ -139,10 +148,12 @@ class StudyStopped(Exception):
     The same command resumes it."""
 
 
-def run_one(recipe: str, batch: int, rule: str) -> dict | None:
+def run_one(recipe: str, batch: int, rule: str, max_steps: int | None = None) -> dict | None:
     """The run, resumed from its checkpoint if an earlier attempt stopped; its result row, or None if its result
     file exists or the attempt left no summary.json of its own (a crash, another process holding the run: no
-    result file, so the next pass retries it, and its error is printed). Raises StudyStopped where the run
+    result file, so the next pass retries it, and its error is printed). `max_steps` caps this attempt (a tuning
+    rung): one that ends there (summary.json `max_steps`) is not the run's end, so it writes no result file
+    either, and a later call with a larger cap, or none, continues it. Raises StudyStopped where the run
     stopped on request (summary.json says so: the launcher exits 1 for a stop's 75, docs/failures.md) or the
     study was signalled while it ran (the run's result, if it finished meanwhile, is written first)."""
     rid = run_id(recipe, batch, rule)
@@ -151,13 +162,14 @@ def run_one(recipe: str, batch: int, rule: str) -> dict | None:
         return None
     run_dir = RUNS / rid
     run_dir.mkdir(parents=True, exist_ok=True)
-    rc, summary, log, signalled = attempt(command_args(recipe, batch, rule, str(run_dir)), run_dir)
+    cap = [f"train.max_steps={max_steps}"] if max_steps else []
+    rc, summary, log, signalled = attempt(command_args(recipe, batch, rule, str(run_dir)) + cap, run_dir)
     error = error_line(log) if rc else None
     status = summary and summary.get("status")
     result = None
     if summary is None:
         print(f"{rid}: no result (exit {rc}, rerun to retry): {error}", flush=True)
-    elif status != "stopped":
+    elif status not in ("stopped", "max_steps"):
         result = result_row(recipe, batch, rule, run_dir, rc, error)
         OUT.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
@@ -277,6 +289,10 @@ def grid(name: str) -> list[tuple[str, int, str]]:
         return [(r, b, f"{SHIPPED[r]}-sd{seed}") for r in ("vgg", "alexnet") for b in (128, 2048) for seed in SEEDS]
     if name == "explore":
         return [(r, 2048, rule) for r, rules in EXPLORE.items() for rule in rules]
+    if name == "tuned-seeds":
+        from study_tuning import tuned_seeds
+
+        return tuned_seeds()
     raise SystemExit(f"unknown grid {name}")
 
 
@@ -294,8 +310,17 @@ def main() -> int:
     r = sub.add_parser("run")
     r.add_argument("--grid", default="main")
     r.add_argument("--only", help="RECIPE:BATCH:RULE[,...] instead of a grid")
+    t = sub.add_parser("tune")
+    t.add_argument("--batches", default=",".join(map(str, BATCHES)), help="BATCH[,...] to tune bn at")
     sub.add_parser("report")
     a = ap.parse_args()
+    # Run as a script this module is __main__: study_tuning's `import recipes` must find it, not a second copy
+    # (whose StudyStopped this function would not catch).
+    sys.modules.setdefault("recipes", sys.modules[__name__])
+    if a.cmd == "tune":
+        from study_tuning import tune_all
+
+        return tune_all([int(b) for b in a.batches.split(",")])
     if a.cmd == "report":
         from steps_report import report
 

@@ -317,3 +317,22 @@ def train_here(recipe: str, overrides: list[str]) -> dict:
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     return train(load_recipe(recipe, overrides))
+
+
+def fake_study_launcher(tmp_path: Path, monkeypatch, script: str) -> list[list[str]]:
+    """benchmarks/recipes.py launching `script` (a stand-in for the launcher and its ranks) instead of training,
+    its results and runs under tmp_path; the launches' arguments, in order, as they happen."""
+    import recipes
+
+    path = tmp_path / "fake_launch.py"
+    path.write_text(script)
+    launches = []
+
+    def fake(args, nproc, launcher):
+        launches.append(args)
+        return [sys.executable, str(path), *args]
+
+    monkeypatch.setattr(recipes, "launch_command", fake)
+    monkeypatch.setattr(recipes, "OUT", tmp_path / "results")
+    monkeypatch.setattr(recipes, "RUNS", tmp_path / "runs")
+    return launches

@@ -8,7 +8,7 @@ import os
 import sys
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, fake_study_launcher
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from steps_report import fit_critical_batch, table
@@ -125,20 +125,7 @@ sys.exit(1)
 
 
 def _fake_launcher(tmp_path, monkeypatch, text: str) -> list[list[str]]:
-    import recipes
-
-    script = tmp_path / "fake_launch.py"
-    script.write_text(text)
-    launches = []
-
-    def fake(args, nproc, launcher):
-        launches.append(args)
-        return [sys.executable, str(script), *args]
-
-    monkeypatch.setattr(recipes, "launch_command", fake)
-    monkeypatch.setattr(recipes, "OUT", tmp_path / "results")
-    monkeypatch.setattr(recipes, "RUNS", tmp_path / "runs")
-    return launches
+    return fake_study_launcher(tmp_path, monkeypatch, text)
 
 
 def test_a_study_run_is_decided_by_its_summary_not_by_the_launchers_exit_code(tmp_path, monkeypatch, capsys):
