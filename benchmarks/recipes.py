@@ -286,7 +286,7 @@ def grid(name: str) -> list[tuple[str, int, str]]:
     if name == "main":  # every recipe at every batch under its shipped rule, bn first (it needs no search)
         return [(r, b, SHIPPED[r]) for r in ("bn", "vgg", "alexnet") for b in BATCHES]
     if name == "seeds":  # vgg first (~4x cheaper a run than alexnet), so that the first hours give whole cells
-        return [(r, b, f"{SHIPPED[r]}-sd{seed}") for r in ("vgg", "alexnet") for b in (128, 2048) for seed in SEEDS]
+        return [(r, b, seeded(SHIPPED[r], seed)) for r in ("vgg", "alexnet") for b in (128, 2048) for seed in SEEDS]
     if name == "explore":
         return [(r, 2048, rule) for r, rules in EXPLORE.items() for rule in rules]
     if name == "tuned-seeds":
@@ -294,6 +294,12 @@ def grid(name: str) -> list[tuple[str, int, str]]:
 
         return tuned_seeds()
     raise SystemExit(f"unknown grid {name}")
+
+
+def seeded(rule: str, seed: int) -> str:
+    """The rule under train.seed `seed`: seed 0 is the recipes' own, so its run is the rule's run (one id, not a
+    second run of the same thing)."""
+    return f"{rule}-sd{seed}" if seed else rule
 
 
 def _item(recipe: str, batch: str, rule: str) -> tuple[str, int, str]:

@@ -41,7 +41,10 @@ def budget(batch: int) -> int:
 
 
 def rung_steps(batch: int) -> list[int]:
-    return [max(1, round(budget(batch) * f)) for f in RUNGS]
+    """The rungs on epoch ends, where the uncapped run evaluates too: a capped attempt's last evaluation (kept in
+    its checkpoint's state: best accuracy, the target's crossing) is then one the uncapped run also makes."""
+    per_epoch = study.TRAIN_IMAGES // batch
+    return [max(1, round(budget(batch) * f / per_epoch)) * per_epoch for f in RUNGS]
 
 
 def tuning_path(batch: int) -> Path:
@@ -96,9 +99,7 @@ def standing(run_dir: Path, steps: int) -> dict | None:
     """Where the trial stands at `steps`, from its own files: its validation accuracy there (the trainer's best
     where its attempt ended there or before, else the best evaluation at or before the step), whether it reached
     the target by then and where; None while it has not got there."""
-    summary_path, metrics = run_dir / "summary.json", run_dir / "metrics.jsonl"
-    s = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    events = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    s, events = _files(run_dir)
     status, ran = s.get("status"), s.get("steps") or 0
     covered = status in FINAL or (status == "max_steps" and ran >= steps)
     # A diverged run leaves no summary.json of its own (exit 6); relaunched it would resume into the same steps.
@@ -107,10 +108,24 @@ def standing(run_dir: Path, steps: int) -> dict | None:
         return None
     reached = covered and status == "target_reached" and ran <= steps
     crossing = ((s.get("target_crossing") or {}).get("interpolated_step") or ran) if reached else None
-    vals = [e["acc"] for e in events if e["event"] in ("val", "val_check") and e["step"] <= steps]
-    best = s.get("best_val_acc") if covered and ran <= steps else max(vals, default=None)
+    # The same evaluations for every trial (epoch ends and in-epoch checks up to the rung), however far it ran.
+    best = max((e["acc"] for e in events if e["event"] in ("val", "val_check") and e["step"] <= steps), default=None)
     return {"status": "diverged" if diverged else status, "steps_run": ran, "reached": reached,
             "crossing_step": crossing, "best_val_acc": best}
+
+
+def _files(run_dir: Path) -> tuple[dict, list[dict]]:
+    """The run's summary.json and metrics.jsonl events; for a finished run whose folder is not here (another
+    checkout ran it, or runs/ was cleaned), the same facts from its result row."""
+    summary_path, metrics = run_dir / "summary.json", run_dir / "metrics.jsonl"
+    row_path = study.OUT / f"{run_dir.name}.json"
+    if not summary_path.is_file() and row_path.is_file():
+        row = json.loads(row_path.read_text())
+        crossing = {"interpolated_step": row["crossing_step"]} if row.get("crossing_step") else None
+        return ({"status": row["status"], "steps": row["steps"], "target_crossing": crossing},
+                [{"event": "val", "step": c["step"], "acc": c["val_acc"]} for c in row.get("curve", [])])
+    s = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return s, [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
 
 
 def rank_key(outcome: dict) -> tuple[int, float]:
@@ -138,7 +153,7 @@ def tuned_seeds() -> list[tuple[str, int, str]]:
         if winner is None:
             print(f"{RECIPE} at batch {batch}: not tuned yet (run `recipes.py tune` first)", flush=True)
             continue
-        cells += [(RECIPE, batch, f"{winner}-sd{seed}") for seed in study.SEEDS]
+        cells += [(RECIPE, batch, study.seeded(winner, seed)) for seed in study.SEEDS]
     return cells
 
 

@@ -154,19 +154,36 @@ def _build_lock(work: Path, progress: bool) -> Iterator[None]:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if progress:  # who holds it: a build can take hours, and a stuck one is that process to end
-                    fh.seek(0)
-                    holder = fh.read().strip() or "a process that has not yet said who it is"
-                    print(f"alexdist: waiting for another build of the index in '{work}' (by {holder}); this one "
-                          f"continues once it ends", file=sys.stderr, flush=True)
+                    print(f"alexdist: waiting for another build of the index in '{work}' (by {_holder(fh)}); "
+                          f"this one continues once it ends", file=sys.stderr, flush=True)
                 fcntl.flock(fh, fcntl.LOCK_EX)
-            fh.truncate(0)
-            fh.write(f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            fh.flush()
         except OSError as exc:
             print(f"alexdist: warning: '{work}' takes no file lock ({brief(exc)}): two builds of this index at once "
                   f"would remove each other's files; build it once (alexdist index) before starting jobs",
                   file=sys.stderr, flush=True)
-        yield  # the lock goes with the file's closing
+        _say_holder(fh, f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        try:
+            yield  # the lock goes with the file's closing
+        finally:
+            _say_holder(fh, "")  # a finished build is nobody to wait for
+
+
+def _holder(fh) -> str:
+    try:
+        fh.seek(0)
+        return fh.read().strip() or "a build that has not yet said who it is"
+    except (OSError, ValueError):
+        return "a build whose line could not be read"
+
+
+def _say_holder(fh, line: str) -> None:
+    """The lock file's one line, for a build that waits on it (best effort: it is a message, not the lock)."""
+    try:
+        fh.truncate(0)
+        fh.write(line + "\n" if line else "")
+        fh.flush()
+    except OSError:
+        pass
 
 
 def _fingerprint(layout: str, plan: Plan, infos: list[PartInfo]) -> str:

@@ -32,10 +32,13 @@ def test_a_job_submitted_twice_runs_once(tmp_path, cache_dir):
     args = ["tracking.wandb=false", "train.log_every=1", "train.epochs=200", f"output_dir={run}"]
     first = subprocess.Popen(launch_command(args, nproc=2), cwd=ROOT, env=run_env(cache_dir),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(run, 3)
-    second = launch(args, cache_dir)
-    (run / "STOP").touch()  # the first stops at the end of its step, checkpointed
-    _, err = first.communicate(timeout=300)
+    try:
+        wait_for_step(run, 3)
+        second = launch(args, cache_dir)
+        (run / "STOP").touch()  # the first stops at the end of its step, checkpointed
+        _, err = first.communicate(timeout=300)
+    finally:
+        first.kill()  # a no-op once it ended; a 200-epoch run must not outlive a failed test
     assert summary(run)["status"] == "stopped", err[-3000:]
     assert second.returncode == 4, second.stderr[-3000:]
     line = error_line(second)

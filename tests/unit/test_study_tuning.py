@@ -13,7 +13,7 @@ from helpers import ROOT, fake_study_launcher
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-BATCH = 8192  # budget 34 epochs x 6 steps = 204: rungs at 51, 102, 204
+BATCH = 8192  # budget 34 epochs x 6 steps = 204: rungs on epoch ends: 48, 102, 204
 
 # A stand-in for the launcher: the trial (its rule read from the run folder's name) plays plan.json's part. It
 # resumes where its last summary.json left it, runs to train.max_steps (else the schedule's end: `finished`) or
@@ -77,12 +77,12 @@ def _played(launches: list[list[str]]) -> list[tuple[str, str | None]]:
             for a in launches]
 
 
-# By rung: validation accuracy at 51, 102 and 204 steps; the last trial diverges. Rung 1 keeps 2, 1, 4, 5 (its
+# By rung: validation accuracy at 48, 102 and 204 steps; the last trial diverges. Rung 1 keeps 2, 1, 4, 5 (its
 # test accuracy favours 0, which it drops); rung 2 keeps 1 and 4; 4 wins at the end.
-HALVING = {0: {"acc": {"51": 0.90}}, 1: {"acc": {"51": 0.95, "102": 0.975, "204": 0.976}},
-           2: {"acc": {"51": 0.96, "102": 0.965}}, 3: {"acc": {"51": 0.91}},
-           4: {"acc": {"51": 0.94, "102": 0.970, "204": 0.978}}, 5: {"acc": {"51": 0.93, "102": 0.960}},
-           6: {"acc": {"51": 0.92}}, 7: {"diverge": True}}
+HALVING = {0: {"acc": {"48": 0.90}}, 1: {"acc": {"48": 0.95, "102": 0.975, "204": 0.976}},
+           2: {"acc": {"48": 0.96, "102": 0.965}}, 3: {"acc": {"48": 0.91}},
+           4: {"acc": {"48": 0.94, "102": 0.970, "204": 0.978}}, 5: {"acc": {"48": 0.93, "102": 0.960}},
+           6: {"acc": {"48": 0.92}}, 7: {"diverge": True}}
 
 
 def test_the_halving_keeps_the_better_half_by_validation_accuracy_at_each_rung(tmp_path, monkeypatch):
@@ -90,12 +90,12 @@ def test_the_halving_keeps_the_better_half_by_validation_accuracy_at_each_rung(t
 
     launches = _trials(monkeypatch, tmp_path, HALVING)
     t = study_tuning.TRIALS
-    assert study_tuning.rung_steps(BATCH) == [51, 102, 204]
+    assert study_tuning.rung_steps(BATCH) == [48, 102, 204]
     assert study_tuning.tune(BATCH) == t[4]
     record = json.loads(study_tuning.tuning_path(BATCH).read_text())
     assert record["survivors"] == [[t[2], t[1], t[4], t[5]], [t[1], t[4]], [t[4]]] and record["winner"] == t[4]
     assert record["results"][t[7]]["0"]["status"] == "diverged" and record["results"][t[0]]["0"]["best_val_acc"] == 0.9
-    assert [cap for _, cap in _played(launches)] == ["51"] * 8 + ["102"] * 4 + [None] * 2
+    assert [cap for _, cap in _played(launches)] == ["48"] * 8 + ["102"] * 4 + [None] * 2
     assert study_tuning.tune(BATCH) == t[4] and len(launches) == 14  # decided: nothing relaunched
 
 
@@ -106,8 +106,8 @@ def test_a_trial_that_reaches_the_target_wins_by_fewer_steps_and_ends_the_tune(t
 
     import recipes
 
-    launches = _trials(monkeypatch, tmp_path, {1: {"acc": {"51": 0.979}}, 2: {"reach": 40.5}, 4: {"reach": 30.2},
-                                               5: {"reach": 60.0, "acc": {"51": 0.97}}})
+    launches = _trials(monkeypatch, tmp_path, {1: {"acc": {"48": 0.979}}, 2: {"reach": 40.5}, 4: {"reach": 30.2},
+                                               5: {"reach": 60.0, "acc": {"48": 0.97}}})
     t = study_tuning.TRIALS
     assert study_tuning.tune(BATCH) == t[4]
     record = json.loads(study_tuning.tuning_path(BATCH).read_text())
@@ -118,7 +118,7 @@ def test_a_trial_that_reaches_the_target_wins_by_fewer_steps_and_ends_the_tune(t
 
 
 def test_a_rung_relaunches_the_same_run_with_a_larger_cap_that_the_recipe_accepts(tmp_path, monkeypatch):
-    """The winner's three launches: one run folder, train.max_steps 51 then 102 after the rule's overrides (the
+    """The winner's three launches: one run folder, train.max_steps 48 then 102 after the rule's overrides (the
     recipe takes it), then none: the schedule's end, where its result file is written, and only there."""
     import study_tuning
 
@@ -128,12 +128,12 @@ def test_a_rung_relaunches_the_same_run_with_a_larger_cap_that_the_recipe_accept
     launches = _trials(monkeypatch, tmp_path, HALVING)
     rule = study_tuning.TRIALS[4]
     row = tmp_path / "results" / f"{recipes.run_id('bn', BATCH, rule)}.json"
-    recipes.run_one("bn", BATCH, rule, max_steps=51)
-    assert not row.exists() and json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())["steps"] == 51
+    recipes.run_one("bn", BATCH, rule, max_steps=48)
+    assert not row.exists() and json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())["steps"] == 48
     study_tuning.tune(BATCH)
     mine = [a for a in launches if rule in _arg(a, "output_dir")]
     assert len(mine) == 3 and len({_arg(a, "output_dir") for a in mine}) == 1  # the first rung was not relaunched
-    assert [_arg(a, "train.max_steps") for a in mine] == ["51", "102", None]
+    assert [_arg(a, "train.max_steps") for a in mine] == ["48", "102", None]
     second = mine[1]
     assert second.index("train.max_steps=102") > second.index("optim.lr=3.0")
     recipe = load_recipe(second[0], second[1:])
@@ -173,7 +173,7 @@ def test_the_tuned_seeds_grid_runs_each_batchs_winner_under_three_seeds(tmp_path
         study_tuning._save(study_tuning.tuning_path(batch), {"winner": rule})
     study_tuning._save(study_tuning.tuning_path(512), {"winner": None})  # a tune under way
     cells = recipes.grid("tuned-seeds")
-    assert cells == [("bn", b, f"{winners[b]}-sd{s}") for b in (128, 2048) for s in (0, 1, 2)]
+    assert cells == [("bn", b, f"{winners[b]}-sd{s}" if s else winners[b]) for b in (128, 2048) for s in (0, 1, 2)]
     assert recipes.run_id(*cells[4]) == "bn-b2048-lars-sqrt-lr3-wu3-sd1-p2"
     args = recipes.command_args(*cells[4], "out")
     recipe = load_recipe(args[0], args[1:])
@@ -191,3 +191,21 @@ def test_the_trials_span_two_decades_of_the_shipped_rules_lr_and_share_one_step_
     assert len(study_tuning.TRIALS) >= 6 and recipes.SHIPPED["bn"] in study_tuning.TRIALS
     assert max(lrs) / min(lrs) == pytest.approx(100)
     assert {recipes.epoch_cap(8192, r) for r in study_tuning.TRIALS} == {34}
+
+
+def test_a_trial_finished_elsewhere_stands_on_its_result_row_instead_of_blocking_the_tune(tmp_path, monkeypatch):
+    """The shipped rule's run, finished by the main grid in another checkout: its result file is here, its run
+    folder is not. The tune reads the row (launching nothing) rather than retrying a run that run_one skips."""
+    import study_tuning
+
+    import recipes
+
+    launches = _trials(monkeypatch, tmp_path, {})
+    rid = recipes.run_id("bn", BATCH, study_tuning.TRIALS[2])
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / f"{rid}.json").write_text(json.dumps({
+        "status": "finished", "steps": 204, "crossing_step": None,
+        "curve": [{"step": 48, "val_acc": 0.91}, {"step": 96, "val_acc": 0.95}, {"step": 204, "val_acc": 0.97}]}))
+    outcome = study_tuning.play_rung(BATCH, study_tuning.TRIALS[2], 102, capped=True)
+    assert outcome is not None and outcome["best_val_acc"] == 0.95 and not outcome["reached"]
+    assert launches == []
