@@ -12,10 +12,11 @@ import torch
 import yaml
 
 from alexdist.checkpoint.manifest import damage
-from alexdist.checkpoint.state import STATE_FILE, read_state
+from alexdist.checkpoint.state import STATE_FILE, TrainState, read_state
 from alexdist.checkpoint.weights import plain_weights, weights_metadata
 from alexdist.config import Recipe
 from alexdist.data.dataset import CIFAR10_CLASSES
+from alexdist.data.index import load_index
 from alexdist.distributed.strategies import checkpoint_strategy
 from alexdist.errors import CheckpointError, DataError
 from alexdist.models import build_model, resolve_input_size
@@ -41,7 +42,21 @@ def consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     if recipe.train.ema_is_model and (path / EMA_FILE).is_file():
         weights = _with_ema(path, weights, model)
     return plain_weights(weights), weights_metadata(recipe, state.global_step, state.test_acc, classes,
-                                                state.normalization)
+                                                _normalization(path, recipe, state))
+
+
+def _normalization(path: Path, recipe: Recipe, state: TrainState) -> dict | None:
+    """What the run normalized with. Streamed checkpoints written before it was recorded: data.mean/std where set,
+    else what the index measured (what such a run used); None (CIFAR-10's, every in-memory run's) otherwise."""
+    d = recipe.data
+    if state.normalization or state.data_loader != "stream" or (d.mean and d.std):
+        return state.normalization
+    try:
+        index = load_index(d)
+    except DataError as exc:
+        raise CheckpointError(f"checkpoint {path} streamed its data before alexdist recorded its normalization, "
+                              f"which the data's index measured: {exc}") from None
+    return {"mean": list(d.mean or index.mean), "std": list(d.std or index.std)}
 
 
 def _model(recipe: Recipe, num_classes: int) -> torch.nn.Module:

@@ -46,13 +46,30 @@ def run_pipeline(recipe: Recipe, normalization: dict | None = None) -> Pipeline:
 
 def pipeline_of(meta: dict[str, str]) -> Pipeline:
     """The pipeline a weights file records; files written before it was recorded: the data settings they carry,
-    else CIFAR-10's constants and a plain resize to 32 px (what every run of theirs used in memory)."""
+    else CIFAR-10's constants and a plain resize to 32 px (what every in-memory run used). A file of theirs from a
+    run that may have streamed (a local folder under data.loader auto or stream) is refused: its normalization
+    and crops were the index's and the augmentation's, which the file does not say."""
     if meta.get("pipeline"):
         p = json.loads(meta["pipeline"])
         return Pipeline(p["image_size"], p["eval_resize"], p["input_size"], tuple(p["mean"]), tuple(p["std"]))
     data = json.loads(meta["data"]) if meta.get("data") else {}
+    if _may_have_streamed(data):
+        raise DataError(f"this weights file predates the recorded input pipeline and its run may have streamed "
+                        f"data.source={data.get('source')} (data.loader={data['loader']}), so its resize and "
+                        f"normalization are unknown; export it again from the run's checkpoint: alexdist export "
+                        f"RUN/checkpoints/step-N OUT.safetensors")
     return Pipeline(data.get("image_size") or 32, data.get("eval_resize"), int(meta["input_size"]),
                     tuple(data.get("mean") or CIFAR_MEAN), tuple(data.get("std") or CIFAR_STD))
+
+
+def _may_have_streamed(data: dict) -> bool:
+    """Whether a run's data settings (recorded since data.loader exists) allow the streamed path: a local folder
+    not forced into memory; the built-in sets and Hub ids are read in memory only (data.choice)."""
+    source = str(data.get("source") or "")
+    if data.get("loader", "memory") == "memory" or source in ("synthetic", "digits", "mnist"):
+        return False
+    hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).is_dir()
+    return not hub_id
 
 
 def weights_metadata(recipe: Recipe, step: int, test_acc: float | None, classes: list[str],

@@ -29,12 +29,13 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """Keep the events up to `step`, minus a mid-epoch stop's evaluation at `step` (the epoch goes on), unless
-    that evaluation ended the run (its target reached: a relaunch ends at once and logs nothing again)."""
+def _truncate_after(path: Path, step: int, ends_at_once: bool) -> None:
+    """Keep the events up to `step`, minus a mid-epoch evaluation at `step` where the epoch goes on (a stop, or a
+    larger train.max_steps), unless this attempt ends at once (`ends_at_once`: the target reached, or the same
+    cap) and so logs nothing again."""
     kept = [e for e in read_jsonl(path)  # a line cut by a crash is dropped
             if e.get("step", 0) < step
-            or (e.get("step") == step and (not e.get("partial_epoch") or e.get("ends_run")))]
+            or (e.get("step") == step and (not e.get("partial_epoch") or ends_at_once))]
     atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
 
 
@@ -51,11 +52,13 @@ class RunLog:
         self.t0 = time.time()
         self._metrics = None
 
-    def start(self, info: dict[str, Any], resume_step: int | None = None, run_id: str | None = None) -> str | None:
+    def start(self, info: dict[str, Any], resume_step: int | None = None, run_id: str | None = None,
+              ends_at_once: bool = False) -> str | None:
         """Write config.yaml, open metrics.jsonl and the trackers; returns the W&B run id (main process).
 
         On resume, metrics.jsonl drops what was logged after the checkpoint (that part is trained again) and
-        W&B continues the run with the same id.
+        W&B continues the run with the same id; `ends_at_once`: the resumed run is over and evaluated at its
+        checkpoint's step, whose events are then its last.
         """
         if not self.main:
             return run_id
@@ -63,7 +66,7 @@ class RunLog:
         (self.dir / "config.yaml").write_text(dump_yaml(self.recipe))
         metrics = self.dir / "metrics.jsonl"
         if resume_step is not None and metrics.is_file():
-            _truncate_after(metrics, resume_step)
+            _truncate_after(metrics, resume_step, ends_at_once)
         # A fresh start (no checkpoint to resume) redoes everything: what an earlier attempt logged goes.
         self._metrics = open(metrics, "a" if resume_step is not None else "w", buffering=1)  # noqa: SIM115 (open for the run)
         if self.trackers:

@@ -132,10 +132,6 @@ def report_epoch(run: Run, epoch: int, train: dict, ev: EpochEvaluation) -> None
     """The epoch's events (`train`, then `val` with a split, then `test`) and its one line."""
     state, log = run.state, run.log
     partial = {} if state.step_in_epoch == run.batches.steps_per_epoch else {"partial_epoch": True}
-    stop_at = run.recipe.train.stop_at_acc  # this evaluation may be the one that reaches it (recorded after)
-    reaches = stop_at and ev.selection(run.recipe.train.ema_is_model).acc >= stop_at
-    if partial and (state.target_reached or reaches):  # the run's last figures: a relaunch that ends at once
-        partial["ends_run"] = True  # keeps them
     log.event("train", state.global_step, epoch + 1, **train, **partial)
     elapsed = round(time.time() - run.t_start, 3)  # training wall time since the run began, over all attempts
     if ev.val is not None:

@@ -6,6 +6,7 @@ bit the same, follow the step number through a stop and a resume, and bracket th
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,27 @@ def test_a_stop_at_an_evaluating_step_leaves_its_evaluation_to_the_resumed_run_a
     then after steps 6 and its end: the same evaluations, with the same figures, as the uninterrupted run."""
     assert _checks(runs["resumed"]) == _checks(runs["checked"])
     assert _same_weights(runs["checked"], runs["resumed"])
+
+
+def _epoch_events(out: Path) -> list[tuple[str, int, bool]]:
+    return [(e["event"], e["step"], bool(e.get("partial_epoch"))) for e in read_jsonl(out / "metrics.jsonl")
+            if e["event"] in ("train", "val", "test")]
+
+
+def test_a_capped_run_relaunched_keeps_its_last_evaluation_and_a_larger_cap_drops_it_as_the_epoch_goes_on(
+        runs, tmp_path, cache_dir):
+    """train.max_steps=7 ends mid-epoch with an evaluation at step 7. Relaunched with the same cap, the run ends
+    at once and logs nothing again: its last figures stay beside summary.json's. With a larger cap the epoch goes
+    on, as if never capped: the evaluation at step 7 goes and the new end evaluates."""
+    out = tmp_path / "plain"
+    shutil.copytree(runs["plain"], out)
+    last = [("train", 7, True), ("val", 7, True), ("test", 7, True)]
+    assert _epoch_events(out) == last
+    again = _train(out, [], cache_dir)
+    assert again["steps"] == 7 and _epoch_events(out) == last
+    assert again["final_test_acc"] == next(e["acc"] for e in read_jsonl(out / "metrics.jsonl") if e["event"] == "test")
+    assert _train(out, ["train.max_steps=9"], cache_dir)["steps"] == 9
+    assert _epoch_events(out) == [("train", 9, True), ("val", 9, True), ("test", 9, True)]
 
 
 def test_val_loss_sits_beside_accuracy_with_the_noise_scales_two_terms_and_their_window(runs):

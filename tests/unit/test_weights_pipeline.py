@@ -45,11 +45,20 @@ def test_a_runs_weights_and_its_checkpoints_export_carry_its_input_pipeline(run)
     assert pipeline_of(load_source(checkpoint)[1]) == want  # `alexdist export` of a checkpoint: the same
 
 
-def test_a_run_without_data_mean_and_std_carries_the_figures_its_index_measured(run, tmp_path):
+def test_a_run_without_data_mean_and_std_carries_its_indexs_figures_also_from_a_checkpoint_without_them(
+        run, tmp_path, monkeypatch):
     """data.mean/std unset: the streamed run normalizes with the index's measured mean and std (TrainState's
-    normalization), and its weights say so. A second run on the module run's data and index (a few seconds)."""
+    normalization), and its weights say so. A second run on the module run's data and index (a few seconds).
+    Streamed checkpoints written before TrainState recorded the normalization: the export takes the index's
+    figures (what such a run normalized with), not CIFAR-10's; without the index, one line says so."""
+    import shutil
+
+    from alexdist.checkpoint.consolidate import consolidate
+    from alexdist.checkpoint.manifest import MANIFEST
+    from alexdist.checkpoint.state import STATE_FILE
     from alexdist.config import DataConfig
     from alexdist.data.index import load_index
+    from alexdist.errors import CheckpointError
 
     data, cache = run.parent / "data", run.parent / "cache"
     with in_this_process(ALEXDIST_CACHE=str(cache)):
@@ -61,6 +70,19 @@ def test_a_run_without_data_mean_and_std_carries_the_figures_its_index_measured(
     got = pipeline_of(load_source(tmp_path / "run" / "model.safetensors")[1])
     assert (got.mean, got.std) == (pytest.approx(index.mean), pytest.approx(index.std))
     assert (got.mean, got.std) != (CIFAR_MEAN, CIFAR_STD) and got.mean != MEAN
+
+    old = tmp_path / "old" / "step-0000001"
+    shutil.copytree(sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1], old)
+    state = json.loads((old / STATE_FILE).read_text())
+    del state["normalization"]  # as written then (and without the manifest that would list the edit as damage)
+    (old / STATE_FILE).write_text(json.dumps(state))
+    (old / MANIFEST).unlink()
+    monkeypatch.setenv("ALEXDIST_CACHE", str(cache))
+    got = pipeline_of(consolidate(old)[1])
+    assert (got.mean, got.std) == (pytest.approx(index.mean), pytest.approx(index.std))
+    monkeypatch.setenv("ALEXDIST_CACHE", str(tmp_path / "elsewhere"))
+    with pytest.raises(CheckpointError, match=r"before alexdist recorded its normalization.*alexdist index"):
+        consolidate(old)
 
 
 def test_evaluate_reads_the_test_split_through_the_stored_pipeline(run):
@@ -155,3 +177,25 @@ def test_a_weights_file_without_a_recorded_pipeline_evaluates_with_cifars_consta
         want = evaluate_ranks(None, model, MemoryEvalSet(ds.test_x, ds.test_y, 32), 360, torch.float32)
     r = evaluate_weights(path)
     assert (r["test_loss"], r["confusion"]) == (pytest.approx(want.loss, rel=1e-6), want.confusion)
+
+
+@pytest.mark.parametrize(("source", "loader", "refused"), [
+    ("/data/photos", "auto", True), ("/data/photos", "stream", True), ("/data/photos", "memory", False),
+    ("digits", "auto", False), ("uoft-cs/cifar10", "auto", False)])
+def test_a_weights_file_without_a_recorded_pipeline_from_a_run_that_may_have_streamed_is_refused(source, loader,
+                                                                                                refused):
+    """Such a run normalized with its index's figures and cropped as its augmentation said, which the file does
+    not record: CIFAR-10's constants and a plain resize would be a silent guess. In-memory runs used exactly
+    those, and the built-in sets and Hub ids never streamed."""
+    from alexdist.checkpoint.weights import weights_metadata
+    from alexdist.config import load_recipe
+    from alexdist.errors import DataError
+
+    meta = weights_metadata(load_recipe("quickstart", [f"data.source={source}", f"data.loader={loader}"]), 4, None,
+                            ["a", "b"])
+    del meta["pipeline"]
+    if refused:
+        with pytest.raises(DataError, match=r"may have streamed .*alexdist export RUN/checkpoints/step-N"):
+            pipeline_of(meta)
+    else:
+        assert pipeline_of(meta) == Pipeline(32, None, 32, CIFAR_MEAN, CIFAR_STD)
