@@ -52,10 +52,19 @@ def imported(log: Path) -> dict[str, int]:
     return {module: len({pid for pid, m in rows if m == module}) for module in {m for _, m in rows}}
 
 
+# Off in launched test runs unless a test turns them on (its overrides come after, and the last one wins): W&B's
+# offline run and the confusion matrix's PNG cost each main process about a CPU second apiece, over some 200
+# launches, and only the tests that check them (test_quickstart, test_compare, test_trackers, test_resume,
+# test_evaluation_features, test_process_imports) read what they write.
+QUIET_TRACKING = ["tracking.wandb=false", "eval.confusion_png=false"]
+WITH_TRACKING = ["tracking.wandb=true", "eval.confusion_png=true"]
+
+
 def launch_command(overrides: list[str], nproc: int = 1, launcher: str = "accelerate",
                    recipe: str = "recipes/quickstart.yaml", config_file: str | None = None) -> list[str]:
-    """The command a user would type (see alexdist.distributed.launcher.launch_command), for `recipe` + overrides."""
-    return _launch_command([recipe, *overrides], nproc, launcher, config_file)
+    """The command a user would type (see alexdist.distributed.launcher.launch_command), for `recipe` + overrides
+    (after QUIET_TRACKING)."""
+    return _launch_command([recipe, *QUIET_TRACKING, *overrides], nproc, launcher, config_file)
 
 
 def launch(overrides: list[str], cache_dir: Path, nproc: int = 1, launcher: str = "accelerate",

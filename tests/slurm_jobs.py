@@ -49,7 +49,8 @@ def sbatch(run: Path, cache_dir: Path, args: list[str], sbatch_args: tuple = (),
     """`sbatch slurm/train.sh ARGS output_dir=RUN`, its log in RUN.slurm.log; (job id, sbatch's process)."""
     cmd = ["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={run}.slurm.log", *sbatch_args]
     cmd += ["--wait"] if wait else []
-    proc = subprocess.run(cmd + ["slurm/train.sh", *args, f"output_dir={run}"], env=env or slurm_env(cache_dir),
+    quiet = [] if any(a.startswith("eval.confusion_png=") for a in args) else ["eval.confusion_png=false"]
+    proc = subprocess.run(cmd + ["slurm/train.sh", *args, *quiet, f"output_dir={run}"], env=env or slurm_env(cache_dir),
                           capture_output=True, text=True, timeout=900, check=False)
     return proc.stdout.strip().split(";")[0], proc
 

@@ -17,11 +17,8 @@ import sys
 
 from alexdist.config import load_recipe
 from alexdist.config.help import sections_help
-from alexdist.distributed.collectives import lost_peer
 from alexdist.errors import STOPPED_EXIT_CODE, run_command
 from alexdist.ranks import launch_rank
-from alexdist.tracking.summary import Ending
-from alexdist.training.loop import train
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m alexdist.train") -> int:
@@ -45,12 +42,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m alexdist.train") 
         return 2
 
     def body() -> int:
-        summary = train(load_recipe(args.recipe, args.overrides))
+        recipe = load_recipe(args.recipe, args.overrides)
+        # torch and the loop only once the recipe is valid: a mistyped key is said in a fraction of the second
+        # (in every rank of a launch) that importing them takes.
+        from alexdist.tracking.summary import Ending
+        from alexdist.training.loop import train
+
+        summary = train(recipe)
         return STOPPED_EXIT_CODE if summary["status"] == Ending.STOP_REQUESTED.value else 0
 
     try:
         return run_command(body)
     except RuntimeError as exc:
+        from alexdist.distributed.collectives import lost_peer
+
         if not lost_peer(exc):
             raise
         # Another process died (or hung past distributed.step_timeout_s) and this one's collective failed.

@@ -14,7 +14,7 @@ from alexdist.distributed.processes import kill_tree
 from alexdist.tracking.compare import STALE_AFTER_S, build_row, from_run_dir, from_wandb_records
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # 40 hex chars, shaped like a W&B API key
-BASE = ["train.epochs=3", "train.log_every=5", "tracking.time_to_acc=0.5"]
+BASE = ["train.epochs=3", "train.log_every=5", "tracking.time_to_acc=0.5", "tracking.wandb=true"]
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,9 @@ from safetensors.torch import load_file
 from alexdist.distributed.launcher import free_port
 from alexdist.distributed.processes import children_of, kill_tree
 
-RUN = ["train.epochs=4", "checkpoint.every_steps=5", "tracking.wandb=false", "train.log_every=1",
-       "train.global_batch=64"]  # 22 steps per epoch on digits; the effective batch kept on any world size
+# 22 steps per epoch on digits; the effective batch kept on any world size
+RUN = ["train.epochs=4", "checkpoint.every_steps=5", "tracking.wandb=false", "eval.confusion_png=false",
+       "train.log_every=1", "train.global_batch=64"]
 
 
 def _agents(out: Path, overrides: list[str], cache_dir: Path, pods: bool = False) -> list[subprocess.Popen]:

@@ -13,7 +13,7 @@ from helpers import ROOT, check, error_line, launch, read_jsonl, summary
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("eval") / "run"
-    check(launch(["eval.tta=flip", "train.stop_at_acc=0.8", "tracking.wandb=false", f"output_dir={out}"],
+    check(launch(["eval.tta=flip", "train.stop_at_acc=0.8", "eval.confusion_png=true", f"output_dir={out}"],
                  cache_dir, nproc=2))
     return out
 
@@ -27,7 +27,7 @@ def test_the_run_stops_at_the_first_evaluation_that_reaches_the_target(run, cach
     assert (run / "model.safetensors").is_file()
     last = sorted((run / "checkpoints").glob("step-*"))[-1]
     assert last.name == f"step-{s['steps']:07d}"  # checkpointed where it stopped
-    again = launch(["eval.tta=flip", "train.stop_at_acc=0.8", "tracking.wandb=false", f"output_dir={run}"],
+    again = launch(["eval.tta=flip", "train.stop_at_acc=0.8", "eval.confusion_png=true", f"output_dir={run}"],
                    cache_dir, nproc=2)
     check(again)  # the same command again: the run is over, nothing more is trained
     assert summary(run)["status"] == "target_reached" and summary(run)["steps"] == s["steps"]

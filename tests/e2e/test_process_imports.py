@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from helpers import ROOT, check, import_probe_env, imported, launch_command
+from helpers import ROOT, WITH_TRACKING, check, import_probe_env, imported, launch_command
 
 SMALL = ["data.source=synthetic", "data.synthetic_train=256", "data.synthetic_test=64", "train.batch_size=32",
          "train.epochs=1", "train.max_steps=3", "checkpoint.every_steps=2", "tracking.wandb=false",
@@ -73,7 +73,7 @@ def test_one_training_process_imports_neither_torch_dynamo_nor_deepspeed(tmp_pat
     itself; test_smoke.py checks that only ZeRO imports DeepSpeed.)"""
     log = tmp_path / "imports"
     env = import_probe_env(cache_dir, log, ["torch._dynamo", "deepspeed", "alexdist.training.loop"])
-    check(subprocess.run(launch_command(SMALL + [f"output_dir={tmp_path / 'run'}"], 1), cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=420, check=False))
+    cmd = launch_command(SMALL + WITH_TRACKING + [f"output_dir={tmp_path / 'run'}"], 1)  # as a user runs it
+    check(subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420, check=False))
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert imported(log) == {"alexdist.training.loop": 1}  # the probe sees the training process, and only that

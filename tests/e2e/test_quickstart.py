@@ -6,13 +6,13 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, check, launch, read_jsonl, run_env, summary
+from helpers import ROOT, WITH_TRACKING, check, launch, read_jsonl, run_env, summary
 
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("qs") / "qs"
-    proc = check(launch([f"output_dir={out}"], cache_dir, nproc=2))
+    proc = check(launch([*WITH_TRACKING, f"output_dir={out}"], cache_dir, nproc=2))  # as a user runs it
     return out, proc
 
 

@@ -13,7 +13,7 @@ QUICK = ["tracking.wandb=false", "train.log_every=5", "checkpoint.every_steps=8"
 
 def test_ddp_resume_is_bit_identical_to_the_uninterrupted_run(tmp_path, cache_dir):
     whole, pieces = tmp_path / "whole", tmp_path / "pieces"
-    quick = [a for a in QUICK if not a.startswith("tracking.")]  # W&B offline on: the run must continue too
+    quick = [a for a in QUICK if not a.startswith("tracking.")] + ["tracking.wandb=true"]  # the W&B run continues too
     check(launch(quick + ["train.max_steps=30", f"output_dir={whole}"], cache_dir, nproc=2))
     check(launch(quick + ["train.max_steps=13", f"output_dir={pieces}"], cache_dir, nproc=2))  # mid-epoch 1
     assert (pieces / "checkpoints" / "step-0000013").is_dir()

@@ -9,8 +9,8 @@ def test_tensorboard_event_files_hold_the_values_of_metrics_jsonl(tmp_path, cach
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    check(launch(["tracking.log_with=[wandb,tensorboard]", "train.max_steps=30", "train.log_every=5",
-                  f"output_dir={run}"], cache_dir, nproc=2))
+    check(launch(["tracking.log_with=[wandb,tensorboard]", "tracking.wandb=true", "train.max_steps=30",
+                  "train.log_every=5", f"output_dir={run}"], cache_dir, nproc=2))
     events = EventAccumulator(str(run / "tensorboard" / "alexdist"))
     events.Reload()
     logged = read_jsonl(run / "metrics.jsonl")
