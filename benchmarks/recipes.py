@@ -329,8 +329,12 @@ def main() -> int:
         return tune_all([int(b) for b in a.batches.split(",")])
     if a.cmd == "report":
         from steps_report import report
+        from study_tuning import RECIPE, winner
 
-        print(report(load_results(), SHIPPED))
+        def rule_for(recipe: str, batch: int) -> str | None:  # bn: its batch's tuned rule once there is one
+            return (winner(batch) if recipe == RECIPE else None) or SHIPPED.get(recipe)
+
+        print(report(load_results(), SHIPPED, rule_for))
         return 0
     todo = [_item(*x.split(":")) for x in a.only.split(",")] if a.only else grid(a.grid)
     for item in todo:

@@ -5,6 +5,7 @@ to the steps, beside the noise scale the runs measured; and the log-log plot (Sh
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "results" / "steps_to_target"
@@ -77,8 +78,8 @@ def fits(rows: list[dict]) -> list[str]:
     for recipe in sorted({r["recipe"] for r in rows}):
         mine = [r for r in rows if r["recipe"] == recipe and r["reached"]]
         fit = fit_critical_batch([(r["effective_batch"], steps_of(r)) for r in mine])
-        noise = sorted(noise_of(r) for r in mine if noise_of(r))
-        measured = noise[len(noise) // 2] if noise else None
+        noise = [noise_of(r) for r in mine if noise_of(r)]
+        measured = statistics.median(noise) if noise else None
         if fit is None:
             lines.append(f"| {recipe} | — | — | {measured or '—'} | — |")
             continue
@@ -155,8 +156,25 @@ def latest_protocol(results: list[dict]) -> list[dict]:
     return [r for r in results if r.get("protocol", 1) == newest]
 
 
-def readme(results: list[dict], shipped: dict[str, str]) -> str:
-    """README.md of the results folder: the shipped rules' grid, then every run, then how the next study runs."""
+def over_seeds(results: list[dict], rule_for) -> list[str]:
+    """The section over seeds, where any rule ran under more than one seed (steps_seeds.py); else nothing."""
+    from steps_seeds import cells, critical_table, seeds_table, split_seed
+
+    if not any(split_seed(r["rule"])[1] for r in results):
+        return []
+    grouped = cells(results, rule_for)
+    return ["## Over seeds", "",
+            "Each cell: the runs of one rule at one batch under train.seed 0, 1, 2, ... (`-sd<N>` in a run id; "
+            "none is seed 0). bn takes its batch's tuned rule where the tuning has a winner (tuning/), the others "
+            "their shipped rule. An efficiency's range is over every pair of seeds (one at 128, one at the batch). "
+            "The critical batch is fitted to the medians, and given as a bound where it lies outside the batches "
+            "measured.", "", *seeds_table(grouped), "", *critical_table(grouped), ""]
+
+
+def readme(results: list[dict], shipped: dict[str, str], rule_for=None) -> str:
+    """README.md of the results folder: the shipped rules' grid, the cells over seeds, then every run, then how
+    the next study runs. `rule_for(recipe, batch)`: the rule a cell over seeds takes (default: the shipped one)."""
+    rule_for = rule_for or (lambda recipe, batch: shipped.get(recipe))
     main = [r for r in results if shipped.get(r["recipe"]) == r["rule"]]
     if any(r.get("crossing_step") for r in main):
         noise = ("A run's noise scale is read at its target's crossing, its two terms averaged over the last ~65,536 "
@@ -167,21 +185,22 @@ def readme(results: list[dict], shipped: dict[str, str]) -> str:
                  "that still holds its early, small values. Read the critical batch from the small-batch runs and the "
                  "fit.")
     text = ["# Steps to a validation target against the batch", "",
-            "Produced by `python benchmarks/recipes.py report` from the JSON files beside it; one run each (no "
-            "seeds repeated). MNIST, x0.25 width, 2 CPU processes x accumulation; each recipe's shipped rule.", "",
+            "Produced by `python benchmarks/recipes.py report` from the JSON files beside it. This first table: "
+            "one run per cell (seed 0; the cells over seeds follow). MNIST, x0.25 width, 2 CPU processes x "
+            "accumulation; each recipe's shipped rule.", "",
             *table(main), "", "Efficiency: steps(128) / steps(B) / (B / 128); 1 is perfect scaling.", "",
             *fits(main), "", noise,
-            "", "![steps to target](steps_to_target.png)", "", "## Every run", "",
+            "", "![steps to target](steps_to_target.png)", "", *over_seeds(results, rule_for), "## Every run", "",
             *table(results), "", NEXT_STUDY]
     return "\n".join(text)
 
 
-def report(results: list[dict], shipped: dict[str, str]) -> str:
+def report(results: list[dict], shipped: dict[str, str], rule_for=None) -> str:
     """README.md of the results folder and the plot, from the newest protocol's runs."""
     results = latest_protocol(results)
     main = [r for r in results if shipped.get(r["recipe"]) == r["rule"]]
     # A recipe with no run under its shipped rule is drawn with the runs it has (their rule named in the table).
     plot(main + [r for r in results if r["recipe"] not in {m["recipe"] for m in main}], OUT / "steps_to_target.png")
-    text = readme(results, shipped)
+    text = readme(results, shipped, rule_for)
     (OUT / "README.md").write_text(text)
     return text

@@ -144,16 +144,20 @@ def _save(path: Path, record: dict) -> None:
     tmp.replace(path)  # a stop mid-write leaves the previous record whole
 
 
+def winner(batch: int) -> str | None:
+    """The batch's tuned rule, once its halving has one."""
+    path = tuning_path(batch)
+    return json.loads(path.read_text()).get("winner") if path.is_file() else None
+
+
 def tuned_seeds() -> list[tuple[str, int, str]]:
     """The `tuned-seeds` grid: bn at each tuned batch under its winner, with SEEDS (`-sd<seed>` run ids)."""
     cells = []
     for batch in study.BATCHES:
-        path = tuning_path(batch)
-        winner = json.loads(path.read_text()).get("winner") if path.is_file() else None
-        if winner is None:
+        if (rule := winner(batch)) is None:
             print(f"{RECIPE} at batch {batch}: not tuned yet (run `recipes.py tune` first)", flush=True)
             continue
-        cells += [(RECIPE, batch, study.seeded(winner, seed)) for seed in study.SEEDS]
+        cells += [(RECIPE, batch, study.seeded(rule, seed)) for seed in study.SEEDS]
     return cells
 
 
