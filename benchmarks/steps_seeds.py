@@ -43,11 +43,13 @@ class Cell:
 
 def cells(rows: list[dict], rule_for: Callable[[str, int], str | None]) -> list[Cell]:
     """The finished runs grouped by (recipe, batch) under the rule `rule_for(recipe, batch)` names; a failed run
-    (no steps) is left out, a run that missed the target counts as a miss."""
+    is left out, a run that missed the target counts as a miss. An efficiency then compares the rules the two
+    batches take (bn: each batch's tuned one)."""
     out: dict[tuple[str, int], Cell] = {}
-    for r in sorted(rows, key=lambda r: r["rule"]):
+    for r in sorted(rows, key=lambda r: split_seed(r["rule"])[1]):
         rule, seed = split_seed(r["rule"])
-        if rule != rule_for(r["recipe"], r["effective_batch"]) or r["steps"] is None:
+        failed = r["returncode"] not in (0, None) or r["steps"] is None  # steps_report shows it as such
+        if rule != rule_for(r["recipe"], r["effective_batch"]) or failed:
             continue
         cell = out.setdefault((r["recipe"], r["effective_batch"]), Cell(r["recipe"], r["effective_batch"], rule))
         cell.seeds.append(seed)

@@ -55,7 +55,7 @@ def imported(log: Path) -> dict[str, int]:
 # Off in launched test runs unless a test turns them on (its overrides come after, and the last one wins): W&B's
 # offline run and the confusion matrix's PNG cost each main process about a CPU second apiece, over some 200
 # launches, and only the tests that check them (test_quickstart, test_compare, test_trackers, test_resume,
-# test_evaluation_features, test_process_imports) read what they write.
+# test_evaluation_features) read what they write; test_process_imports turns them on to probe their imports.
 QUIET_TRACKING = ["tracking.wandb=false", "eval.confusion_png=false"]
 WITH_TRACKING = ["tracking.wandb=true", "eval.confusion_png=true"]
 

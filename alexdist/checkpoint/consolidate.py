@@ -56,6 +56,10 @@ def _normalization(path: Path, recipe: Recipe, state: TrainState) -> dict | None
     except DataError as exc:
         raise CheckpointError(f"checkpoint {path} streamed its data before alexdist recorded its normalization, "
                               f"which the data's index measured: {exc}") from None
+    if state.data_fingerprint and index.fingerprint != state.data_fingerprint:
+        raise CheckpointError(f"checkpoint {path} streamed its data before alexdist recorded its normalization, and "
+                              f"the index of '{d.source}' now describes other data than the run's; index the run's "
+                              f"data again (alexdist index {d.source}) to export it")
     return {"mean": list(d.mean or index.mean), "std": list(d.std or index.std)}
 
 

@@ -68,8 +68,12 @@ def _may_have_streamed(data: dict) -> bool:
     source = str(data.get("source") or "")
     if data.get("loader", "memory") == "memory" or source in ("synthetic", "digits", "mnist"):
         return False
-    hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).is_dir()
-    return not hub_id
+    if Path(source).expanduser().is_dir():  # here: whether its layout can stream at all (CIFAR's batches cannot)
+        from alexdist.data.index import indexable
+
+        return indexable(source)
+    # Not here (evaluated elsewhere): a Hub id's shape read in memory; any other path may have streamed.
+    return not (source.count("/") == 1 and not source.startswith((".", "/", "~")))
 
 
 def weights_metadata(recipe: Recipe, step: int, test_acc: float | None, classes: list[str],

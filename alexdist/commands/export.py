@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None, prog: str = "alexdist export") -> int:
 
             require_onnx()
         weights, meta, source = load_source(args.source)
+        if args.onnx or args.hub_dir:
+            from alexdist.checkpoint.weights import pipeline_of
+
+            pipeline_of(meta)  # a file whose pipeline is unknown is refused before anything is written
         n = sum(v.numel() for v in weights.values())
         if args.out:
             out = save_weights(args.out, weights, meta)

@@ -30,9 +30,9 @@ def git_commit() -> str | None:
 
 
 def _truncate_after(path: Path, step: int, ends_at_once: bool) -> None:
-    """Keep the events up to `step`, minus a mid-epoch evaluation at `step` where the epoch goes on (a stop, or a
-    larger train.max_steps), unless this attempt ends at once (`ends_at_once`: the target reached, or the same
-    cap) and so logs nothing again."""
+    """Keep the events up to `step`, minus a mid-epoch evaluation at `step` where the epoch goes on (a larger
+    train.max_steps), unless this attempt ends at once with that evaluation recorded (`ends_at_once`: the target
+    reached, or a cap at or below `step`) and so logs nothing again."""
     kept = [e for e in read_jsonl(path)  # a line cut by a crash is dropped
             if e.get("step", 0) < step
             or (e.get("step") == step and (not e.get("partial_epoch") or ends_at_once))]

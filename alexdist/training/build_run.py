@@ -129,7 +129,7 @@ def _build(recipe: Recipe, accelerator, strategy: Strategy, data: RunData, lock:
     if isinstance(probe, str):  # said below only where the recipe asked; recorded always
         info["noise_scale_not_measured"] = probe
     log = RunLog(accelerator, recipe)
-    ends_at_once = state.target_reached or (state.global_step >= last_step and state.evaluated)
+    ends_at_once = state.evaluated and (state.target_reached or state.global_step >= last_step)  # as train() ends
     state.wandb_run_id = log.start(info, resume_step=state.global_step if resumed_from else None,
                                    run_id=state.wandb_run_id, ends_at_once=ends_at_once)
     log.say(describe_run(recipe, accelerator.num_processes, accelerator.device, strategy.describe(), batches, info,

@@ -80,6 +80,10 @@ def test_a_run_without_data_mean_and_std_carries_its_indexs_figures_also_from_a_
     monkeypatch.setenv("ALEXDIST_CACHE", str(cache))
     got = pipeline_of(consolidate(old)[1])
     assert (got.mean, got.std) == (pytest.approx(index.mean), pytest.approx(index.std))
+    (old / STATE_FILE).write_text(json.dumps({**state, "data_fingerprint": "other data"}))
+    with pytest.raises(CheckpointError, match="now describes other data than the run's"):
+        consolidate(old)  # an index of other data measured other figures than the run used
+    (old / STATE_FILE).write_text(json.dumps(state))
     monkeypatch.setenv("ALEXDIST_CACHE", str(tmp_path / "elsewhere"))
     with pytest.raises(CheckpointError, match=r"before alexdist recorded its normalization.*alexdist index"):
         consolidate(old)
@@ -199,3 +203,18 @@ def test_a_weights_file_without_a_recorded_pipeline_from_a_run_that_may_have_str
             pipeline_of(meta)
     else:
         assert pipeline_of(meta) == Pipeline(32, None, 32, CIFAR_MEAN, CIFAR_STD)
+
+
+def test_an_export_with_onnx_or_a_hub_folder_of_a_file_whose_pipeline_is_unknown_writes_nothing(tmp_path, capsys):
+    from alexdist.checkpoint.weights import save_weights, weights_metadata
+    from alexdist.commands.export import main
+    from alexdist.config import load_recipe
+    from alexdist.models import build_model
+
+    classes = [str(i) for i in range(10)]
+    meta = weights_metadata(load_recipe("quickstart", ["data.source=/data/photos"]), 4, None, classes)
+    del meta["pipeline"]
+    src = save_weights(tmp_path / "old.safetensors", build_model("alexnet_bn", 32, 0.0, 0.25).state_dict(), meta)
+    assert main([str(src), str(tmp_path / "out.safetensors"), "--hub-dir", str(tmp_path / "hub")]) != 0
+    assert "may have streamed" in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "hub").exists()
