@@ -27,6 +27,17 @@ def fit_critical_batch(points: list[tuple[int, int]]) -> tuple[float, float] | N
     return best[1], best[2]
 
 
+def critical_batch(points: list[tuple[int, float]]) -> tuple[str, float | None, float | None]:
+    """(B_crit as said, B_crit, S_min) fitted to (batch, steps) points: a figure where the measured batches bracket
+    it, else a bound (`< 128`, `> 8,192`); ("—", None, None) with fewer than two points."""
+    fit = fit_critical_batch(points)
+    if fit is None:
+        return "—", None, None
+    lo, hi = min(b for b, _ in points), max(b for b, _ in points)
+    said = f"< {lo:,}" if fit[1] < lo else f"> {hi:,}" if fit[1] > hi else f"{fit[1]:,.0f}"
+    return said, fit[1], fit[0]
+
+
 def steps_of(r: dict) -> float:
     """The steps to the target: the crossing interpolated between two evaluations where the run recorded it
     (protocol 2), else the step of the first evaluation at or above the target (an epoch end)."""
@@ -77,14 +88,12 @@ def fits(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|"]
     for recipe in sorted({r["recipe"] for r in rows}):
         mine = [r for r in rows if r["recipe"] == recipe and r["reached"]]
-        fit = fit_critical_batch([(r["effective_batch"], steps_of(r)) for r in mine])
+        said, b_crit, s_min = critical_batch([(r["effective_batch"], steps_of(r)) for r in mine])
         noise = [noise_of(r) for r in mine if noise_of(r)]
         measured = statistics.median(noise) if noise else None
-        if fit is None:
-            lines.append(f"| {recipe} | — | — | {measured or '—'} | — |")
-            continue
-        ratio = f"{max(fit[1], measured) / min(fit[1], measured):.1f}x" if measured else "—"
-        lines.append(f"| {recipe} | {fit[0]:,.0f} | {fit[1]:,.0f} | "
+        # A ratio only to a bracketed B_crit: a bound's value is wherever the fit ran out of data.
+        ratio = f"{max(b_crit, measured) / min(b_crit, measured):.1f}x" if measured and said[0].isdigit() else "—"
+        lines.append(f"| {recipe} | {'—' if s_min is None else f'{s_min:,.0f}'} | {said} | "
                      f"{f'{measured:,.0f}' if measured else '—'} | {ratio} |")
     return lines
 

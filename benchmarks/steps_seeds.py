@@ -14,7 +14,8 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from steps_report import fit_critical_batch, noise_of, steps_of
+from steps_report import critical_batch as fitted
+from steps_report import noise_of, steps_of
 
 SEED = re.compile(r"-sd(\d+)$")
 
@@ -75,17 +76,9 @@ def efficiency(base: Cell, cell: Cell) -> tuple[float, float, float] | None:
 
 
 def critical_batch(mine: list[Cell]) -> tuple[str, float | None]:
-    """The fitted B_crit as said (a figure where the measured batches bracket it, else a bound) and its value."""
-    points = [(c.batch, c.median) for c in mine if c.steps]
-    fit = fit_critical_batch(points)
-    if fit is None:
-        return "—", None
-    lo, hi = min(b for b, _ in points), max(b for b, _ in points)
-    if fit[1] < lo:
-        return f"< {lo:,}", fit[1]
-    if fit[1] > hi:
-        return f"> {hi:,}", fit[1]
-    return f"{fit[1]:,.0f}", fit[1]
+    """B_crit fitted to the cells' medians, as said (steps_report.critical_batch) and its value."""
+    said, value, _ = fitted([(c.batch, c.median) for c in mine if c.steps])
+    return said, value
 
 
 def _range(values: list[float], fmt: str = ",.0f") -> str:

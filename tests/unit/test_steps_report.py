@@ -11,7 +11,7 @@ import pytest
 from helpers import ROOT, fake_study_launcher
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from steps_report import fit_critical_batch, table
+from steps_report import fit_critical_batch, fits, table
 
 from recipes import command_args, epoch_cap
 
@@ -37,6 +37,12 @@ def test_efficiency_compares_a_batch_with_batch_128_under_the_same_rule_only():
     rows = [_row("a", 128, 4000), _row("a", 512, 1000), _row("b", 128, 2000), _row("b", 512, 1000)]
     lines = {(c[2], c[3]): c for c in ([x.strip() for x in line.split("|")] for line in table(rows)[2:])}
     assert lines["a", "512"][8] == "1.00" and lines["b", "512"][8] == "0.50"
+
+
+def test_the_fit_table_gives_a_critical_batch_beyond_the_measured_batches_as_a_bound_with_no_ratio():
+    rows = [{**_row("a", b, 128_000 // b), "noise_scale": 300.0} for b in (128, 512, 2048)]  # perfect scaling
+    cells = [c.strip() for c in fits(rows)[2].strip("|").split("|")]
+    assert cells[2] == "> 2,048" and cells[3] == "300" and cells[4] == "—"
 
 
 def test_a_rules_epoch_budget_raises_the_cap_at_every_batch_and_small_batches_keep_their_minimum():
