@@ -167,7 +167,8 @@ def run_one(recipe: str, batch: int, rule: str, max_steps: int | None = None) ->
     error = error_line(log) if rc else None
     status = summary and summary.get("status")
     result = None
-    if summary is None:
+    diverged = summary is None and "training diverged" in (error or "")  # its outcome, however often it reruns
+    if summary is None and not diverged:
         print(f"{rid}: no result (exit {rc}, rerun to retry): {error}", flush=True)
     elif status not in ("stopped", "max_steps"):
         result = result_row(recipe, batch, rule, run_dir, rc, error)
@@ -231,6 +232,7 @@ def result_row(recipe: str, batch: int, rule: str, run_dir: Path, rc: int | None
     s = json.loads(summary.read_text()) if summary.is_file() else {}
     attempts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
     crossing = s.get("target_crossing")
+    diverged = next((e for e in events if e["event"] == "diverged"), None) if not s else None  # no summary.json
     shown = ["accelerate launch --multi_gpu --num_processes 2 -m alexdist.train",
              *[a for a in command_args(recipe, batch, rule, "") if not a.startswith("output_dir=")],
              f"output_dir=runs/study/{rid}"]
@@ -238,8 +240,9 @@ def result_row(recipe: str, batch: int, rule: str, run_dir: Path, rc: int | None
         "id": rid, "protocol": PROTOCOL, "recipe": recipe, "effective_batch": batch, "rule": rule, "width": WIDTH,
         "target": TARGET[recipe], "epoch_cap": epoch_cap(batch, rule), "overrides": rule_overrides(rule),
         "per_process_batch": layout(batch)[0], "grad_accum": layout(batch)[1], "processes": NPROC,
-        "returncode": rc, "status": s.get("status"),
-        "reached": s.get("status") == "target_reached", "steps": s.get("steps"), "epochs": s.get("epochs_run"),
+        "returncode": rc, "status": "diverged" if diverged else s.get("status"),
+        "reached": s.get("status") == "target_reached", "steps": diverged["step"] if diverged else s.get("steps"),
+        "epochs": diverged["epoch"] if diverged else s.get("epochs_run"),
         "crossing_step": crossing and crossing["interpolated_step"], "crossing_bracket": crossing and
         crossing["bracket"], "crossing": crossing, "noise_at_crossing": crossing and crossing.get("noise_scale"),
         "steps_per_epoch": s.get("steps_per_epoch"), "final_val_acc": s.get("final_val_acc"),

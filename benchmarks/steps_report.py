@@ -51,6 +51,8 @@ def noise_of(r: dict) -> float | None:
 
 
 def _cell(r: dict) -> str:
+    if r.get("status") == "diverged":
+        return f"diverged at step {r['steps']}"
     if r["returncode"] not in (0, None) or r["steps"] is None:
         return "failed"
     if not r["reached"]:

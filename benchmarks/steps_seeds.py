@@ -49,7 +49,8 @@ def cells(rows: list[dict], rule_for: Callable[[str, int], str | None]) -> list[
     out: dict[tuple[str, int], Cell] = {}
     for r in sorted(rows, key=lambda r: split_seed(r["rule"])[1]):
         rule, seed = split_seed(r["rule"])
-        failed = r["returncode"] not in (0, None) or r["steps"] is None  # steps_report shows it as such
+        # A failed run (steps_report shows it as such) is no outcome; a diverged one missed the target.
+        failed = r.get("status") != "diverged" and (r["returncode"] not in (0, None) or r["steps"] is None)
         if rule != rule_for(r["recipe"], r["effective_batch"]) or failed:
             continue
         cell = out.setdefault((r["recipe"], r["effective_batch"]), Cell(r["recipe"], r["effective_batch"], rule))

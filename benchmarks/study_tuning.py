@@ -63,8 +63,8 @@ def tune(batch: int) -> str | None:
     alive, last = list(TRIALS), len(RUNGS) - 1
     for k, steps in enumerate(record["rung_steps"]):
         for rule in alive:
-            if str(k) in results.get(rule, {}):
-                continue
+            if results.get(rule, {}).get(str(k), {}).get("rung_step") == steps:
+                continue  # played at this step (a rung recorded at another, before the rungs moved, is replayed)
             outcome = play_rung(batch, rule, steps, capped=k < last)
             if outcome is None:
                 return None
@@ -92,7 +92,8 @@ def play_rung(batch: int, rule: str, steps: int, capped: bool) -> dict | None:
     outcome = standing(run_dir, steps)
     if outcome is None:
         print(f"{run_dir.name}: did not reach its rung at step {steps} (rerun to retry)", flush=True)
-    return outcome
+        return None
+    return {**outcome, "rung_step": steps}
 
 
 def standing(run_dir: Path, steps: int) -> dict | None:
@@ -101,9 +102,12 @@ def standing(run_dir: Path, steps: int) -> dict | None:
     the target by then and where; None while it has not got there."""
     s, events = _files(run_dir)
     status, ran = s.get("status"), s.get("steps") or 0
-    covered = status in FINAL or (status == "max_steps" and ran >= steps)
+    # Past the rung however it ended (capped, stopped, diverged later: the run shared with the main grid): its
+    # epoch-end evaluation at the rung is there. A relaunch capped below its checkpoint would evaluate off-protocol.
+    covered = (status in FINAL or (status == "max_steps" and ran >= steps)
+               or any(e["event"] == "val" and e["step"] == steps and not e.get("partial_epoch") for e in events))
     # A diverged run leaves no summary.json of its own (exit 6); relaunched it would resume into the same steps.
-    diverged = not covered and any(e["event"] == "diverged" for e in events)
+    diverged = not covered and any(e["event"] == "diverged" and e["step"] <= steps for e in events)
     if not (covered or diverged):
         return None
     reached = covered and status == "target_reached" and ran <= steps
@@ -122,8 +126,10 @@ def _files(run_dir: Path) -> tuple[dict, list[dict]]:
     if not summary_path.is_file() and row_path.is_file():
         row = json.loads(row_path.read_text())
         crossing = {"interpolated_step": row["crossing_step"]} if row.get("crossing_step") else None
-        return ({"status": row["status"], "steps": row["steps"], "target_crossing": crossing},
-                [{"event": "val", "step": c["step"], "acc": c["val_acc"]} for c in row.get("curve", [])])
+        events = [{"event": "val", "step": c["step"], "acc": c["val_acc"]} for c in row.get("curve", [])]
+        if row["status"] == "diverged":  # as its metrics.jsonl says it (no summary.json)
+            return {}, [*events, {"event": "diverged", "step": row["steps"]}]
+        return {"status": row["status"], "steps": row["steps"], "target_crossing": crossing}, events
     s = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return s, [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
 

@@ -209,3 +209,61 @@ def test_a_trial_finished_elsewhere_stands_on_its_result_row_instead_of_blocking
     outcome = study_tuning.play_rung(BATCH, study_tuning.TRIALS[2], 102, capped=True)
     assert outcome is not None and outcome["best_val_acc"] == 0.95 and not outcome["reached"]
     assert launches == []
+
+
+def _events(run: Path, *events: dict) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": 1, **e}) + "\n" for e in events))
+
+
+def test_a_run_past_the_rung_stands_on_its_evaluations_there_however_it_ended(tmp_path, monkeypatch):
+    """bn's shipped-rule trial shares its run with the main grid: stopped past a rung, it is not relaunched with
+    a cap below its checkpoint (which would evaluate off the protocol); diverged past a rung, it is ranked there
+    on its accuracy, and counts as diverged only from the rung its divergence falls in."""
+    import study_tuning
+
+    import recipes
+
+    monkeypatch.setattr(recipes, "OUT", tmp_path / "results")
+    stopped, late = tmp_path / "stopped", tmp_path / "late"
+    _events(stopped, {"event": "val", "step": 48, "acc": 0.95}, {"event": "val", "step": 60, "acc": 0.99,
+                                                                 "partial_epoch": True})
+    (stopped / "summary.json").write_text(json.dumps({"status": "stopped", "steps": 60}))
+    got = study_tuning.standing(stopped, 48)
+    assert got is not None and got["best_val_acc"] == 0.95 and not got["reached"]
+    assert study_tuning.standing(stopped, 102) is None  # not there yet: resumed uncapped up to it
+    _events(late, {"event": "val", "step": 48, "acc": 0.93}, {"event": "diverged", "step": 80})
+    assert study_tuning.standing(late, 48)["status"] != "diverged"
+    assert study_tuning.rank_key(study_tuning.standing(late, 48))[1] == 0.93
+    assert study_tuning.standing(late, 102)["status"] == "diverged"
+
+
+def test_rungs_recorded_at_other_steps_are_played_again(tmp_path, monkeypatch):
+    import study_tuning
+
+    _trials(monkeypatch, tmp_path, HALVING)
+    study_tuning.tune(BATCH)
+    monkeypatch.setattr(study_tuning, "RUNGS", (0.5, 0.75, 1.0))
+    new = study_tuning.rung_steps(BATCH)
+    assert new[0] != 48
+    study_tuning.tune(BATCH)
+    record = json.loads(study_tuning.tuning_path(BATCH).read_text())
+    assert all(r["0"]["rung_step"] == new[0] for r in record["results"].values())
+
+
+def test_a_seed_that_diverges_gets_a_result_row_and_counts_as_a_miss(tmp_path, monkeypatch):
+    """A diverged run writes no summary.json: without a row it would be relaunched on every pass, diverge again,
+    and vanish from the seeds table."""
+    import study_tuning
+    from steps_seeds import cells
+
+    import recipes
+
+    launches = _trials(monkeypatch, tmp_path, {7: {"diverge": True}})
+    rule = study_tuning.TRIALS[7]
+    recipes.run_one("bn", BATCH, rule)
+    row = json.loads((recipes.OUT / f"{recipes.run_id('bn', BATCH, rule)}.json").read_text())
+    assert (row["status"], row["steps"], row["reached"]) == ("diverged", 102, False)
+    assert recipes.run_one("bn", BATCH, rule) is None and len(launches) == 1  # not run again
+    (cell,) = cells([row], lambda recipe, batch: rule)
+    assert (cell.seeds, cell.missed, cell.steps) == ([0], [0], [])
